@@ -1,0 +1,195 @@
+"""Console scripts `pgd-train`, `pgd-export`, `pgd-serve`.
+
+Each command parses its arguments, loads the configuration and calls one library function; stage
+modules are imported lazily so `--help` is instant and torch is loaded only when needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+# --------------------------------------------------------------------------------------------
+# pgd-train
+# --------------------------------------------------------------------------------------------
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pgd-train",
+        description="Train teachers, students and PGD-distilled students; evaluate; prepare data.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = sub.add_parser("fit", help="train a detector from a recipe")
+    fit.add_argument(
+        "--recipe", required=True, help="TOML recipe, e.g. train/fcos_r50_1x_coco.toml"
+    )
+    fit.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.max_iters=100 (repeatable)",
+    )
+    fit.add_argument("--work-dir", help="output folder (default: train.work_dir)")
+    fit.add_argument("--resume", action="store_true", help="continue from WORK_DIR/last.pt")
+
+    ev = sub.add_parser("eval", help="COCO metrics of a checkpoint or of a results file")
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint to evaluate on its validation data")
+    src.add_argument("--predictions", help="COCO results JSON to evaluate")
+    ev.add_argument("--annotations", help="COCO annotation JSON (with --predictions)")
+    ev.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override data/model keys of the checkpoint's config (with --checkpoint)",
+    )
+    ev.add_argument("--json", help="also write the metrics to this JSON file")
+    ev.add_argument("--device", default="auto", help="auto, cpu or cuda (with --checkpoint)")
+
+    data = sub.add_parser("data", help="dataset converters").add_subparsers(
+        dest="data_command", required=True, metavar="CONVERTER"
+    )
+    yolo = data.add_parser("from-yolo", help="YOLO folders -> COCO JSON")
+    yolo.add_argument("--images", required=True, help="folder of images")
+    yolo.add_argument("--labels", required=True, help="folder of YOLO .txt labels")
+    yolo.add_argument("--names", required=True, help="YAML with 'names:' or one name per line")
+    yolo.add_argument("--out", required=True, help="COCO JSON to write")
+    shapes = data.add_parser("shapes", help="write the built-in synthetic shapes dataset")
+    shapes.add_argument("--out", required=True, help="output folder")
+    shapes.add_argument("--train", type=int, default=400, help="training images")
+    shapes.add_argument("--val", type=int, default=100, help="validation images")
+    shapes.add_argument("--size", type=int, default=128, help="image side, px")
+    shapes.add_argument("--seed", type=int, default=0, help="generator seed")
+
+    demo = sub.add_parser("demo", help="the quickstart: teacher, student, PGD student, scoreboard")
+    demo.add_argument("--work-dir", default="runs/demo", help="output folder")
+    demo.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override keys of all three quickstart recipes",
+    )
+    demo.add_argument(
+        "--recipes", default=None, help="folder holding the quickstart_*.toml recipes"
+    )
+    return p
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from pgd_deploy.config import TrainJob, load_config
+    from pgd_deploy.trainer import fit
+
+    cfg = load_config(TrainJob, args.recipe, args.overrides)
+    result = fit(cfg, work_dir=args.work_dir, resume=args.resume)
+    return 0 if result.completed else 1
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pgd_deploy.io_utils import write_json
+    from pgd_deploy.metrics import evaluate_coco, format_metrics
+
+    if args.predictions:
+        if not args.annotations:
+            return _fail("--predictions needs --annotations")
+        metrics = evaluate_coco(args.annotations, args.predictions)
+    else:
+        from pgd_deploy.trainer import evaluate_checkpoint
+
+        metrics = evaluate_checkpoint(args.checkpoint, args.overrides, device=args.device)
+    print(format_metrics(metrics))
+    if args.json:
+        write_json(args.json, metrics)
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "from-yolo":
+        from pgd_deploy.data.yolo import yolo_to_coco
+
+        summary = yolo_to_coco(args.images, args.labels, args.names, args.out)
+        print(json.dumps(summary))
+        return 0
+    from pgd_deploy.data.shapes import ShapesSpec, generate_shapes
+
+    out = generate_shapes(
+        args.out, train=args.train, val=args.val, seed=args.seed, spec=ShapesSpec(size=args.size)
+    )
+    print(f"wrote {args.train} train + {args.val} val images to {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pgd_deploy.demo import run_demo
+
+    run_demo(args.work_dir, overrides=args.overrides, recipes=args.recipes)
+    return 0
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `pgd-train`."""
+    args = _train_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    handlers = {"fit": _cmd_fit, "eval": _cmd_eval, "data": _cmd_data, "demo": _cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(str(err))
+
+
+# --------------------------------------------------------------------------------------------
+# pgd-export and pgd-serve: their parsers live with their stages
+# --------------------------------------------------------------------------------------------
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `pgd-export`."""
+    try:
+        from pgd_deploy.export.command import main
+    except ImportError as err:
+        if "pgd_deploy.export.command" not in str(err):
+            raise
+        print("pgd-export: not built yet", file=sys.stderr)
+        return 2
+    return main(argv)
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `pgd-serve`."""
+    try:
+        from pgd_deploy.serve.command import main
+    except ImportError as err:
+        if "pgd_deploy.serve.command" not in str(err):
+            raise
+        print("pgd-serve: not built yet", file=sys.stderr)
+        return 2
+    return main(argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(train_main())

@@ -1,0 +1,447 @@
+"""Configuration: frozen dataclasses with every default in one place.
+
+A stage's configuration is a root dataclass (`TrainJob`, `ExportJob`) whose fields are sections
+(`model`, `data`, ...). Values come from, in order: the dataclass defaults, a TOML recipe, then
+command-line overrides `--set section.key=value`. Unknown keys and values of the wrong type raise
+`ValueError` naming the key. The resolved configuration is written next to every artifact with
+`save_config`, and reads back with `load_config`.
+
+Only the standard library is used here, so every stage (including the torch-free runtime) can
+import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import tomllib
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The detector: ResNet backbone, FPN P3-P7 and a dense head."""
+
+    head: Literal["fcos"] = "fcos"  # dense head type (ATSS and GFL share the same towers later)
+    depth: int = 50  # ResNet depth: 18, 34, 50, 101 or 152
+    weights: str = "none"  # backbone init: "none", "imagenet" (torchvision download) or a path
+    num_classes: int = 0  # 0: taken from the training dataset
+    fpn_channels: int = 256  # FPN and head width (GroupNorm uses 32 groups, so a multiple of 32)
+    head_convs: int = 4  # conv+GN+ReLU blocks per tower
+    center_sampling_radius: float = 1.5  # FCOS centre sampling, in strides
+    regress_ranges: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0)  # FCOS level boundaries, px
+    focal_alpha: float = 0.25  # focal loss alpha
+    focal_gamma: float = 2.0  # focal loss gamma
+    score_thresh: float = 0.05  # inference: minimum class score kept
+    nms_thresh: float = 0.6  # inference: class-aware NMS IoU
+    topk_candidates: int = 1000  # inference: candidates kept per level before NMS
+    max_detections: int = 100  # inference: detections kept per image
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A COCO-format dataset and the training/evaluation transforms."""
+
+    root: str = ""  # dataset root; "" = the built-in synthetic shapes, generated on first use
+    train_images: str = "train2017"  # image folder, relative to root
+    train_ann: str = "annotations/instances_train2017.json"  # COCO JSON, relative to root
+    val_images: str = "val2017"  # image folder, relative to root
+    val_ann: str = "annotations/instances_val2017.json"  # COCO JSON, relative to root
+    min_size: int = 800  # shorter side after resizing
+    max_size: int = 1333  # longer side at most
+    multiscale: tuple[int, ...] = ()  # (lo, hi): training shorter side uniform in [lo, hi]
+    hflip: float = 0.5  # horizontal flip probability (training only)
+    size_divisible: int = 32  # batch padding multiple
+    workers: int = 4  # data loader worker processes (0 = load in the main process)
+    cache_dir: str = ""  # where synthetic data is generated; "" = ~/.cache/pgd_deploy
+    shapes_train: int = 400  # synthetic: training images
+    shapes_val: int = 100  # synthetic: validation images
+    shapes_size: int = 128  # synthetic: image side, px
+    shapes_seed: int = 0  # synthetic: generator seed
+    val_max_images: int = 0  # evaluate on the first N validation images only (0 = all)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation schedule, devices and checkpointing."""
+
+    epochs: int = 12  # length of the schedule in epochs
+    max_iters: int = 0  # > 0 overrides the epoch schedule; LR steps scale with it
+    batch_size: int = 4  # images per process
+    base_lr: float = 0.02  # learning rate for `base_batch` images per step (linear scaling rule)
+    base_batch: int = 32  # global batch that `base_lr` is quoted for
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # SGD weight decay
+    warmup_iters: int = 500  # linear warm-up length, iterations
+    warmup_ratio: float = 0.001  # warm-up starting factor
+    lr_steps: tuple[float, ...] = (8.0, 11.0)  # epochs where the LR is multiplied by lr_gamma
+    lr_gamma: float = 0.1  # LR step factor
+    grad_clip: float = 0.0  # max gradient L2 norm; 0 = no clipping
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # CUDA only; auto = bf16 if supported
+    checkpoint_every: int = 0  # also checkpoint every N iterations (0 = at epoch ends only)
+    eval_every: int = 1  # evaluate every N epochs (0 = only at the end)
+    seed: int = 0  # global seed (per-rank and per-worker seeds derive from it)
+    deterministic: bool = False  # deterministic algorithms (CPU resume is then bit-exact)
+    log_every: int = 20  # progress-bar / TensorBoard update interval, iterations
+    work_dir: str = "runs/train"  # output folder (overridden by --work-dir)
+    loss_weights: dict[str, float] = field(default_factory=dict)  # e.g. {loss_box = 2.0}; 1.0 else
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Prediction-Guided Distillation (pgd_method.md section 2.11)."""
+
+    teacher: str = ""  # teacher checkpoint; "" = no distillation
+    teacher_depth: int = 101  # teacher ResNet depth when the checkpoint carries no config
+    alpha: float = 0.04  # cls foreground weight
+    beta: float = 0.02  # cls background weight (alpha / 2)
+    gamma: float = 0.064  # reg foreground weight (1.6 alpha)
+    delta: float = 0.0008  # attention-transfer weight
+    temperature: float = 0.8  # attention softmax temperature T
+    topk: int = 30  # key predictive locations per GT (9 for ATSS)
+    xi_cls: float = 0.8  # IoU exponent of the quality for the cls mask
+    xi_reg: float = 0.6  # IoU exponent of the quality for the reg mask
+    level_weights: tuple[float, ...] = (1.0, 1.25, 1.5, 1.75, 2.0)  # cls fg/bg weight, P3..P7
+    mask_group: int | None = 4  # official cross-image mask broadcast group; None = per image
+    jitter: float = 0.05  # uniform jitter (px) added to centres for the Gaussian fit only
+    swap_xy: bool = False  # reproduce the official FCOS/AutoAssign x/y swap in the inside test
+    gfl_stride_bug: bool = False  # reproduce the official GFL teacher-decoding stride bug
+    init_student: bool = True  # copy shape-compatible FPN and head tensors from the teacher
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything `pgd-train fit` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`pgd-export`: artifact format, input size, batch profile and precision."""
+
+    format: Literal["onnx", "tensorrt", "triton"] = "onnx"  # artifact to produce
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"  # numeric precision of the artifact
+    imgsz: tuple[int, ...] = (800, 1344)  # (H, W) fixed letterbox input size
+    batch_min: int = 1  # optimisation profile: smallest batch
+    batch_opt: int = 8  # optimisation profile: batch tuned for
+    batch_max: int = 16  # optimisation profile: largest batch
+    nms: Literal["none", "onnx"] = "none"  # "onnx": append the standard NonMaxSuppression op
+    max_det: int = 100  # detections per image with in-graph NMS
+    conf: float = 0.05  # in-graph NMS score threshold (recorded in the manifest)
+    iou: float = 0.6  # in-graph NMS IoU threshold (recorded in the manifest)
+    opset: int = 17  # ONNX opset
+    exporter: Literal["legacy", "dynamo"] = "legacy"  # torch.onnx exporter
+    simplify: bool = True  # run onnxslim (failure is logged, never fatal)
+    gate_images: int = 64  # images used by the parity and agreement gates
+    calib_images: int = 512  # int8 calibration images from the training split
+    calib_method: Literal["entropy", "minmax", "percentile"] = "minmax"  # int8 calibration
+    workspace_gb: float = 4.0  # TensorRT builder workspace
+    builder_opt_level: int = 3  # TensorRT builder optimisation level (0-5)
+    timing_cache: str = ""  # TensorRT timing cache file ("" = none)
+    hw_compat: Literal["none", "ampere+"] = "none"  # TensorRT hardware compatibility level
+    triton_source: Literal["onnx", "tensorrt"] = "onnx"  # what the Triton repository serves
+    triton_instances: int = 1  # Triton instance_group count
+    out: str = "exports"  # output folder
+    name: str = ""  # artifact base name ("" = derived from the checkpoint)
+    val: str = ""  # gate images: COCO JSON or dataset root (+ mAP gate), or a plain image folder
+    val_images: str = ""  # image folder of a --val JSON ("" = beside the JSON or ../images)
+    calib_data: str = ""  # int8 calibration image folder ("" = the checkpoint's training images)
+    trt_version_compatible: bool = False  # TensorRT VERSION_COMPATIBLE (+ EXCLUDE_LEAN_RUNTIME)
+    device: str = "auto"  # device for the PyTorch reference ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    """Accuracy gates run by every export. AP tolerances are in AP points (0.1 = 0.001 AP)."""
+
+    fp32_box_atol: float = 1e-3  # max |boxes - reference|, px
+    fp32_score_atol: float = 1e-4  # max |scores - reference|
+    fp16_mean_abs: float = 1e-2  # mean |out - reference| over boxes (px) and scores
+    fp16_mean_rel: float = 1e-2  # or mean |out - reference| / mean |reference| (Polygraphy-style)
+    agreement_iou: float = 0.9  # IoU for a detection to count as matched
+    agreement_min_fp32: float = 0.99  # detection agreement required, fp32
+    agreement_min_fp16: float = 0.9  # detection agreement required, fp16
+    agreement_min_int8: float = 0.0  # detection agreement required, int8 (reported only)
+    map_tolerance_fp32: float = 0.1  # allowed AP drop (points) vs PyTorch, fp32
+    map_tolerance_fp16: float = 0.3  # allowed AP drop (points) vs PyTorch, fp16
+    map_tolerance_int8: float = 1.0  # allowed AP drop (points) vs PyTorch, int8
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """Everything `pgd-export` needs."""
+
+    export: ExportConfig = field(default_factory=ExportConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`pgd-serve`: batch inference and the Gradio demo."""
+
+    batch: int = 8  # images per inference call
+    workers: int = 2  # decode/preprocess threads
+    queue_size: int = 32  # bounded queue between decoding and inference, images
+    score_thresh: float = 0.05  # minimum score kept
+    nms_thresh: float = 0.6  # class-aware NMS IoU
+    max_det: int = 100  # detections per image
+    host: str = "127.0.0.1"  # demo bind address
+    port: int = 7860  # demo port
+    max_upload_mb: float = 20.0  # demo upload size limit
+    max_pixels: int = 40_000_000  # decode limit (decompression bombs are refused)
+    history: int = 50  # requests kept in the latency chart
+    warmup: int = 3  # warm-up runs before timing
+    draw_score: float = 0.3  # minimum score drawn on annotated images; the demo's default slider
+    decode_timeout: float = 60.0  # seconds one image may take to decode before it is a failure
+
+
+C = TypeVar("C")
+
+# --------------------------------------------------------------------------------------------
+# Loading, overriding, saving
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"table of {_type_name(typing.get_args(tp)[1])}"
+    return "none" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it in canonical form or raise."""
+    origin = typing.get_origin(tp)
+    bad = ValueError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            if type(None) in args and not (isinstance(value, str) and str in args):
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError:
+                continue
+        raise bad
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        try:
+            return tuple(_coerce(v, typing.get_args(tp)[0], key) for v in value)
+        except ValueError:
+            raise bad from None
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise bad
+        key_tp, value_tp = typing.get_args(tp)
+        return {
+            _coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"config key '{key}': unsupported annotation {tp!r}")
+
+
+def _build(cls: type[C], values: Mapping[str, Any], prefix: str, source: str) -> C:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ValueError(
+                f"{source}: unknown config key '{full}' (known: {', '.join(sorted(names))})"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{source}: config key '{full}' must be a table/section")
+            kwargs[key] = _build(tp, value, f"{full}.", source)
+        else:
+            try:
+                kwargs[key] = _coerce(value, tp, full)
+            except ValueError as err:
+                raise ValueError(f"{source}: {err}") from None
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse the right-hand side of `--set key=value` as a TOML value, else keep the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"--set {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """Turn `["model.depth=50", "train.lr_steps=[8, 11]"]` into a nested dict."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        _set_path(tree, key.strip(), _parse_value(text.strip()))
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(cls: type[C], values: Mapping[str, Any], source: str = "config") -> C:
+    """Build the dataclass `cls` from a nested dict (defaults fill what is missing)."""
+    return _build(cls, values, "", source)
+
+
+def load_config(
+    cls: type[C],
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    base: Mapping[str, Any] | None = None,
+) -> C:
+    """Load `cls` from defaults, an optional base dict, a TOML file and `--set` overrides.
+
+    Args:
+        cls: root dataclass, e.g. `TrainJob`.
+        path: TOML recipe, or None for the defaults.
+        overrides: `section.key=value` strings, applied last.
+        base: values applied before the recipe (e.g. a checkpoint's training config).
+
+    Raises:
+        FileNotFoundError: the recipe does not exist.
+        ValueError: an unknown key, a wrong type or malformed TOML (the message names it).
+    """
+    values: dict[str, Any] = dict(base or {})
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe not found: {path}")
+        try:
+            values = _merge(values, tomllib.loads(path.read_text()))
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: invalid TOML: {err}") from None
+    overrides = list(overrides)
+    if overrides:
+        tree = parse_overrides(overrides)
+        _build(cls, tree, "", "--set")  # names the offending key with the right source
+        values = _merge(values, tree)
+    return _build(cls, values, "", source)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples become lists) of a config dataclass."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        elif isinstance(value, dict):
+            out[f.name] = dict(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return (
+            "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        )
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def dumps_toml(cfg: Any) -> str:
+    """TOML text of a root config (one table per section)."""
+    lines: list[str] = []
+    top = to_dict(cfg)
+    for key, value in top.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in top.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as TOML (atomically), loadable with `load_config`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dumps_toml(cfg))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,179 @@
+"""COCO annotation loading with validation (no torch, no pycocotools).
+
+Category ids map to contiguous 0-based class indices (sorted by id) and back; crowd boxes are
+excluded from training targets; images without annotations are kept; degenerate boxes (zero or
+negative width/height) are dropped and counted. Every structural problem raises `ValueError`
+naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageRecord:
+    """One image and its training targets (crowd and degenerate boxes removed).
+
+    boxes: float32 [G, 4] xyxy original pixels; labels: int64 [G] contiguous class indices.
+    """
+
+    image_id: int
+    file_name: str
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class CocoAnnotations:
+    """A validated COCO annotation file."""
+
+    path: Path
+    images: list[ImageRecord]
+    category_ids: list[int]  # contiguous index -> COCO category id
+    class_names: list[str]  # contiguous index -> name
+    raw: dict[str, Any] = field(repr=False)  # the parsed JSON (for pycocotools evaluation)
+    num_crowd: int = 0
+    num_degenerate: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+    def subset(self, count: int) -> CocoAnnotations:
+        """The first `count` images (all when count <= 0), for quick evaluation."""
+        if count <= 0 or count >= len(self.images):
+            return self
+        return CocoAnnotations(
+            self.path,
+            self.images[:count],
+            self.category_ids,
+            self.class_names,
+            self.raw,
+            self.num_crowd,
+            self.num_degenerate,
+        )
+
+
+def _require(obj: dict, key: str, kind: type, where: str) -> Any:
+    if key not in obj:
+        raise ValueError(f"{where}: missing field '{key}'")
+    if not isinstance(obj[key], kind):
+        raise ValueError(f"{where}: field '{key}' must be a {kind.__name__}, got {obj[key]!r:.60}")
+    return obj[key]
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: annotation file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'images' and 'annotations'")
+    return data
+
+
+def load_coco(path: str | Path, image_dir: str | Path | None = None) -> CocoAnnotations:
+    """Load and validate a COCO detection annotation file.
+
+    Args:
+        path: the JSON file.
+        image_dir: when given, every referenced image must exist there.
+
+    Raises:
+        ValueError: missing fields, references to unknown images/categories, malformed boxes or
+            missing image files; the message names the file and the field.
+    """
+    path = Path(path)
+    data = read_json(path)
+    images = _require(data, "images", list, str(path))
+    annotations = _require(data, "annotations", list, str(path))
+    categories = _require(data, "categories", list, str(path))
+    if not categories:
+        raise ValueError(f"{path}: field 'categories' is empty")
+    cat_ids, names = [], {}
+    for i, cat in enumerate(categories):
+        where = f"{path}: categories[{i}]"
+        cid = _require(cat, "id", int, where)
+        names[cid] = str(cat.get("name", cid))
+        cat_ids.append(cid)
+    cat_ids = sorted(set(cat_ids))
+    index_of = {cid: k for k, cid in enumerate(cat_ids)}
+    records: dict[int, dict[str, Any]] = {}
+    for i, img in enumerate(images):
+        where = f"{path}: images[{i}]"
+        iid = _require(img, "id", int, where)
+        records[iid] = {
+            "file_name": _require(img, "file_name", str, where),
+            "width": _require(img, "width", int, where),
+            "height": _require(img, "height", int, where),
+            "boxes": [],
+            "labels": [],
+        }
+    num_crowd = num_degenerate = 0
+    for i, ann in enumerate(annotations):
+        where = f"{path}: annotations[{i}] (id {ann.get('id', '?')})"
+        iid = _require(ann, "image_id", int, where)
+        cid = _require(ann, "category_id", int, where)
+        bbox = _require(ann, "bbox", list, where)
+        if iid not in records:
+            raise ValueError(f"{where}: field 'image_id' refers to unknown image {iid}")
+        if cid not in index_of:
+            raise ValueError(f"{where}: field 'category_id' refers to unknown category {cid}")
+        if len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+            raise ValueError(f"{where}: field 'bbox' must be [x, y, width, height], got {bbox}")
+        if ann.get("iscrowd", 0):
+            num_crowd += 1
+            continue
+        x, y, w, h = (float(v) for v in bbox)
+        if w <= 0 or h <= 0:
+            num_degenerate += 1
+            continue
+        records[iid]["boxes"].append([x, y, x + w, y + h])
+        records[iid]["labels"].append(index_of[cid])
+    if image_dir is not None:
+        _check_files(path, Path(image_dir), records)
+    out = [
+        ImageRecord(
+            image_id=iid,
+            file_name=r["file_name"],
+            width=r["width"],
+            height=r["height"],
+            boxes=np.asarray(r["boxes"], dtype=np.float32).reshape(-1, 4),
+            labels=np.asarray(r["labels"], dtype=np.int64),
+        )
+        for iid, r in records.items()
+    ]
+    if num_degenerate:
+        logger.warning(
+            "%s: dropped %d degenerate boxes (width or height <= 0)", path, num_degenerate
+        )
+    return CocoAnnotations(
+        path, out, cat_ids, [names[c] for c in cat_ids], data, num_crowd, num_degenerate
+    )
+
+
+def _check_files(path: Path, image_dir: Path, records: dict[int, dict[str, Any]]) -> None:
+    if not image_dir.is_dir():
+        raise ValueError(f"{path}: image folder {image_dir} not found")
+    missing = [
+        r["file_name"] for r in records.values() if not (image_dir / r["file_name"]).is_file()
+    ]
+    if missing:
+        raise ValueError(
+            f"{path}: {len(missing)} image(s) listed in field 'images' are missing from "
+            f"{image_dir}, e.g. {missing[:3]}"
+        )

@@ -1,0 +1,227 @@
+"""The training step loop and evaluation (DETR's `train_one_epoch` / `evaluate` shape).
+
+Knows nothing about distillation: extra losses come from an optional `loss_provider` callable
+`(images, outputs, targets) -> dict[str, Tensor]`, added to the detector's own losses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from pgd_deploy import distributed as dist
+from pgd_deploy.data.dataset import Batch, DetectionDataset, collate
+from pgd_deploy.metrics import AP_KEYS, detections_to_coco, evaluate_coco
+
+logger = logging.getLogger(__name__)
+
+LossProvider = Callable[[Tensor, object, Sequence[dict[str, Tensor]]], dict[str, Tensor]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the weighted loss is NaN or infinite (the step is not applied)."""
+
+
+@dataclass
+class StepContext:
+    """What one optimisation step needs besides the batch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    loss_provider: LossProvider | None = None
+    grad_clip: float = 0.0
+    autocast_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+
+def weighted_sum(losses: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+    """Sum of `losses`, each multiplied by `weights.get(name, 1.0)`."""
+    return sum(v * weights.get(k, 1.0) for k, v in losses.items())
+
+
+def train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
+    """One forward/backward/update on `batch`; returns the float value of each loss term.
+
+    Raises:
+        NonFiniteLossError: the loss is not finite (on any process); nothing was updated.
+    """
+    batch = batch.to(ctx.device)
+    amp = (
+        torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype)
+        if ctx.autocast_dtype is not None
+        else nullcontext()
+    )
+    with amp:
+        outputs = ctx.model(batch.images)
+        losses = unwrap(ctx.model).loss(outputs, batch.targets)
+        if ctx.loss_provider is not None:
+            losses.update(ctx.loss_provider(batch.images, outputs, batch.targets))
+    total = weighted_sum({k: v.float() for k, v in losses.items()}, ctx.loss_weights)
+    finite = torch.isfinite(total.detach()).float()
+    if dist.is_dist():  # every process must take the same decision
+        finite = dist.reduce_mean(finite)
+    if finite.item() < 1.0:
+        bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
+        raise NonFiniteLossError(f"non-finite loss (terms: {', '.join(bad) or 'on another rank'})")
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.scaler is not None:
+        ctx.scaler.scale(total).backward()
+        ctx.scaler.unscale_(ctx.optimizer)
+    else:
+        total.backward()
+    if ctx.grad_clip > 0:
+        params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+        nn.utils.clip_grad_norm_(params, ctx.grad_clip)
+    if ctx.scaler is not None:
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        ctx.optimizer.step()
+    ctx.scheduler.step()
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    values["loss"] = float(total.detach())
+    return values
+
+
+@dataclass
+class EpochStats:
+    """Running means of the loss terms over an epoch, plus counts."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    images: int = 0
+    failures: list[str] = field(default_factory=list)
+    skipped_batches: int = 0
+    seconds: float = 0.0
+
+    def add(self, values: dict[str, float], images: int) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.images += images
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+
+
+def train_one_epoch(
+    ctx: StepContext,
+    loader: Iterable[Batch],
+    stats: EpochStats,
+    on_step: Callable[[dict[str, float], int], bool],
+) -> None:
+    """Run `ctx` over `loader`. After each step `on_step(values, images)` is called; when it
+    returns False the epoch stops early (end of schedule). Failed images are counted in `stats`.
+    """
+    ctx.model.train()
+    start = time.perf_counter()
+    for batch in loader:
+        stats.failures.extend(f"{f.file_name}: {f.reason}" for f in batch.failures)
+        empty = torch.tensor(float(len(batch) == 0))
+        if dist.is_dist():
+            empty = dist.reduce_mean(empty.to(ctx.device))
+        if empty.item() > 0:  # some process has nothing left to train on in this step
+            stats.skipped_batches += 1
+            continue
+        values = train_step(ctx, batch)
+        stats.add(values, len(batch))
+        if not on_step(values, len(batch)):
+            break
+    stats.seconds += time.perf_counter() - start
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The detector inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: DetectionDataset,
+    *,
+    device: torch.device,
+    batch_size: int = 8,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, float], list[dict]]:
+    """COCO bbox metrics of `model` on `dataset` (no augmentation), sharded over processes.
+
+    Images are resized as in training (shorter side `min_size`, longer at most `max_size`), padded
+    to a multiple of 32 and post-processed with the shared numpy code of `pgd_deploy.runtime`.
+
+    Returns:
+        (metrics with the keys of `metrics.AP_KEYS`, COCO results list); on processes other than
+        rank 0 the metrics are empty and the results are only this process's share.
+    """
+    detector = unwrap(model)
+    was_training = detector.training
+    detector.eval()
+    indices = list(range(len(dataset)))[dist.rank() :: dist.world_size()]
+    results: list[dict] = []
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    for start in range(0, len(indices), batch_size):
+        batch = collate([dataset[i] for i in indices[start : start + batch_size]])
+        if len(batch) == 0:
+            continue
+        with amp:
+            dets = detector.predict(batch.images.to(device), batch.transforms)
+        for image_id, det in zip(batch.image_ids, dets):
+            results.extend(detections_to_coco(image_id, det, dataset.coco.category_ids))
+    detector.train(was_training)
+    gathered = dist.all_gather_objects(results)
+    if not dist.is_main():
+        return {}, results
+    results = [r for part in gathered for r in part]
+    image_ids = [r.image_id for r in dataset.coco.images]
+    metrics = evaluate_coco(dataset.coco.raw, results, image_ids=image_ids)
+    return metrics, results
+
+
+def format_epoch_summary(
+    epoch: int, stats: EpochStats, metrics: dict[str, float] | None, lr: float
+) -> str:
+    """A two-line table summarising one epoch."""
+    means = stats.means()
+    cols = ["epoch", "iters", "images", "img/s", "failed", "lr", "loss"]
+    vals = [
+        str(epoch),
+        str(stats.steps),
+        str(stats.images),
+        f"{stats.images / max(stats.seconds, 1e-9):.1f}",
+        str(len(stats.failures)),
+        f"{lr:.2e}",
+        f"{means.get('loss', math.nan):.4f}",
+    ]
+    for key in ("AP", "AP50"):
+        if metrics and key in metrics:
+            cols.append(key)
+            vals.append(f"{100 * metrics[key]:.1f}")
+    widths = [max(len(c), len(v)) for c, v in zip(cols, vals)]
+    head = "  ".join(c.rjust(w) for c, w in zip(cols, widths))
+    row = "  ".join(v.rjust(w) for v, w in zip(vals, widths))
+    return f"{head}\n{row}"
+
+
+__all__ = [
+    "AP_KEYS",
+    "EpochStats",
+    "LossProvider",
+    "NonFiniteLossError",
+    "StepContext",
+    "evaluate",
+    "format_epoch_summary",
+    "train_one_epoch",
+    "train_step",
+    "unwrap",
+    "weighted_sum",
+]

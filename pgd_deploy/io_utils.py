@@ -1,0 +1,55 @@
+"""Small torch-free file helpers: atomic writes, hashing, safe output paths."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Pretty JSON, written atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safe_child(root: str | Path, name: str) -> Path:
+    """`root / name` reduced to a plain file name inside `root` (no traversal outside it)."""
+    root = Path(root).resolve()
+    base = Path(name).name or "unnamed"
+    base = "".join(c if c.isalnum() or c in "._-" else "_" for c in base).lstrip(".") or "unnamed"
+    out = (root / base).resolve()
+    if out.parent != root:
+        raise ValueError(f"refusing to write {name!r} outside {root}")
+    return out

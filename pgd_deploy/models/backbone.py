@@ -1,0 +1,91 @@
+"""ResNet + FPN (P3-P7) feature extractor built from torchvision parts."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
+
+logger = logging.getLogger(__name__)
+
+RESNET_DEPTHS = (18, 34, 50, 101, 152)
+STRIDES = (8, 16, 32, 64, 128)  # P3..P7
+
+
+class ResNetFPN(nn.Module):
+    """ResNet C3-C5 -> FPN P3-P5 -> P6, P7 (from P5, ReLU before P7), `channels` wide.
+
+    Forward: images [B, 3, H, W] -> list of 5 tensors [B, channels, H / s, W / s], s in STRIDES.
+    """
+
+    def __init__(self, *, body: nn.Module, in_channels: list[int], channels: int) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(
+            in_channels_list=in_channels,
+            out_channels=channels,
+            extra_blocks=LastLevelP6P7(channels, channels),
+        )
+        self.out_channels = channels
+        self.strides = STRIDES
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        return list(self.fpn(self.body(images)).values())
+
+
+def _resnet(depth: int, weights: str) -> tuple[nn.Module, bool]:
+    """torchvision ResNet of `depth`; returns (model, pretrained)."""
+    if depth not in RESNET_DEPTHS:
+        raise ValueError(f"model.depth must be one of {RESNET_DEPTHS}, got {depth}")
+    name = f"resnet{depth}"
+    if weights in ("", "none"):
+        return torchvision.models.get_model(name, weights=None, norm_layer=nn.BatchNorm2d), False
+    if weights == "imagenet":
+        enum = torchvision.models.get_model_weights(name)
+        # IMAGENET1K_V1 is the checkpoint MMDetection and the PGD paper start from.
+        model = torchvision.models.get_model(
+            name, weights=enum.IMAGENET1K_V1, norm_layer=FrozenBatchNorm2d
+        )
+        return model, True
+    path = Path(weights)
+    if not path.is_file():
+        raise ValueError(
+            f"model.weights: expected 'none', 'imagenet' or an existing file, got {weights!r}"
+        )
+    model = torchvision.models.get_model(name, weights=None, norm_layer=FrozenBatchNorm2d)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing:
+        raise ValueError(f"{path}: not a {name} state dict; missing {missing[:5]}...")
+    if unexpected:
+        logger.warning(
+            "%s: ignored %d unexpected keys, e.g. %s", path, len(unexpected), unexpected[:3]
+        )
+    return model, True
+
+
+def build_backbone(*, depth: int, weights: str = "none", channels: int = 256) -> ResNetFPN:
+    """ResNet-FPN feature extractor.
+
+    With pretrained weights (`imagenet` or a file), BatchNorm is frozen and the stem and layer1
+    are frozen (MMDetection `frozen_stages=1`). Without them, BatchNorm and all stages train:
+    frozen statistics of a random init mean nothing.
+    """
+    if channels % 32:
+        raise ValueError(f"model.fpn_channels must be a multiple of 32 (GroupNorm), got {channels}")
+    resnet, pretrained = _resnet(depth, weights)
+    if pretrained:
+        for module in (resnet.conv1, resnet.bn1, resnet.layer1):
+            for p in module.parameters():
+                p.requires_grad_(False)
+    body = IntermediateLayerGetter(resnet, {"layer2": "c3", "layer3": "c4", "layer4": "c5"})
+    c5 = resnet.fc.in_features  # 512 (BasicBlock) or 2048 (Bottleneck)
+    return ResNetFPN(body=body, in_channels=[c5 // 4, c5 // 2, c5], channels=channels)

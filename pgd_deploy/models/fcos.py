@@ -1,0 +1,262 @@
+"""FCOS head as in the PGD configs (MMDetection "FCOS improved").
+
+Focal loss (gamma 2, alpha 0.25), GIoU box loss weighted by centerness targets, centerness on the
+regression branch with BCE, centre sampling radius 1.5, regression normalised by the stride
+(norm_on_bbox), points at i * s + s // 2.
+
+The head always predicts distances in stride units (ReLU'd); `decode_boxes` multiplies by the
+stride in train and eval mode alike, so decoded teacher boxes are always in pixels (the official
+code's eval-only multiplication is pitfall P11).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
+
+from pgd_deploy.distributed import reduce_mean
+from pgd_deploy.models.towers import Towers
+
+INF = 1e8
+
+
+class HeadOutputs(NamedTuple):
+    """Raw FCOS outputs, each a list over levels P3..P7.
+
+    cls_logits: [B, C, H_l, W_l]; box_regression: [B, 4, H_l, W_l] (l, t, r, b) / stride, >= 0;
+    centerness: [B, 1, H_l, W_l] logits; cls_taps, reg_taps: [B, channels, H_l, W_l], the output
+    of the first conv+GN+ReLU block of each tower (the PGD distillation points).
+    """
+
+    cls_logits: list[Tensor]
+    box_regression: list[Tensor]
+    centerness: list[Tensor]
+    cls_taps: list[Tensor]
+    reg_taps: list[Tensor]
+
+
+class Scale(nn.Module):
+    """A learnable scalar per level (FCOS)."""
+
+    def __init__(self, value: float = 1.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(value))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+def _predictor(channels: int, out: int, bias: float = 0.0) -> nn.Conv2d:
+    conv = nn.Conv2d(channels, out, 3, padding=1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.constant_(conv.bias, bias)
+    return conv
+
+
+class FCOSHead(nn.Module):
+    """FCOS predictors on top of the shared towers."""
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        channels: int = 256,
+        num_convs: int = 4,
+        num_levels: int = 5,
+        prior_prob: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.towers = Towers(channels=channels, num_convs=num_convs)
+        self.cls_logits = _predictor(
+            channels, num_classes, -math.log((1 - prior_prob) / prior_prob)
+        )
+        self.bbox_pred = _predictor(channels, 4)
+        self.centerness = _predictor(channels, 1)
+        self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
+
+    def forward(self, feats: list[Tensor]) -> HeadOutputs:
+        towers = self.towers(feats)
+        box_regression = [
+            F.relu(scale(self.bbox_pred(x))) for scale, x in zip(self.scales, towers.reg_feats)
+        ]
+        return HeadOutputs(
+            cls_logits=[self.cls_logits(x) for x in towers.cls_feats],
+            box_regression=box_regression,
+            centerness=[self.centerness(x) for x in towers.reg_feats],
+            cls_taps=towers.cls_taps,
+            reg_taps=towers.reg_taps,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Points, decoding, flattening
+# --------------------------------------------------------------------------------------------
+
+
+def level_points(
+    sizes: list[tuple[int, int]], strides: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Location centres of all levels, P3 first.
+
+    Returns:
+        centers [A, 2] (x, y) pixels at (j * s + s // 2, i * s + s // 2), and strides [A].
+    """
+    centers, per_point_strides = [], []
+    for (h, w), s in zip(sizes, strides):
+        ys = torch.arange(int(h), device=device, dtype=dtype) * s + s // 2
+        xs = torch.arange(int(w), device=device, dtype=dtype) * s + s // 2
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        centers.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1))  # [h*w, 2]
+        per_point_strides.append(
+            torch.full((int(h) * int(w),), float(s), device=device, dtype=dtype)
+        )
+    return torch.cat(centers), torch.cat(per_point_strides)
+
+
+def flatten_levels(tensors: list[Tensor]) -> Tensor:
+    """[B, K, H_l, W_l] per level -> [B, A, K] (levels concatenated, row-major locations)."""
+    return torch.cat([t.flatten(2).transpose(1, 2) for t in tensors], dim=1)
+
+
+def decode_boxes(box_regression: list[Tensor], centers: Tensor, strides: Tensor) -> Tensor:
+    """Absolute xyxy boxes [B, A, 4] from stride-normalised distances (computed in fp32)."""
+    dist = flatten_levels(box_regression).float() * strides[None, :, None].float()  # [B, A, 4]
+    c = centers[None].float()  # [1, A, 2]
+    return torch.cat([c - dist[..., :2], c + dist[..., 2:]], dim=-1)
+
+
+def class_scores(outputs: HeadOutputs) -> Tensor:
+    """Per-class detection scores [B, A, C] = sigmoid(cls) * sigmoid(centerness)."""
+    cls = flatten_levels(outputs.cls_logits).float().sigmoid()
+    ctr = flatten_levels(outputs.centerness).float().sigmoid()  # [B, A, 1]
+    return cls * ctr
+
+
+# --------------------------------------------------------------------------------------------
+# Targets and losses
+# --------------------------------------------------------------------------------------------
+
+
+def regress_ranges(boundaries: tuple[float, ...]) -> list[tuple[float, float]]:
+    """(64, 128, 256, 512) -> [(-1, 64), (64, 128), (128, 256), (256, 512), (512, INF)]."""
+    edges = [-1.0, *boundaries, INF]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def fcos_targets_single(
+    centers: Tensor,
+    strides: Tensor,
+    ranges: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    *,
+    num_classes: int,
+    radius: float,
+) -> tuple[Tensor, Tensor]:
+    """FCOS assignment for one image.
+
+    Args:
+        centers: [A, 2] location centres; strides: [A]; ranges: [A, 2] regress range per location.
+        gt_boxes: [G, 4] xyxy pixels; gt_labels: [G] class indices.
+
+    Returns:
+        labels [A] (num_classes = background) and box targets [A, 4] (l, t, r, b) / stride.
+    """
+    num_points = centers.shape[0]
+    if gt_boxes.numel() == 0:
+        return (
+            centers.new_full((num_points,), num_classes, dtype=torch.long),
+            centers.new_zeros((num_points, 4)),
+        )
+    xs, ys = centers[:, 0:1], centers[:, 1:2]  # [A, 1]
+    x1, y1, x2, y2 = gt_boxes.unbind(dim=1)  # [G] each
+    ltrb = torch.stack([xs - x1, ys - y1, x2 - xs, y2 - ys], dim=-1)  # [A, G, 4]
+    # Centre sampling: a location is positive only within radius * stride of the box centre.
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    r = strides[:, None] * radius  # [A, 1]
+    cx1, cy1 = torch.maximum(cx - r, x1), torch.maximum(cy - r, y1)
+    cx2, cy2 = torch.minimum(cx + r, x2), torch.minimum(cy + r, y2)
+    in_center = torch.stack([xs - cx1, ys - cy1, cx2 - xs, cy2 - ys], dim=-1).min(dim=-1).values > 0
+    max_dist = ltrb.max(dim=-1).values  # [A, G]
+    in_range = (max_dist >= ranges[:, 0:1]) & (max_dist <= ranges[:, 1:2])
+    areas = ((x2 - x1) * (y2 - y1))[None].expand(num_points, -1).clone()  # [A, G]
+    areas[~(in_center & in_range)] = INF
+    min_area, gt_index = areas.min(dim=1)  # [A]
+    labels = gt_labels[gt_index].clone()
+    labels[min_area == INF] = num_classes
+    targets = ltrb[torch.arange(num_points, device=centers.device), gt_index]  # [A, 4]
+    return labels, targets / strides[:, None]
+
+
+def centerness_target(ltrb: Tensor) -> Tensor:
+    """sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)) for [P, 4] targets."""
+    lr, tb = ltrb[:, [0, 2]], ltrb[:, [1, 3]]
+    ratio = (lr.min(dim=-1).values / lr.max(dim=-1).values.clamp(min=1e-12)) * (
+        tb.min(dim=-1).values / tb.max(dim=-1).values.clamp(min=1e-12)
+    )
+    return ratio.clamp(min=0).sqrt()
+
+
+def giou_loss_ltrb(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
+    """GIoU loss [P] between boxes given as distances (l, t, r, b) from the same points."""
+    pred_area = (pred[:, 0] + pred[:, 2]) * (pred[:, 1] + pred[:, 3])
+    target_area = (target[:, 0] + target[:, 2]) * (target[:, 1] + target[:, 3])
+    w_inter = torch.minimum(pred[:, 0], target[:, 0]) + torch.minimum(pred[:, 2], target[:, 2])
+    h_inter = torch.minimum(pred[:, 1], target[:, 1]) + torch.minimum(pred[:, 3], target[:, 3])
+    inter = w_inter.clamp(min=0) * h_inter.clamp(min=0)
+    union = pred_area + target_area - inter
+    iou = inter / union.clamp(min=eps)
+    w_encl = torch.maximum(pred[:, 0], target[:, 0]) + torch.maximum(pred[:, 2], target[:, 2])
+    h_encl = torch.maximum(pred[:, 1], target[:, 1]) + torch.maximum(pred[:, 3], target[:, 3])
+    enclose = (w_encl * h_encl).clamp(min=eps)
+    return 1 - (iou - (enclose - union) / enclose)
+
+
+def fcos_losses(
+    outputs: HeadOutputs,
+    labels: Tensor,
+    box_targets: Tensor,
+    *,
+    num_classes: int,
+    focal_alpha: float,
+    focal_gamma: float,
+) -> dict[str, Tensor]:
+    """FCOS losses given assigned targets.
+
+    Args:
+        outputs: head outputs of the batch.
+        labels: [B, A] class index per location (num_classes = background).
+        box_targets: [B, A, 4] (l, t, r, b) / stride.
+
+    Returns:
+        {"loss_cls", "loss_box", "loss_ctr"}: focal loss / #pos, centerness-weighted GIoU /
+        sum of centerness targets, centerness BCE / #pos (counts averaged over processes).
+    """
+    cls = flatten_levels(outputs.cls_logits).float().reshape(-1, num_classes)  # [B*A, C]
+    reg = flatten_levels(outputs.box_regression).float().reshape(-1, 4)  # [B*A, 4]
+    ctr = flatten_levels(outputs.centerness).float().reshape(-1)  # [B*A]
+    labels = labels.reshape(-1)
+    box_targets = box_targets.reshape(-1, 4)
+    pos = torch.nonzero(labels < num_classes).squeeze(1)
+    num_pos = reduce_mean(torch.tensor(float(pos.numel()), device=cls.device)).clamp(min=1.0)
+    onehot = torch.zeros_like(cls)
+    onehot[pos, labels[pos]] = 1.0
+    loss_cls = (
+        sigmoid_focal_loss(cls, onehot, alpha=focal_alpha, gamma=focal_gamma, reduction="sum")
+        / num_pos
+    )
+    if pos.numel() == 0:
+        zero = reg.sum() * 0 + ctr.sum() * 0  # graph-connected zero
+        return {"loss_cls": loss_cls, "loss_box": zero, "loss_ctr": zero}
+    pos_targets = box_targets[pos]
+    ctr_targets = centerness_target(pos_targets)
+    ctr_denorm = reduce_mean(ctr_targets.sum().detach()).clamp(min=1e-6)
+    loss_box = (giou_loss_ltrb(reg[pos], pos_targets) * ctr_targets).sum() / ctr_denorm
+    loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos], ctr_targets, reduction="sum") / num_pos
+    return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_ctr": loss_ctr}

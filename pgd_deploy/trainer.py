@@ -1,0 +1,370 @@
+"""`fit`: set up devices, data, model, optimiser and schedule, run epochs, checkpoint, evaluate.
+
+One CPU, one GPU, or many GPUs/nodes under `torchrun` (DistributedDataParallel, rank-0-only
+logging and checkpointing). Distillation plugs in through `make_loss_provider`, called once with
+the freshly built student before it is wrapped for DDP (so it may initialise it from a teacher).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pgd_deploy import distributed as dist
+from pgd_deploy.checkpoint import load_checkpoint, load_model, save_checkpoint
+from pgd_deploy.config import TrainJob, load_config, save_config, to_dict
+from pgd_deploy.data.dataset import GroupedBatchSampler, build_dataset, collate
+from pgd_deploy.engine import (
+    EpochStats,
+    LossProvider,
+    NonFiniteLossError,
+    StepContext,
+    evaluate,
+    format_epoch_summary,
+    train_one_epoch,
+    unwrap,
+)
+from pgd_deploy.io_utils import write_json
+from pgd_deploy.metrics import format_metrics
+from pgd_deploy.models import build_detector
+from pgd_deploy.schedule import Schedule, build_optimizer, build_scheduler
+from pgd_deploy.training_log import TrainingLog
+
+logger = logging.getLogger(__name__)
+
+LossProviderFactory = Callable[[nn.Module, torch.device], LossProvider | None]
+
+
+@dataclass
+class FitResult:
+    """Outcome of `fit`."""
+
+    completed: bool
+    work_dir: Path
+    iterations: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+
+def select_device(name: str) -> torch.device:
+    """`auto` -> the local CUDA device when available (LOCAL_RANK under torchrun), else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device={name!r} but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", dist.local_rank())
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_dist():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+
+
+def autocast_setup(cfg_amp: str, device: torch.device):
+    """(autocast dtype or None, GradScaler or None) for `train.amp` on this device."""
+    if device.type != "cuda" or cfg_amp == "off":
+        return None, None
+    if cfg_amp == "auto":
+        cfg_amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if cfg_amp == "bf16":
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def _worker_init(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32  # differs per worker and per epoch (DataLoader seeds it)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    np_state = np.random.get_state()
+    state["numpy"] = [np_state[0], np_state[1].tolist(), *np_state[2:]]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        name, keys, *rest = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+
+
+def _as_tuple(obj: Any) -> Any:
+    return tuple(_as_tuple(o) for o in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+class Trainer:
+    """Holds everything `fit` sets up; one method per phase."""
+
+    def __init__(
+        self, cfg: TrainJob, work_dir: Path, make_loss_provider: LossProviderFactory | None
+    ) -> None:
+        self.cfg = cfg
+        self.work_dir = work_dir
+        self.device = select_device(cfg.train.device)
+        init_distributed(self.device)
+        seed_everything(cfg.train.seed + dist.rank(), cfg.train.deterministic)
+        if dist.is_main():  # rank 0 generates synthetic data first; the others then find it
+            build_dataset(cfg.data, "train", train=True)
+        dist.barrier()
+        self.train_set = build_dataset(cfg.data, "train", train=True)
+        self.val_set = build_dataset(cfg.data, "val", train=False)
+        classes = self.train_set.coco.num_classes
+        if cfg.model.num_classes and cfg.model.num_classes != classes:
+            raise ValueError(
+                f"model.num_classes={cfg.model.num_classes} but {self.train_set.coco.path} has "
+                f"{classes} categories"
+            )
+        self.cfg = cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, num_classes=classes)
+        )
+        self.sampler = GroupedBatchSampler(
+            self.train_set.aspect_ratios(),
+            cfg.train.batch_size,
+            seed=cfg.train.seed,
+            rank=dist.rank(),
+            world_size=dist.world_size(),
+        )
+        self.loader = DataLoader(
+            self.train_set,
+            batch_sampler=self.sampler,
+            collate_fn=lambda items: collate(items, cfg.data.size_divisible),
+            num_workers=cfg.data.workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_worker_init,
+            persistent_workers=False,
+        )
+        self.schedule = Schedule.from_config(
+            cfg.train, iters_per_epoch=len(self.sampler), world_size=dist.world_size()
+        )
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
+        model = build_detector(cfg.model).to(self.device)
+        provider = make_loss_provider(model, self.device) if make_loss_provider else None
+        if dist.is_dist():
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        optimizer = build_optimizer(model, cfg.train, self.schedule.lr)
+        amp_dtype, scaler = autocast_setup(cfg.train.amp, self.device)
+        self.ctx = StepContext(
+            model=model,
+            optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, self.schedule),
+            device=self.device,
+            loss_weights=dict(cfg.train.loss_weights),
+            loss_provider=provider,
+            grad_clip=cfg.train.grad_clip,
+            autocast_dtype=amp_dtype,
+            scaler=scaler,
+        )
+        self.iteration = 0
+        self.epoch = 0
+        self.best_ap = -1.0
+        self.log = TrainingLog(work_dir, enabled=dist.is_main(), log_every=cfg.train.log_every)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def state(self, metrics: dict[str, float] | None = None) -> dict[str, Any]:
+        ctx = self.ctx
+        return {
+            "model": unwrap(ctx.model).state_dict(),
+            "config": to_dict(self.cfg),
+            "classes": self.train_set.coco.class_names,
+            "category_ids": self.train_set.coco.category_ids,
+            "iteration": self.iteration,
+            "epoch": self.epoch,
+            "metrics": metrics or {},
+            "best_ap": self.best_ap,
+            "optimizer": ctx.optimizer.state_dict(),
+            "scheduler": ctx.scheduler.state_dict(),
+            "scaler": ctx.scaler.state_dict() if ctx.scaler else {},
+            "rng": rng_state(),
+            "history": self.log.history,
+        }
+
+    def save(self, metrics: dict[str, float] | None = None, best: bool = False) -> None:
+        if not dist.is_main():
+            return
+        state = self.state(metrics)
+        save_checkpoint(state, self.work_dir / "last.pt")
+        if best:
+            save_checkpoint(state, self.work_dir / "best.pt")
+
+    def resume(self) -> None:
+        path = self.work_dir / "last.pt"
+        state = load_checkpoint(path, map_location=self.device)
+        unwrap(self.ctx.model).load_state_dict(state["model"])
+        self.ctx.optimizer.load_state_dict(state["optimizer"])
+        self.ctx.scheduler.load_state_dict(state["scheduler"])
+        if self.ctx.scaler and state.get("scaler"):
+            self.ctx.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        self.epoch = int(state["epoch"])
+        self.best_ap = float(state.get("best_ap", -1.0))
+        self.log.history = list(state.get("history", []))
+        set_rng_state(state["rng"])
+        logger.info("resumed from %s at iteration %d (epoch %d)", path, self.iteration, self.epoch)
+
+    # ---- phases -----------------------------------------------------------------------------
+
+    def run_epoch(self) -> EpochStats:
+        per_epoch = len(self.sampler)
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.skip(self.iteration - self.epoch * per_epoch)
+        stats = EpochStats()
+        every = self.cfg.train.checkpoint_every
+
+        def on_step(values: dict[str, float], images: int) -> bool:
+            self.iteration += 1
+            self.log.step(self.iteration, values, images, self.ctx.optimizer.param_groups[0]["lr"])
+            if every and self.iteration % every == 0 and self.iteration % per_epoch:
+                self.save()
+            return self.iteration < self.schedule.total_iters
+
+        train_one_epoch(self.ctx, self.loader, stats, on_step)
+        return stats
+
+    def evaluate(self) -> dict[str, float]:
+        metrics, _ = evaluate(
+            self.ctx.model,
+            self.val_set,
+            device=self.device,
+            batch_size=max(1, self.cfg.train.batch_size),
+            autocast_dtype=self.ctx.autocast_dtype,
+        )
+        return metrics
+
+    def fit(self) -> FitResult:
+        total = self.schedule.total_iters
+        self.log.start(total, self.iteration)
+        if dist.is_main():
+            logger.info("%s", self.schedule.describe(self.cfg.train.batch_size * dist.world_size()))
+        metrics: dict[str, float] = {}
+        try:
+            while self.iteration < total:
+                stats = self.run_epoch()
+                epoch_done = self.iteration % len(self.sampler) == 0 or self.iteration >= total
+                if not epoch_done:
+                    break
+                self.epoch += 1
+                last = self.iteration >= total
+                metrics = {}
+                eval_every = self.cfg.train.eval_every
+                if last or (eval_every and self.epoch % eval_every == 0):
+                    metrics = self.evaluate()
+                    self.log.eval(self.iteration, metrics)
+                best = bool(metrics) and metrics["AP"] > self.best_ap
+                if best:
+                    self.best_ap = metrics["AP"]
+                self.save(metrics, best=best or (last and self.best_ap < 0))
+                self.log.epoch_summary(
+                    format_epoch_summary(
+                        self.epoch, stats, metrics, self.ctx.optimizer.param_groups[0]["lr"]
+                    ),
+                    stats,
+                )
+        except NonFiniteLossError as err:
+            message = (
+                f"stopped at iteration {self.iteration + 1}: {err}. The last good checkpoint "
+                f"is {self.work_dir / 'last.pt'}; lower train.base_lr or set train.grad_clip."
+            )
+            logger.error("%s", message)
+            self.log.close()
+            return FitResult(False, self.work_dir, self.iteration, {}, message)
+        self.log.close()
+        if dist.is_main():
+            write_json(self.work_dir / "metrics.json", metrics)
+            self.log.plot_curves(self.work_dir / "curves.png")
+            logger.info("%s", format_metrics(metrics, title=f"final metrics ({self.work_dir})"))
+        return FitResult(True, self.work_dir, self.iteration, metrics)
+
+
+def fit(
+    cfg: TrainJob,
+    *,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    make_loss_provider: LossProviderFactory | None = None,
+) -> FitResult:
+    """Train `cfg` into `work_dir` (default `train.work_dir`): last.pt, best.pt, config.toml,
+    metrics.json, curves.png.
+
+    When `cfg.distill.teacher` is set and no `make_loss_provider` is given, the PGD distiller
+    is plugged in (see `pgd_deploy.distill.build_distiller`).
+    """
+    work_dir = Path(work_dir or cfg.train.work_dir)
+    if make_loss_provider is None and cfg.distill.teacher:
+        from pgd_deploy.distill import build_distiller
+
+        def make_loss_provider(student: nn.Module, device: torch.device):
+            return build_distiller(cfg.distill, student, device=device)
+
+    if resume and not (work_dir / "last.pt").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {work_dir / 'last.pt'}")
+    trainer = Trainer(cfg, work_dir, make_loss_provider)
+    if dist.is_main():
+        work_dir.mkdir(parents=True, exist_ok=True)
+        save_config(trainer.cfg, work_dir / "config.toml")
+    if resume:
+        trainer.resume()
+    return trainer.fit()
+
+
+def evaluate_checkpoint(
+    path: str | Path, overrides: Sequence[str] = (), device: str = "auto"
+) -> dict[str, float]:
+    """COCO metrics of a checkpoint on its validation data (`--set data.*` may point elsewhere)."""
+    dev = select_device(device)
+    model, cfg, state = load_model(path, dev)
+    cfg = load_config(TrainJob, None, overrides, base=to_dict(cfg))
+    val = build_dataset(cfg.data, "val", train=False)
+    if val.coco.category_ids != list(state.get("category_ids", val.coco.category_ids)):
+        raise ValueError(
+            f"{path}: trained on categories {state.get('category_ids')} but {val.coco.path} has "
+            f"{val.coco.category_ids}"
+        )
+    start = time.perf_counter()
+    metrics, _ = evaluate(model, val, device=dev, batch_size=cfg.train.batch_size)
+    logger.info("evaluated %d images in %.1f s", len(val), time.perf_counter() - start)
+    return metrics
+
+
+__all__ = ["FitResult", "evaluate_checkpoint", "fit"]

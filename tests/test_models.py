@@ -1,0 +1,135 @@
+"""Detector: builds at any depth, returns tap features, gradients, FCOS geometry and losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torchvision.ops import FrozenBatchNorm2d, generalized_box_iou_loss
+
+from pgd_deploy.config import ModelConfig
+from pgd_deploy.models import build_detector
+from pgd_deploy.models import fcos
+
+TARGETS = [
+    {
+        "boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0], [20.0, 10.0, 60.0, 30.0]]),
+        "labels": torch.tensor([0, 2]),
+    },
+    {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},  # no objects
+]
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_build_forward_taps_and_gradients(depth):
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(depth=depth), num_classes=3).train()
+    images = torch.randn(2, 3, 64, 96)
+    out = model(images)
+    sizes = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]  # strides 8..128
+    for name in ("cls_taps", "reg_taps"):
+        taps = getattr(out, name)
+        assert [tuple(t.shape) for t in taps] == [(2, 256, h, w) for h, w in sizes]
+        assert all((t >= 0).all() for t in taps)  # after ReLU
+    assert [tuple(t.shape) for t in out.cls_logits] == [(2, 3, h, w) for h, w in sizes]
+    losses = model.loss(out, TARGETS)
+    assert set(losses) == {"loss_cls", "loss_box", "loss_ctr"}
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # without pretrained weights BatchNorm trains
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_pretrained_weights_freeze_stem_layer1_and_batchnorm(tmp_path):
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    model = build_detector(ModelConfig(depth=18, weights=str(weights)), num_classes=2).train()
+    body = model.backbone.body
+    frozen = [p for m in (body.conv1, body.layer1) for p in m.parameters()]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    out = model(torch.randn(1, 3, 64, 64))
+    sum(model.loss(out, TARGETS[:1]).values()).backward()
+    assert all(p.grad is None for p in frozen)
+    assert body.layer2[0].conv1.weight.grad is not None
+
+
+def test_bad_model_configs():
+    with pytest.raises(ValueError, match="model.depth must be one of"):
+        build_detector(ModelConfig(depth=42), num_classes=3)
+    with pytest.raises(ValueError, match="model.weights"):
+        build_detector(ModelConfig(depth=18, weights="/no/such/file.pth"), num_classes=3)
+    with pytest.raises(ValueError, match="num_classes"):
+        build_detector(ModelConfig(depth=18))
+
+
+def test_points_are_at_i_s_plus_half_stride():
+    centers, strides = fcos.level_points(
+        [(2, 3), (1, 2)], (8, 16), torch.device("cpu"), torch.float32
+    )
+    assert centers[:6].tolist() == [[4, 4], [12, 4], [20, 4], [4, 12], [12, 12], [20, 12]]
+    assert centers[6:].tolist() == [[8, 8], [24, 8]]
+    assert strides.tolist() == [8] * 6 + [16] * 2
+
+
+def test_decode_returns_absolute_pixels_in_train_and_eval():
+    model = build_detector(ModelConfig(depth=18, fpn_channels=64), num_classes=2)
+    for mode in (True, False):
+        model.train(mode)
+        out = model(torch.randn(1, 3, 64, 64))
+        out.box_regression[0].data.fill_(1.0)  # one stride on every side at P3
+        boxes = model.decode_boxes(out)
+        assert torch.allclose(boxes[0, 0], torch.tensor([-4.0, -4.0, 12.0, 12.0]))
+
+
+def test_fcos_targets_centre_sampling_and_ranges():
+    sizes = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
+    centers, strides = fcos.level_points(
+        sizes, (8, 16, 32, 64, 128), torch.device("cpu"), torch.float32
+    )
+    ranges = torch.cat(
+        [
+            torch.tensor(r).expand(h * w, 2)
+            for r, (h, w) in zip(fcos.regress_ranges((64, 128, 256, 512)), sizes)
+        ]
+    )
+    gt = torch.tensor([[8.0, 8.0, 40.0, 40.0]])  # 32 px box centred at (24, 24)
+    labels, targets = fcos.fcos_targets_single(
+        centers, strides, ranges, gt, torch.tensor([1]), num_classes=3, radius=1.5
+    )
+    pos = torch.nonzero(labels == 1).squeeze(1)
+    # P3 points within 1.5 * 8 = 12 px of the centre, strictly inside the box: x, y in {20, 28}
+    # (12 and 36 lie on the sampling boundary) -> 4 positives, all on P3
+    assert pos.tolist() == [2 * 8 + 2, 2 * 8 + 3, 3 * 8 + 2, 3 * 8 + 3]
+    assert (labels[64:] == 3).all()
+    # (l, t, r, b) / stride for the point (20, 20)
+    assert targets[pos[0]].tolist() == [12 / 8, 12 / 8, 20 / 8, 20 / 8]
+
+
+def test_giou_from_distances_matches_torchvision():
+    torch.manual_seed(0)
+    pred = torch.rand(50, 4) * 20 + 0.1
+    target = torch.rand(50, 4) * 20 + 0.1
+    to_box = lambda d: torch.stack([-d[:, 0], -d[:, 1], d[:, 2], d[:, 3]], dim=1)  # point at 0
+    expected = generalized_box_iou_loss(to_box(pred), to_box(target), reduction="none")
+    assert torch.allclose(fcos.giou_loss_ltrb(pred, target), expected, atol=1e-5)
+
+
+def test_centerness_target():
+    t = torch.tensor([[1.0, 2.0, 1.0, 2.0], [1.0, 1.0, 3.0, 1.0]])
+    assert torch.allclose(fcos.centerness_target(t), torch.tensor([1.0, (1 / 3) ** 0.5]))
+
+
+def test_predict_maps_back_to_original_pixels():
+    from pgd_deploy.runtime.preprocess import ImageTransform
+
+    model = build_detector(ModelConfig(depth=18, fpn_channels=64), num_classes=2).eval()
+    model.head.cls_logits.bias.data.fill_(3.0)  # confident everywhere
+    tf = ImageTransform(0.5, 0.5, 128, 128, 64, 64)  # the 128 px image was shrunk to 64 px
+    dets = model.predict(torch.randn(1, 3, 64, 64), [tf])[0]
+    assert 0 < len(dets) <= 100
+    assert (dets.boxes >= 0).all() and (dets.boxes <= 128).all()
+    assert (dets.scores[:-1] >= dets.scores[1:]).all()
