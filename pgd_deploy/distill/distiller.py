@@ -1,0 +1,450 @@
+"""The PGD distiller: frozen teacher, prediction-guided masks and the 10 per-level KD losses.
+
+`build_distiller(cfg, student, device=...)` loads the teacher checkpoint, checks that its head
+matches the student's, optionally copies the teacher's FPN and head into the student (P1) and
+returns a `Distiller`. Calling the distiller with the batch images, the student's head outputs
+and the targets runs the teacher (eval mode, no grad), builds the masks (section 2.13) and returns
+the named KD losses `kd_cls_p3..p7`, `kd_reg_p3..p7`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pgd_deploy.checkpoint import CheckpointError, load_checkpoint
+from pgd_deploy.config import DistillConfig, ModelConfig, TrainJob, from_dict
+from pgd_deploy.distill.losses import cls_distill_loss, reg_distill_loss
+from pgd_deploy.distill.masks import background_mask, pgw_masks, quality_scores
+from pgd_deploy.models import DenseDetector, HeadOutputs, build_detector
+from pgd_deploy.models.fcos import flatten_levels
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Distiller",
+    "build_distiller",
+    "check_compatible",
+    "init_student_from_teacher",
+    "load_teacher",
+]
+
+FIRST_LEVEL = 3  # loss names count FPN levels from P3
+
+
+class Distiller:
+    """PGD losses of a student against a frozen teacher (no parameters of its own).
+
+    Call: `distiller(images [B, 3, H, W], student_outputs, targets) -> dict[str, Tensor]` with
+    keys `kd_cls_p3..kd_cls_p7` and `kd_reg_p3..kd_reg_p7`. The hyperparameters (alpha, beta,
+    gamma, delta, level weights) are applied inside each loss; the engine sums the dict as is.
+    """
+
+    def __init__(
+        self,
+        *,
+        teacher: DenseDetector,
+        temperature: float = 0.8,
+        alpha: float = 0.04,
+        beta: float = 0.02,
+        gamma: float = 0.064,
+        delta: float = 0.0008,
+        topk: int = 30,
+        xi_cls: float = 0.8,
+        xi_reg: float = 0.6,
+        level_weights: Sequence[float] = (1.0, 1.25, 1.5, 1.75, 2.0),
+        mask_group: int | None = 4,
+        jitter: float = 0.05,
+        swap_xy: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if topk < 1:
+            raise ValueError(f"distill.topk must be >= 1, got {topk}")
+        if mask_group is not None and mask_group < 1:
+            raise ValueError(f"distill.mask_group must be None or >= 1, got {mask_group}")
+        if len(level_weights) != len(teacher.strides):
+            raise ValueError(
+                f"distill.level_weights needs one weight per level ({len(teacher.strides)}), "
+                f"got {tuple(level_weights)}"
+            )
+        self.teacher = freeze(teacher)
+        self.temperature = temperature
+        self.alpha, self.beta, self.gamma, self.delta = alpha, beta, gamma, delta
+        self.topk = topk
+        self.xi_cls, self.xi_reg = xi_cls, xi_reg
+        self.level_weights = tuple(float(w) for w in level_weights)
+        self.mask_group = mask_group
+        self.jitter = jitter
+        self.swap_xy = swap_xy
+        self.generator = generator
+        self._logged_groups: set[int] = set()
+
+    def __call__(
+        self,
+        images: Tensor,
+        student_outputs: HeadOutputs,
+        targets: Sequence[Mapping[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        """KD losses of one batch.
+
+        Args:
+            images: [B, 3, H, W] the exact batch tensor the student saw.
+            student_outputs: the student's head outputs for `images` (taps with gradient).
+            targets: B dicts with "boxes" [G, 4] xyxy px and "labels" [G] int64.
+
+        Returns:
+            {"kd_cls_p3": scalar, ..., "kd_reg_p7": scalar}, fp32.
+
+        Raises:
+            ValueError: batch size or tap shapes differ between images, targets, student, teacher.
+        """
+        if images.dim() != 4 or images.shape[0] != len(targets):
+            raise ValueError(
+                f"images must be [B, 3, H, W] with B = len(targets) = {len(targets)}, "
+                f"got {tuple(images.shape)}"
+            )
+        teacher_outputs = self.teacher_forward(images)
+        _check_taps(student_outputs, teacher_outputs)
+        fg_cls, fg_reg, bg = self.masks(teacher_outputs, targets)  # [B, A] each
+        sizes = self.teacher.feature_sizes(teacher_outputs)
+        group = self._group_size(images.shape[0])
+        losses: dict[str, Tensor] = {}
+        levels = zip(
+            _split_levels(fg_cls, sizes),
+            _split_levels(fg_reg, sizes),
+            _split_levels(bg, sizes),
+            strict=True,
+        )
+        for level, (cls_mask, reg_mask, bg_mask) in enumerate(levels):  # [B, H_l, W_l] each
+            name = f"p{level + FIRST_LEVEL}"
+            losses[f"kd_cls_{name}"] = cls_distill_loss(
+                student_outputs.cls_taps[level],
+                teacher_outputs.cls_taps[level],
+                cls_mask,
+                bg_mask,
+                temperature=self.temperature,
+                alpha=self.alpha,
+                beta=self.beta,
+                delta=self.delta,
+                level_weight=self.level_weights[level],
+                mask_group=group,
+            )
+            losses[f"kd_reg_{name}"] = reg_distill_loss(
+                student_outputs.reg_taps[level],
+                teacher_outputs.reg_taps[level],
+                reg_mask,
+                temperature=self.temperature,
+                gamma=self.gamma,
+                delta=self.delta,
+            )
+        order = [
+            f"kd_{kind}_p{level + FIRST_LEVEL}"
+            for kind in ("cls", "reg")
+            for level in range(len(sizes))
+        ]
+        return {key: losses[key] for key in order}
+
+    def teacher_forward(self, images: Tensor) -> HeadOutputs:
+        """Teacher head outputs in eval mode without gradient (P11)."""
+        self.teacher.eval()
+        with torch.no_grad():
+            return self.teacher(images)
+
+    @torch.no_grad()
+    def masks(
+        self, teacher_outputs: HeadOutputs, targets: Sequence[Mapping[str, Tensor]]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """PGW cls mask, PGW reg mask and background mask of every image, each [B, A] fp32."""
+        centers, _ = self.teacher.points(teacher_outputs)  # [A, 2]
+        boxes = self.teacher.decode_boxes(teacher_outputs)  # [B, A, 4]
+        logits = flatten_levels(teacher_outputs.cls_logits).float()  # [B, A, C]
+        fg_cls, fg_reg, bg = [], [], []
+        for image, target in enumerate(targets):
+            gt_boxes = target["boxes"].to(device=centers.device, dtype=torch.float32)
+            gt_labels = target["labels"].to(device=centers.device)
+            qualities = quality_scores(
+                logits[image], boxes[image], gt_boxes, gt_labels, (self.xi_cls, self.xi_reg)
+            )  # [A, G] each
+            mask_cls, mask_reg = pgw_masks(
+                qualities,
+                centers,
+                gt_boxes,
+                self.topk,
+                self.jitter,
+                self.generator,
+                swap_xy=self.swap_xy,
+            )
+            fg_cls.append(mask_cls)
+            fg_reg.append(mask_reg)
+            bg.append(background_mask(centers, gt_boxes, swap_xy=self.swap_xy))
+        return torch.stack(fg_cls), torch.stack(fg_reg), torch.stack(bg)
+
+    def _group_size(self, batch: int) -> int | None:
+        """`mask_group`, or its largest divisor of `batch` below it (logged once per batch)."""
+        if self.mask_group is None:
+            return None
+        group = max(d for d in range(1, min(self.mask_group, batch) + 1) if batch % d == 0)
+        if group != self.mask_group and batch not in self._logged_groups:
+            self._logged_groups.add(batch)
+            logger.info(
+                "batch of %d images is not divisible by distill.mask_group=%d: "
+                "broadcasting masks within groups of %d",
+                batch,
+                self.mask_group,
+                group,
+            )
+        return group
+
+
+def _split_levels(masks: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """[B, A] -> per level [B, H_l, W_l], by level index (not by matching sizes, P19)."""
+    chunks = torch.split(masks, [h * w for h, w in sizes], dim=1)
+    return [c.reshape(masks.shape[0], h, w) for c, (h, w) in zip(chunks, sizes, strict=True)]
+
+
+def _check_taps(student: HeadOutputs, teacher: HeadOutputs) -> None:
+    pairs = (
+        ("cls_taps", student.cls_taps, teacher.cls_taps),
+        ("reg_taps", student.reg_taps, teacher.reg_taps),
+    )
+    for name, s_taps, t_taps in pairs:
+        if len(s_taps) != len(t_taps):
+            raise ValueError(f"student has {len(s_taps)} {name} levels, the teacher {len(t_taps)}")
+        for level, (s, t) in enumerate(zip(s_taps, t_taps, strict=True)):
+            if s.shape != t.shape:
+                raise ValueError(
+                    f"{name}[{level}]: student shape {tuple(s.shape)} differs from the teacher's "
+                    f"{tuple(t.shape)}; both must see the same batch tensor and share the head "
+                    "layout"
+                )
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher loading, compatibility, student initialisation
+# --------------------------------------------------------------------------------------------
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """eval() and requires_grad=False on every parameter; returns `model`."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _read_checkpoint(path: Path) -> Any:
+    """A project checkpoint through `pgd_deploy.checkpoint`, else whatever `torch.load` reads."""
+    try:
+        return load_checkpoint(path, map_location="cpu")
+    except CheckpointError:
+        # Not a format-tagged project checkpoint (a plain state dict, an untagged
+        # {"model", "config"} dict) or an unreadable file: read it here, with our own errors.
+        pass
+    if not path.is_file():
+        raise ValueError(f"teacher checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle garbage, unsupported objects...
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+            f"{type(err).__name__}: {err}"
+        ) from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+    )
+
+
+def _parse_checkpoint(
+    ckpt: Any, path: Path, default_depth: int
+) -> tuple[Mapping[str, Tensor], ModelConfig, int]:
+    """(state dict, model config, num_classes) of a project checkpoint or a plain state dict."""
+    if isinstance(ckpt, Mapping) and _is_state_dict(ckpt.get("model")):
+        state = ckpt["model"]
+        config = ckpt.get("config")
+        if isinstance(config, Mapping):
+            try:
+                model_cfg = from_dict(TrainJob, config, source=str(path)).model
+            except ValueError as err:
+                raise ValueError(f"{path}: invalid config in checkpoint: {err}") from None
+        else:
+            model_cfg = ModelConfig(depth=default_depth)
+    elif _is_state_dict(ckpt):
+        state = ckpt
+        model_cfg = ModelConfig(depth=default_depth)
+    else:
+        raise ValueError(
+            f"{path}: not a detector checkpoint (expected a dict with 'model' and 'config', or a "
+            f"plain state dict; got a {type(ckpt).__name__})"
+        )
+    cls_weight = state.get("head.cls_logits.weight")  # [C, channels, 3, 3]
+    if cls_weight is None:
+        raise ValueError(f"{path}: no 'head.cls_logits.weight': not an FCOS detector checkpoint")
+    num_classes = model_cfg.num_classes
+    if num_classes <= 0 and isinstance(ckpt.get("classes"), Sequence):
+        num_classes = len(ckpt["classes"])
+    if num_classes <= 0:
+        num_classes = int(cls_weight.shape[0])
+    if state is ckpt:
+        # No config: take the head width and tower depth from the weights, not the defaults.
+        convs = sum(
+            1 for k in state if k.startswith("head.towers.cls_tower.") and k.endswith(".0.weight")
+        )
+        model_cfg = dataclasses.replace(
+            model_cfg, fpn_channels=int(cls_weight.shape[1]), head_convs=max(convs, 1)
+        )
+    return state, model_cfg, num_classes
+
+
+def load_teacher(
+    path: str | Path, *, device: str | torch.device, default_depth: int = 101
+) -> DenseDetector:
+    """Load a frozen teacher detector (eval mode, requires_grad=False) onto `device`.
+
+    Args:
+        path: a checkpoint of this project ({"model": state dict, "config": TrainJob dict, ...})
+            or a plain state dict of a `DenseDetector`.
+        device: where the teacher runs.
+        default_depth: ResNet depth when the file carries no config.
+
+    Raises:
+        ValueError: the file is missing, truncated, not a checkpoint, or its weights do not fit
+            the detector its config (or `default_depth`) describes; the message names the file.
+    """
+    path = Path(path)
+    state, model_cfg, num_classes = _parse_checkpoint(_read_checkpoint(path), path, default_depth)
+    # The weights come from the checkpoint: never download or read a backbone init.
+    model_cfg = dataclasses.replace(model_cfg, weights="none")
+    teacher = build_detector(model_cfg, num_classes)
+    try:
+        missing, unexpected = teacher.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{path}: weights do not fit an FCOS R{model_cfg.depth} with {num_classes} classes "
+            f"(wrong distill.teacher_depth?): {err}"
+        ) from None
+    # Frozen-BN checkpoints carry no num_batches_tracked; everything else must match.
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not fit an FCOS R{model_cfg.depth} with {num_classes} classes "
+            f"(wrong distill.teacher_depth?): missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    logger.info("teacher: FCOS R%d, %d classes, from %s", model_cfg.depth, num_classes, path)
+    return freeze(teacher.to(device))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The detector inside a DistributedDataParallel / DataParallel wrapper."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def _head_layout(model: nn.Module) -> dict[str, Any]:
+    model = _unwrap(model)
+    head = getattr(model, "head", None)
+    towers = getattr(head, "towers", None)
+    cls_tower = getattr(towers, "cls_tower", ())
+    reg_tower = getattr(towers, "reg_tower", ())
+    return {
+        "head type": type(head).__name__,
+        "classes": getattr(model, "num_classes", None),
+        "cls tower depth": len(cls_tower),
+        "reg tower depth": len(reg_tower),
+        "tower width": cls_tower[0][0].out_channels if len(cls_tower) else None,
+        "strides": tuple(getattr(model, "strides", ())),
+    }
+
+
+def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
+    """Raise ValueError unless teacher and student heads share the layout the taps need.
+
+    Compared: head type, number of classes, tower depths, tower width and FPN strides.
+    """
+    t_layout, s_layout = _head_layout(teacher), _head_layout(student)
+    diffs = [
+        f"{key}: teacher {t_layout[key]} vs student {s_layout[key]}"
+        for key in t_layout
+        if t_layout[key] != s_layout[key]
+    ]
+    if diffs:
+        raise ValueError(
+            "teacher and student heads differ (PGD needs identical tap shapes): " + "; ".join(diffs)
+        )
+
+
+@torch.no_grad()
+def init_student_from_teacher(
+    student: nn.Module, teacher: nn.Module
+) -> tuple[list[str], list[str]]:
+    """Copy the teacher's FPN and head into the student where the shapes match (P1).
+
+    Every teacher state-dict tensor whose name does not start with `backbone.body.` is copied
+    into the student tensor of the same name and shape; the others (e.g. FPN laterals when the
+    backbone widths differ) keep their initialisation.
+
+    Returns:
+        (copied names, skipped names).
+    """
+    student_state = _unwrap(student).state_dict()
+    copied, skipped = [], []
+    for name, tensor in _unwrap(teacher).state_dict().items():
+        if name.startswith("backbone.body."):
+            continue
+        target = student_state.get(name)
+        if target is None or target.shape != tensor.shape:
+            skipped.append(name)
+            continue
+        target.copy_(tensor)
+        copied.append(name)
+    logger.info("student init from teacher: %d tensors copied", len(copied))
+    if skipped:
+        logger.info("student init from teacher: kept student init for %s", ", ".join(skipped))
+    return copied, skipped
+
+
+def build_distiller(
+    cfg: DistillConfig,
+    student: DenseDetector,
+    *,
+    device: str | torch.device,
+    generator: torch.Generator | None = None,
+) -> Distiller:
+    """Load the teacher of `cfg`, check it against `student`, init the student, build the distiller.
+
+    Raises:
+        ValueError: no teacher configured, unreadable teacher, incompatible heads.
+    """
+    if not cfg.teacher:
+        raise ValueError("distill.teacher is empty: no teacher checkpoint to distil from")
+    teacher = load_teacher(cfg.teacher, device=device, default_depth=cfg.teacher_depth)
+    check_compatible(teacher, student)
+    if cfg.init_student:
+        init_student_from_teacher(student, teacher)
+    if cfg.gfl_stride_bug:
+        logger.warning("distill.gfl_stride_bug has no effect on an FCOS teacher")
+    return Distiller(
+        teacher=teacher,
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        gamma=cfg.gamma,
+        delta=cfg.delta,
+        topk=cfg.topk,
+        xi_cls=cfg.xi_cls,
+        xi_reg=cfg.xi_reg,
+        level_weights=cfg.level_weights,
+        mask_group=cfg.mask_group,
+        jitter=cfg.jitter,
+        swap_xy=cfg.swap_xy,
+        generator=generator,
+    )
