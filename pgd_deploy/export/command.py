@@ -1,0 +1,222 @@
+"""`pgd-export`: export a checkpoint (with gates) or benchmark artifacts.
+
+    pgd-export --checkpoint CKPT --format onnx|tensorrt|triton [--precision ...] [--profile TOML]
+    pgd-export bench --artifact [LABEL=]PATH [--artifact ...] [--batch 1,8] [--val DATA]
+
+Exit codes: 0 all gates passed; 2 bad input (message on stderr as `error: ...`); 3 parity gate,
+4 agreement gate, 5 mAP gate failed (the artifact is kept, its manifest says "failed"); 1 an
+engine build failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+EXPORT_FLAGS = {  # CLI flag (argparse dest) -> ExportConfig key
+    "format": "format",
+    "precision": "precision",
+    "imgsz": "imgsz",
+    "batch_min": "batch_min",
+    "batch_opt": "batch_opt",
+    "batch_max": "batch_max",
+    "nms": "nms",
+    "max_det": "max_det",
+    "conf": "conf",
+    "iou": "iou",
+    "val": "val",
+    "val_images": "val_images",
+    "gate_images": "gate_images",
+    "calib_images": "calib_images",
+    "calib_method": "calib_method",
+    "calib_data": "calib_data",
+    "opset": "opset",
+    "exporter": "exporter",
+    "simplify": "simplify",
+    "workspace": "workspace_gb",
+    "builder_opt_level": "builder_opt_level",
+    "timing_cache": "timing_cache",
+    "hw_compat": "hw_compat",
+    "device": "device",
+    "out": "out",
+    "name": "name",
+}
+
+
+def parse_imgsz(text: str) -> list[int]:
+    """'800x1344' -> [800, 1344]; '640' -> [640, 640].
+
+    Raises:
+        argparse.ArgumentTypeError: naming --imgsz and the expected form.
+    """
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"--imgsz: expected HxW such as 800x1344, got {text!r}")
+    return values
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pgd-export",
+        description="Export a checkpoint to ONNX / TensorRT / a Triton repository, with accuracy "
+        "gates and a manifest. `pgd-export bench --help` for the latency benchmark.",
+        epilog="Exit codes: 0 passed, 2 bad input, 3 parity, 4 agreement, 5 mAP gate failed.",
+    )
+    p.add_argument("--checkpoint", required=True, help="pgd-deploy checkpoint (.pt)")
+    p.add_argument("--profile", help="export profile TOML, e.g. export/tensorrt_fp16.toml")
+    p.add_argument("--format", choices=["onnx", "tensorrt", "triton"])
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"])
+    p.add_argument("--imgsz", type=parse_imgsz, help="fixed input HxW, multiples of 32")
+    for flag in ("batch-min", "batch-opt", "batch-max"):
+        p.add_argument(f"--{flag}", type=int, help="optimisation profile batch")
+    p.add_argument("--nms", choices=["none", "onnx"], help="onnx: in-graph NonMaxSuppression")
+    p.add_argument("--max-det", type=int, help="detections per image with --nms onnx")
+    p.add_argument("--conf", type=float, help="score threshold of --nms onnx")
+    p.add_argument("--iou", type=float, help="IoU threshold of --nms onnx")
+    p.add_argument("--val", help="gate images: COCO JSON / dataset root (adds mAP) or a folder")
+    p.add_argument("--val-images", help="image folder of a --val JSON")
+    p.add_argument("--gate-images", type=int, help="images used by the gates")
+    p.add_argument("--calib-images", type=int, help="int8 calibration images")
+    p.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--calib-data", help="int8 calibration image folder")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 17)")
+    p.add_argument("--exporter", choices=["legacy", "dynamo"])
+    p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--workspace", type=float, help="TensorRT workspace, GB")
+    p.add_argument("--builder-opt-level", type=int, help="TensorRT builder level 0-5")
+    p.add_argument("--timing-cache", help="TensorRT timing cache file")
+    p.add_argument("--hw-compat", choices=["none", "ampere+"])
+    p.add_argument("--device", help="PyTorch reference device: auto, cpu, cuda")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--name", help="artifact base name")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any profile key, e.g. --set gates.fp32_box_atol=1e-3",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pgd-export bench",
+        description="Latency of artifacts (and their PyTorch eager source) side by side.",
+    )
+    p.add_argument(
+        "--artifact",
+        action="append",
+        required=True,
+        metavar="[LABEL=]PATH",
+        help=".onnx/.plan/.pt, repeatable (e.g. teacher=t.onnx student=s.onnx)",
+    )
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8")
+    p.add_argument("--imgsz", type=parse_imgsz, help="input size for checkpoints (.pt)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--min-seconds", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = default)")
+    p.add_argument("--val", help="COCO JSON (or dataset root) for AP and the plot")
+    p.add_argument("--val-images", help="image folder of a --val JSON")
+    p.add_argument("--val-count", type=int, default=500, help="validation images for AP")
+    p.add_argument("--plot", help="speed-accuracy PNG (needs --val)")
+    p.add_argument("--json", help="also write the rows as JSON")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    for dest, key in EXPORT_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            out.append(f"export.{key}={json.dumps(value)}")
+    return [*out, *args.overrides]
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from pgd_deploy.config import ExportJob, load_config
+    from pgd_deploy.export.pipeline import run_export
+
+    job = load_config(ExportJob, args.profile, _overrides(args))
+    result = run_export(args.checkpoint, job)
+    print(result.markdown())
+    for path in result.artifacts:
+        print(f"wrote {path} ({result.manifests[str(path)]['status']})")
+    if result.repository is not None:
+        print(f"wrote Triton repository {result.repository}")
+    print(f"gate report: {result.report_path}")
+    return result.exit_code
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from pgd_deploy.export import bench
+
+    batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
+    rows = bench.run_bench(
+        bench.parse_targets(args.artifact),
+        batches=batches,
+        imgsz=args.imgsz,
+        warmup=args.warmup,
+        iters=args.iters,
+        min_seconds=args.min_seconds,
+        threads=args.threads,
+        val_images=_bench_val(args),
+    )
+    print(f"{bench.environment_line()}\n\n{bench.format_table(rows)}")
+    if args.json:
+        from pgd_deploy.io_utils import write_json
+
+        write_json(args.json, bench.rows_to_json(rows))
+    if args.plot:
+        print(f"wrote {bench.plot_speed_accuracy(rows, args.plot, batch=batches[0])}")
+    return 0
+
+
+def _bench_val(args: argparse.Namespace) -> Any:
+    if not args.val:
+        return None
+    from pgd_deploy.config import DataConfig, ExportConfig
+    from pgd_deploy.export.images import gate_images
+
+    cfg = ExportConfig(val=args.val, val_images=args.val_images or "")
+    images = gate_images(cfg, DataConfig(), args.val_count)
+    if images.annotations is None:
+        raise ValueError(f"--val {args.val}: AP needs annotations (a COCO JSON or dataset root)")
+    return images
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `pgd-export` (see the module docstring for exit codes)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    bench_mode = bool(argv) and argv[0] == "bench"
+    parser = _bench_parser() if bench_mode else _export_parser()
+    args = parser.parse_args(argv[1:] if bench_mode else argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return _run_bench(args) if bench_mode else _run_export(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        return _fail(str(err))
+    except RuntimeError as err:  # TensorRT build failures (TensorRTBuildError)
+        return _fail(str(err), code=1)

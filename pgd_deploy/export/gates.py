@@ -1,0 +1,249 @@
+"""The three accuracy gates every export runs, and the gate report (deployment.md 1.5).
+
+1. parity: tensor parity against PyTorch on real letterboxed images (`parity.compare`): fp32
+   elementwise (boxes atol 1e-3 px, scores 1e-4), fp16 mean error (<= 1e-2 absolute or
+   normalised), int8 reported only.
+2. agreement: label-free detection agreement after NMS: the fraction of PyTorch detections above
+   the score threshold matched by the export with the same class and IoU >= 0.9.
+3. map: with `--val` annotations, COCO AP of the export >= PyTorch AP - tolerance (AP points),
+   one-sided as in mmdeploy, same evaluator, same images.
+Each gate has its own exit code (`EXIT_CODES`); the first failing gate decides the exit status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pgd_deploy.config import GatesConfig
+from pgd_deploy.export.images import ImageSet
+from pgd_deploy.export.parity import ParityReport, compare
+from pgd_deploy.runtime.agreement import detection_agreement
+from pgd_deploy.structures import Detections
+
+EXIT_CODES = {"parity": 3, "agreement": 4, "map": 5}  # 2 is bad input, 1 an unexpected error
+
+
+@dataclass
+class GateResult:
+    """One gate's verdict. `passed` is None when the gate is reported only (or skipped)."""
+
+    name: str
+    passed: bool | None
+    value: str
+    threshold: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GateReport:
+    """All gate results of one artifact."""
+
+    artifact: str
+    precision: str
+    images: int
+    image_source: str
+    results: list[GateResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed is not False for r in self.results)
+
+    @property
+    def exit_code(self) -> int:
+        for r in self.results:
+            if r.passed is False:
+                return EXIT_CODES[r.name]
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "images": self.images,
+            "image_source": self.image_source,
+            "results": [asdict(r) for r in self.results],
+        }
+
+    def to_markdown(self) -> str:
+        mark = {True: "pass", False: "FAIL", None: "report"}
+        lines = [
+            f"### Gates: {self.artifact} ({self.precision})",
+            "",
+            f"{self.images} images from {self.image_source}",
+            "",
+            "| gate | result | measured | required |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r.name} | {mark[r.passed]} | {r.value} | {r.threshold} |" for r in self.results
+        ]
+        verdict = "PASSED" if self.passed else "FAILED"
+        return "\n".join([*lines, "", f"Overall: **{verdict}**", ""])
+
+
+def parity_tolerances(precision: str, gates: GatesConfig) -> dict[str, Any]:
+    """`compare` keyword arguments for the parity gate at this precision."""
+    if precision == "fp32":
+        return {"atol": {"boxes": gates.fp32_box_atol, "scores": gates.fp32_score_atol}}
+    if precision == "fp16":
+        return {"atol": gates.fp16_mean_abs, "rtol": gates.fp16_mean_rel, "stat": "mean"}
+    return {"atol": None}  # int8: reported only; detections and mAP decide
+
+
+def _parity_result(report: ParityReport) -> GateResult:
+    outs = report.outputs.values()
+    value = ", ".join(f"{o.name} max {o.max_abs:.2e} mean {o.mean_abs:.2e}" for o in outs)
+    first = next(iter(outs))
+    if first.atol is None:
+        threshold = "reported only"
+    elif first.stat == "max":
+        threshold = ", ".join(f"{o.name} max <= {o.atol:g}" for o in outs)
+    else:
+        threshold = f"mean abs <= {first.atol:g} or normalised mean <= {first.rtol:g}"
+    return GateResult("parity", report.passed, value, threshold, report.to_dict())
+
+
+def agreement_min(precision: str, gates: GatesConfig) -> float:
+    return {
+        "fp32": gates.agreement_min_fp32,
+        "fp16": gates.agreement_min_fp16,
+        "int8": gates.agreement_min_int8,
+    }[precision]
+
+
+def map_tolerance(precision: str, gates: GatesConfig) -> float:
+    return {
+        "fp32": gates.map_tolerance_fp32,
+        "fp16": gates.map_tolerance_fp16,
+        "int8": gates.map_tolerance_int8,
+    }[precision]
+
+
+def _agreement_result(
+    ref: Sequence[Detections],
+    cand: Sequence[Detections],
+    *,
+    precision: str,
+    gates: GatesConfig,
+    score_thresh: float,
+) -> GateResult:
+    kw = {"iou_thresh": gates.agreement_iou, "score_thresh": score_thresh}
+    forward = detection_agreement(ref, cand, **kw)
+    backward = detection_agreement(cand, ref, **kw)
+    n_ref = sum(len(d.filter(score_thresh)) for d in ref)
+    n_cand = sum(len(d.filter(score_thresh)) for d in cand)
+    minimum = agreement_min(precision, gates)
+    passed: bool | None = forward >= minimum if minimum > 0 else None
+    value = f"{forward:.4f} of {n_ref} reference detections ({n_cand} exported)"
+    threshold = f">= {minimum:g} at IoU {gates.agreement_iou:g}" if minimum > 0 else "reported"
+    if n_ref == 0:  # nothing to match: say so instead of passing vacuously
+        passed = None if n_cand == 0 else False
+        value = f"no reference detections above {score_thresh:g} ({n_cand} exported)"
+    detail = {
+        "agreement": forward,
+        "reverse_agreement": backward,
+        "reference_detections": n_ref,
+        "exported_detections": n_cand,
+        "score_thresh": score_thresh,
+        "iou": gates.agreement_iou,
+        "minimum": minimum,
+    }
+    return GateResult("agreement", passed, value, threshold, detail)
+
+
+def _map_result(
+    images: ImageSet,
+    ref: Sequence[Detections],
+    cand: Sequence[Detections],
+    category_ids: Sequence[int],
+    *,
+    tolerance: float,
+) -> GateResult:
+    from pgd_deploy.metrics import detections_to_coco, evaluate_coco
+
+    def ap(dets: Sequence[Detections]) -> dict[str, float]:
+        results = [
+            entry
+            for image_id, d in zip(images.image_ids, dets)
+            for entry in detections_to_coco(image_id, d, category_ids)
+        ]
+        return evaluate_coco(images.annotations, results, image_ids=images.image_ids)
+
+    ref_m, cand_m = ap(ref), ap(cand)
+    ref_ap, cand_ap = 100 * ref_m["AP"], 100 * cand_m["AP"]
+    passed = cand_ap >= ref_ap - tolerance - 1e-9
+    value = f"AP {cand_ap:.2f} vs PyTorch {ref_ap:.2f} (delta {cand_ap - ref_ap:+.2f})"
+    detail = {"reference": ref_m, "exported": cand_m, "tolerance_ap_points": tolerance}
+    return GateResult("map", passed, value, f"drop <= {tolerance:g} AP", detail)
+
+
+def run_gates(
+    reference: Any,
+    candidate: Any,
+    images: ImageSet,
+    *,
+    precision: str,
+    gates: GatesConfig,
+    imgsz: Sequence[int],
+    batch_size: int,
+    dense_candidate: Any | None = None,
+    artifact: str = "",
+) -> GateReport:
+    """Run the three gates in one pass over the images.
+
+    Args:
+        reference: the PyTorch backend (ground truth).
+        candidate: the exported artifact's backend (its own post-processing or in-graph NMS).
+        images: gate images (with annotations for the mAP gate).
+        precision: "fp32", "fp16" or "int8" (selects the tolerances).
+        gates: the tolerances.
+        imgsz: (H, W) letterbox size.
+        batch_size: images per inference call.
+        dense_candidate: for in-graph NMS artifacts, the same model before NMS (tensor parity
+            needs the dense outputs); None when `candidate` itself is dense.
+        artifact: the artifact name for the report.
+    """
+    dense = dense_candidate if dense_candidate is not None else candidate
+    items = list(images.batches(imgsz, batch_size))
+    ref_dets: list[Detections] = []
+    cand_dets: list[Detections] = []
+    post = reference.postprocess_kwargs
+
+    def collect(i: int, batch: np.ndarray, ref_out: Any, dense_out: Any) -> None:
+        transforms = items[i][1]
+        ref_dets.extend(reference.postprocess(ref_out, transforms))
+        out = dense_out if candidate is dense else candidate.infer(batch)
+        cand_dets.extend(candidate.postprocess(out, transforms, **post))
+
+    parity = compare(
+        reference,
+        dense,
+        (b for b, _ in items),
+        on_batch=collect,
+        **parity_tolerances(precision, gates),
+    )
+    report = GateReport(artifact, precision, parity.images, images.source)
+    report.results.append(_parity_result(parity))
+    report.results.append(
+        _agreement_result(
+            ref_dets, cand_dets, precision=precision, gates=gates, score_thresh=post["score_thresh"]
+        )
+    )
+    if images.annotations is not None:
+        report.results.append(
+            _map_result(
+                images,
+                ref_dets,
+                cand_dets,
+                reference.category_ids,
+                tolerance=map_tolerance(precision, gates),
+            )
+        )
+    else:
+        report.results.append(
+            GateResult("map", None, "skipped", "needs --val annotations", {"skipped": True})
+        )
+    return report

@@ -1,0 +1,299 @@
+"""Strongly typed precision as ONNX-to-ONNX steps that run on the CPU (deployment.md 4.2).
+
+TensorRT 11 only builds strongly typed networks, so precision lives in the ONNX itself:
+- fp16: `onnxconverter_common.float16.convert_float_to_float16` with `keep_io_types=True`
+  (float32 in and out) and the "fp32 islands" blocked: the decode tail (box decoding, the final
+  sigmoids and the score product; mmdetection#6564, ultralytics#24668) stays in float32.
+- int8: `onnxruntime.quantization.quantize_static` in QDQ format with TensorRT's rules: symmetric
+  int8 activations and weights (zero point 0), per-channel weights, float bias, only Conv and
+  Add quantized, calibrated on training images; the decode tail and the head's final predictor
+  convolutions (which feed probabilities and box distances) stay in float32.
+The same strongly typed ONNX goes to TensorRT 10 and 11, and is gated here with ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pgd_deploy.export.deploy_model import INPUT_NAME
+
+logger = logging.getLogger(__name__)
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+INT8_OP_TYPES = ("Conv", "Add")  # TensorRT fuses Q/DQ around conv inputs and residual adds
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+FP16_FP32_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization")
+
+
+def _require(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(
+            f"precision conversion needs {module.split('.')[0]}: pip install 'pgd-deploy[export]'"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Fp32Islands:
+    """Nodes kept in float32 by the precision conversions.
+
+    Attributes:
+        tail: nodes downstream of the last weighted layers (decode, sigmoid, score product).
+        predictors: the last weighted layers themselves (head predictor convolutions).
+    """
+
+    tail: tuple[str, ...]
+    predictors: tuple[str, ...]
+
+
+def name_nodes(model: Any) -> Any:
+    """Give every unnamed node a unique name (the converters address nodes by name)."""
+    seen = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in seen:
+                name += "_"
+            node.name = name
+            seen.add(name)
+    return model
+
+
+def find_fp32_islands(model: Any) -> Fp32Islands:
+    """The decode tail and the predictor layers of a dense-contract graph.
+
+    The tail is every node from which no weighted layer (Conv, Gemm, MatMul) can be reached, i.e.
+    what follows the head's last convolutions; the predictors are the weighted layers that feed
+    only the tail. Found from the graph structure, so it holds for any head design.
+    """
+    nodes = list(model.graph.node)
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+    reaches = [False] * len(nodes)  # node i feeds a weighted layer somewhere downstream
+    for i in reversed(range(len(nodes))):  # exporters emit nodes in topological order
+        reaches[i] = any(
+            nodes[k].op_type in WEIGHTED_OPS or reaches[k]
+            for out in nodes[i].output
+            for k in consumers.get(out, [])
+        )
+    weighted = [n.op_type in WEIGHTED_OPS for n in nodes]
+    tail = [n.name for i, n in enumerate(nodes) if not reaches[i] and not weighted[i]]
+    predictors = [n.name for i, n in enumerate(nodes) if not reaches[i] and weighted[i]]
+    return Fp32Islands(tuple(tail), tuple(predictors))
+
+
+def convert_fp16(model: Any) -> tuple[Any, dict[str, Any]]:
+    """Mixed fp16 with float32 I/O and the decode tail in float32.
+
+    Returns:
+        (the converted ModelProto, the precision recipe for the manifest).
+    """
+    float16 = _require("onnxconverter_common.float16")
+    model = name_nodes(model)
+    islands = find_fp32_islands(model)
+    # Nearest-neighbour Resize (FPN upsampling) is exact in fp16; blocking it, as the default
+    # list does, makes the converter emit a mistyped Cast around it. Normalisation statistics
+    # (GroupNorm exports as InstanceNormalization) stay float32, as under PyTorch autocast.
+    op_block_list = [
+        *(op for op in float16.DEFAULT_OP_BLOCK_LIST if op not in ("Resize", "Upsample")),
+        *FP16_FP32_OPS,
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = float16.convert_float_to_float16(
+            model,
+            keep_io_types=True,
+            op_block_list=op_block_list,
+            node_block_list=list(islands.tail),
+        )
+    if caught:
+        logger.info("fp16: %d weights clamped to the fp16 range (tiny or huge values)", len(caught))
+    converted = repair_fp16_casts(converted)
+    recipe = {
+        "precision": "fp16",
+        "tool": "onnxconverter_common.float16.convert_float_to_float16",
+        "keep_io_types": True,
+        "fp32_nodes": list(islands.tail),
+        "fp32_ops": list(FP16_FP32_OPS),
+        "fp32_reason": "decode tail (box decoding, final sigmoids, score product) and "
+        "normalisation statistics",
+    }
+    return converted, recipe
+
+
+def repair_fp16_casts(model: Any) -> Any:
+    """Undo two converter artefacts so the fp32 islands really are float32 end to end.
+
+    onnxconverter-common (1.16) casts the float32 outputs of blocked nodes to fp16 even when the
+    next node is blocked too (fp32 -> fp16 -> fp32 round trips inside the decode tail, a 0.25 px
+    rounding at 300 px) or is a graph output (despite keep_io_types). Both are removed here.
+    """
+    onnx = _require("onnx")
+    fp16, fp32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    graph = model.graph
+    nodes = list(graph.node)
+
+    def cast_to(node: Any) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    consumers: dict[str, list[Any]] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    rename: dict[str, str] = {}
+    dropped: set[int] = set()
+    for node in nodes:
+        if cast_to(node) != fp16 or node.output[0] in outputs:
+            continue
+        users = consumers.get(node.output[0], [])
+        if users and all(cast_to(u) == fp32 for u in users):
+            dropped.add(id(node))
+            for user in users:
+                dropped.add(id(user))
+                rename[user.output[0]] = node.input[0]
+    kept = [n for n in nodes if id(n) not in dropped]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[i] = name
+        if cast_to(node) == fp16 and node.output[0] in outputs:
+            for attr in node.attribute:
+                if attr.name == "to":
+                    attr.i = fp32  # keep float32 outputs (a float32 -> float32 Cast is a no-op)
+    for out in graph.output:
+        if out.type.tensor_type.elem_type == fp16:
+            out.type.tensor_type.elem_type = fp32
+    del graph.node[:]
+    graph.node.extend(kept)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _quantize_static(
+    quant: Any,
+    onnx: Any,
+    model: Any,
+    reader: _Reader,
+    method: str,
+    per_channel: bool,
+    excluded: list[str],
+) -> Any:
+    """ONNX Runtime's static QDQ quantizer with TensorRT's explicit-quantization rules."""
+    calib_method = {
+        "minmax": quant.CalibrationMethod.MinMax,
+        "entropy": quant.CalibrationMethod.Entropy,
+        "percentile": quant.CalibrationMethod.Percentile,
+    }[method]
+    with tempfile.TemporaryDirectory(prefix="pgd_int8_") as tmp:
+        out = Path(tmp) / "int8.onnx"
+        quant.quantize_static(
+            model,
+            out,
+            calibration_data_reader=reader,
+            quant_format=quant.QuantFormat.QDQ,
+            op_types_to_quantize=list(INT8_OP_TYPES),
+            per_channel=per_channel,
+            reduce_range=False,
+            activation_type=quant.QuantType.QInt8,
+            weight_type=quant.QuantType.QInt8,
+            nodes_to_exclude=excluded,
+            calibrate_method=calib_method,
+            calibration_providers=_calibration_providers(),
+            extra_options={
+                "ActivationSymmetric": True,  # TensorRT: zero point 0
+                "WeightSymmetric": True,
+                "QuantizeBias": False,  # TensorRT keeps bias in float
+                "CalibMaxIntermediateOutputs": 8,  # bounds minmax calibration memory
+            },
+        )
+        return onnx.load(str(out))
+
+
+def _calibration_providers() -> list[str]:
+    """Calibrate on the GPU when onnxruntime-gpu is installed (512 large images are slow on CPU)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class _Reader:
+    """`CalibrationDataReader` over float32 batches [b, 3, H, W] (duck-typed, see quantize)."""
+
+    def __init__(self, batches: Iterable[np.ndarray]) -> None:
+        self._it: Iterator[np.ndarray] = iter(batches)
+        self.images = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._it, None)
+        if batch is None:
+            return None
+        self.images += len(batch)
+        return {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+
+
+def quantize_int8(
+    model: Any,
+    calib_batches: Iterable[np.ndarray],
+    *,
+    method: str = "minmax",
+    per_channel: bool = True,
+    calib_source: str = "",
+) -> tuple[Any, dict[str, Any]]:
+    """Static int8 Q/DQ quantization for TensorRT explicit quantization.
+
+    Args:
+        model: the float32 dense-contract ModelProto.
+        calib_batches: float32 [b, 3, H, W] letterboxed training images.
+        method: "minmax", "entropy" or "percentile" (ORT calibrators).
+        per_channel: per-output-channel weight scales (TensorRT supports them on Conv weights).
+        calib_source: where the calibration images came from (recorded).
+
+    Returns:
+        (the quantized ModelProto, the precision recipe for the manifest).
+
+    Raises:
+        ValueError: an unknown calibration method or no calibration data.
+    """
+    onnx = _require("onnx")
+    quant = _require("onnxruntime.quantization")
+    if method not in CALIB_METHODS:
+        raise ValueError(f"export.calib_method: expected one of {CALIB_METHODS}, got {method!r}")
+    model = name_nodes(onnx.shape_inference.infer_shapes(model))
+    islands = find_fp32_islands(model)
+    excluded = [*islands.tail, *islands.predictors]
+    reader = _Reader(calib_batches)
+    quantized = _quantize_static(quant, onnx, model, reader, method, per_channel, excluded)
+    if reader.images == 0:
+        raise ValueError("int8 calibration: no calibration images were given")
+    recipe = {
+        "precision": "int8",
+        "tool": "onnxruntime.quantization.quantize_static (QDQ)",
+        "activations": "int8 symmetric per-tensor",
+        "weights": "int8 symmetric " + ("per-channel" if per_channel else "per-tensor"),
+        "bias": "float32",
+        "op_types": list(INT8_OP_TYPES),
+        "calib_method": method,
+        "calib_images": reader.images,
+        "calib_source": calib_source,
+        "fp32_nodes": excluded,
+        "fp32_reason": "decode tail and head predictor convolutions",
+    }
+    return quantized, recipe

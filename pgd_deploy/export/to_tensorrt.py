@@ -1,0 +1,300 @@
+"""Strongly typed TensorRT engine build from the exported ONNX (TensorRT 10 and 11, one path).
+
+Builder -> OnnxParser (every parser error reported) -> builder config (workspace via
+`set_memory_pool_limit`, `builder_optimization_level`, timing cache, optional hardware/version
+compatibility) -> one optimisation profile from the batch flags -> `build_serialized_network`,
+written as raw bytes (no header: trtexec, Triton and Polygraphy load it). Precision lives in the
+ONNX (fp16 casts, int8 Q/DQ; `precision.py`): no precision flag is ever set (deployment.md 1.1).
+On TensorRT 10 the network is created with STRONGLY_TYPED; on 11 strong typing is always on.
+For fp32 builds TF32 is disabled so the fp32 parity gate compares like with like.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pgd_deploy.io_utils import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+HW_COMPAT = ("none", "ampere+")
+
+
+class TensorRTBuildError(RuntimeError):
+    """The ONNX did not parse, or the engine did not build; the message carries TensorRT's log."""
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """The optimisation profile of the (only) dynamic axis, the batch."""
+
+    min: int
+    opt: int
+    max: int
+
+    def shapes(self, imgsz: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+        h, w = int(imgsz[0]), int(imgsz[1])
+        return tuple((b, 3, h, w) for b in (self.min, self.opt, self.max))
+
+
+def validate_profile(batch_min: int, batch_opt: int, batch_max: int) -> BatchProfile:
+    """Check 1 <= min <= opt <= max.
+
+    Raises:
+        ValueError: naming the offending flag and the expected relation.
+    """
+    if batch_min < 1:
+        raise ValueError(f"--batch-min / export.batch_min: expected >= 1, got {batch_min}")
+    if batch_opt < batch_min:
+        raise ValueError(
+            f"--batch-opt / export.batch_opt: expected >= --batch-min ({batch_min}), "
+            f"got {batch_opt}"
+        )
+    if batch_max < batch_opt:
+        raise ValueError(
+            f"--batch-max / export.batch_max: expected >= --batch-opt ({batch_opt}), "
+            f"got {batch_max}"
+        )
+    return BatchProfile(batch_min, batch_opt, batch_max)
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise ImportError(
+            "--format tensorrt needs the TensorRT Python package and an NVIDIA GPU: "
+            "pip install 'pgd-deploy[trt]' (or export ONNX with --format onnx)"
+        ) from None
+    return trt
+
+
+def trt_major(trt: Any) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+def gpu_info(device: int = 0) -> dict[str, Any]:
+    """GPU name, compute capability, CUDA runtime and driver versions (torch, else pycuda)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(device)
+            return {
+                "gpu": torch.cuda.get_device_name(device),
+                "compute_capability": f"{major}.{minor}",
+                "cuda": torch.version.cuda,
+                "driver": _driver_version(),
+            }
+    except ImportError:
+        pass
+    import pycuda.driver as cuda
+
+    cuda.init()
+    dev = cuda.Device(device)
+    major, minor = dev.compute_capability()
+    return {
+        "gpu": dev.name(),
+        "compute_capability": f"{major}.{minor}",
+        "cuda": ".".join(str(v) for v in cuda.get_version()),
+        "driver": _driver_version(),
+    }
+
+
+def _driver_version() -> str | None:
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        v = cuda.get_driver_version()  # e.g. 12040
+        return f"{v // 1000}.{(v % 1000) // 10}"
+    except Exception:  # pycuda missing or no driver: the version is informative only
+        return None
+
+
+def _make_logger(trt: Any) -> Any:
+    """A TensorRT logger that forwards to Python logging and keeps errors for the report."""
+    levels = {
+        trt.ILogger.Severity.INTERNAL_ERROR: logging.ERROR,
+        trt.ILogger.Severity.ERROR: logging.ERROR,
+        trt.ILogger.Severity.WARNING: logging.WARNING,
+        trt.ILogger.Severity.INFO: logging.DEBUG,
+        trt.ILogger.Severity.VERBOSE: logging.DEBUG,
+    }
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            level = levels.get(severity, logging.INFO)
+            if level >= logging.ERROR:
+                self.errors.append(msg)
+            logger.log(level, "TensorRT: %s", msg)
+
+    return _Logger()
+
+
+def _parse(trt: Any, builder: Any, trt_logger: Any, onnx_path: Path) -> Any:
+    flags = 0
+    if trt_major(trt) == 10 and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)  # TensorRT 11: strongly typed whatever the flags
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise TensorRTBuildError(
+            f"{onnx_path}: TensorRT's ONNX parser reported {len(errors)} error(s):\n  "
+            + "\n  ".join(errors or ["(no error recorded)"])
+        )
+    return network, parser
+
+
+def _configure(
+    trt: Any,
+    builder: Any,
+    *,
+    precision: str,
+    workspace_gb: float,
+    opt_level: int,
+    hw_compat: str,
+    version_compatible: bool,
+) -> Any:
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    config.builder_optimization_level = int(opt_level)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if hw_compat == "ampere+":
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    if version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+    return config
+
+
+def check_build_options(*, hw_compat: str, opt_level: int, workspace_gb: float) -> None:
+    """Validate the TensorRT flags before TensorRT is needed.
+
+    Raises:
+        ValueError: naming the flag and the expected value.
+    """
+    if hw_compat not in HW_COMPAT:
+        raise ValueError(f"--hw-compat: expected one of {HW_COMPAT}, got {hw_compat!r}")
+    if not 0 <= opt_level <= 5:
+        raise ValueError(f"--builder-opt-level: expected 0..5, got {opt_level}")
+    if workspace_gb <= 0:
+        raise ValueError(f"--workspace: expected a positive size in GB, got {workspace_gb}")
+
+
+def build_engine(
+    onnx_path: str | Path,
+    plan_path: str | Path,
+    *,
+    input_name: str,
+    imgsz: Sequence[int],
+    profile: BatchProfile,
+    precision: str,
+    workspace_gb: float = 4.0,
+    opt_level: int = 3,
+    timing_cache: str = "",
+    hw_compat: str = "none",
+    version_compatible: bool = False,
+) -> dict[str, Any]:
+    """Build and write a plan; returns the manifest's "tensorrt" entry.
+
+    Raises:
+        ImportError: tensorrt is not installed.
+        ValueError: bad options (the message names the flag).
+        TensorRTBuildError: parser errors (all of them) or a failed build (TensorRT's errors).
+    """
+    check_build_options(hw_compat=hw_compat, opt_level=opt_level, workspace_gb=workspace_gb)
+    trt = import_tensorrt()
+    trt_logger = _make_logger(trt)
+    builder = trt.Builder(trt_logger)
+    network, _parser = _parse(trt, builder, trt_logger, Path(onnx_path))
+    config = _configure(
+        trt,
+        builder,
+        precision=precision,
+        workspace_gb=workspace_gb,
+        opt_level=opt_level,
+        hw_compat=hw_compat,
+        version_compatible=version_compatible,
+    )
+    opt_profile = builder.create_optimization_profile()
+    lo, opt, hi = profile.shapes(imgsz)
+    opt_profile.set_shape(input_name, min=lo, opt=opt, max=hi)
+    config.add_optimization_profile(opt_profile)
+    cache = _load_timing_cache(config, timing_cache)
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if plan is None:
+        raise TensorRTBuildError(
+            "TensorRT build_serialized_network failed:\n  "
+            + "\n  ".join(trt_logger.errors or ["(see the TensorRT log above)"])
+        )
+    atomic_write_bytes(plan_path, bytes(memoryview(plan)))
+    if cache is not None and timing_cache:
+        atomic_write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    return _build_info(
+        trt,
+        precision,
+        hw_compat,
+        version_compatible,
+        opt_level,
+        workspace_gb,
+        timing_cache,
+        input_name,
+        (lo, opt, hi),
+        seconds,
+    )
+
+
+def _build_info(
+    trt: Any,
+    precision: str,
+    hw_compat: str,
+    version_compatible: bool,
+    opt_level: int,
+    workspace_gb: float,
+    timing_cache: str,
+    input_name: str,
+    shapes: tuple[Any, Any, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """The manifest's "tensorrt" entry."""
+    lo, opt, hi = shapes
+    return {
+        "version": trt.__version__,
+        **gpu_info(),
+        "strongly_typed": True,
+        "tf32": precision != "fp32",
+        "hardware_compatibility": hw_compat,
+        "version_compatible": bool(version_compatible),
+        "builder_optimization_level": int(opt_level),
+        "workspace_gb": float(workspace_gb),
+        "timing_cache": timing_cache or None,
+        "profile": {"input": input_name, "min": list(lo), "opt": list(opt), "max": list(hi)},
+        "build_seconds": round(seconds, 1),
+    }
+
+
+def _load_timing_cache(config: Any, path: str) -> Any:
+    """Seed the build from a timing cache file (a stale or foreign cache only costs time)."""
+    if not path:
+        return None
+    blob = Path(path).read_bytes() if Path(path).is_file() else b""
+    cache = config.create_timing_cache(blob)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        logger.warning("timing cache %s does not match this TensorRT/GPU; starting a new one", path)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache

@@ -1,0 +1,287 @@
+"""Inference backends behind one interface: PyTorch checkpoint, ONNX Runtime, TensorRT.
+
+Every backend letterboxes with `runtime.preprocess`, runs its model on the fixed contract
+(images [B, 3, H, W] -> boxes [B, N, 4], scores [B, N, C]) and post-processes with
+`runtime.postprocess`, so detections from different backends are comparable like for like.
+
+Heavy libraries are imported inside the constructors: importing this module needs only numpy/PIL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pgd_deploy.runtime.manifest import read_manifest
+from pgd_deploy.runtime.postprocess import postprocess_batch
+from pgd_deploy.runtime.preprocess import ImageTransform, preprocess
+from pgd_deploy.structures import Detections
+
+logger = logging.getLogger(__name__)
+
+ONNX_METADATA_KEY = "pgd_deploy"  # ONNX metadata_props entry holding the manifest essentials
+NMS_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")
+
+
+def _round32(v: int) -> int:
+    return -(-int(v) // 32) * 32
+
+
+class Backend:
+    """Common interface. Subclasses implement `infer` (raw contract outputs, numpy).
+
+    Attributes:
+        name: "torch", "onnxruntime" or "tensorrt".
+        precision: "fp32", "fp16" or "int8".
+        input_size: (H, W) letterbox size of the network input.
+        class_names, category_ids: contiguous class index -> name / dataset category id.
+        level_sizes: locations per FPN level (per-level top-k in post-processing), or None.
+        postprocess_kwargs: score_thresh, nms_thresh, topk_candidates, max_det.
+        max_batch: largest batch one `infer` call accepts.
+    """
+
+    name = "backend"
+    precision = "fp32"
+    max_batch = 64
+    in_graph_nms = False
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.input_size: tuple[int, int] = (int(meta["imgsz"][0]), int(meta["imgsz"][1]))
+        self.class_names: list[str] = list(meta.get("class_names", []))
+        self.category_ids: list[int] = list(
+            meta.get("category_ids") or range(1, len(self.class_names) + 1)
+        )
+        self.level_sizes: list[int] | None = meta.get("level_sizes")
+        post = meta.get("postprocess", {})
+        self.postprocess_kwargs = {
+            "score_thresh": float(post.get("score_thresh", 0.05)),
+            "nms_thresh": float(post.get("nms_thresh", 0.6)),
+            "topk_candidates": int(post.get("topk_candidates", 1000)),
+            "max_det": int(post.get("max_det", 100)),
+        }
+        self.meta = meta
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the network on float32 [B, 3, H, W]; returns its named outputs as numpy arrays."""
+        raise NotImplementedError
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[ImageTransform]]:
+        """Letterbox uint8 RGB images to this backend's input size."""
+        return preprocess(images, self.input_size)
+
+    def postprocess(
+        self, outputs: dict[str, np.ndarray], transforms: Sequence[ImageTransform], **overrides
+    ) -> list[Detections]:
+        kwargs = {**self.postprocess_kwargs, **overrides}
+        if "det_boxes" in outputs:  # NMS already ran in the graph: threshold and un-letterbox only
+            dets = []
+            for i, tf in enumerate(transforms):
+                n = int(np.asarray(outputs["num_dets"][i]).reshape(-1)[0])
+                n = min(n, kwargs["max_det"])
+                det = Detections(
+                    tf.to_original(outputs["det_boxes"][i, :n]),
+                    outputs["det_scores"][i, :n],
+                    outputs["det_classes"][i, :n],
+                )
+                dets.append(det.filter(kwargs["score_thresh"]))
+            return dets
+        return postprocess_batch(
+            outputs["boxes"], outputs["scores"], transforms, level_sizes=self.level_sizes, **kwargs
+        )
+
+    def predict(self, images: Sequence[np.ndarray], **overrides) -> list[Detections]:
+        """uint8 RGB images -> detections in original pixels (pre, infer, post)."""
+        batch, transforms = self.preprocess(images)
+        return self.postprocess(self.infer(batch), transforms, **overrides)
+
+    def sync(self) -> None:
+        """Wait for asynchronous device work (GPU backends override)."""
+
+    def describe(self) -> str:
+        h, w = self.input_size
+        return f"{self.name} {self.precision} {h}x{w}"
+
+
+class TorchBackend(Backend):
+    """A pgd-deploy checkpoint run eagerly in PyTorch (CPU or CUDA)."""
+
+    name = "torch"
+
+    def __init__(
+        self, path: str | Path, *, device: str = "auto", input_size: Sequence[int] | None = None
+    ) -> None:
+        torch = _import_torch()
+        from pgd_deploy.checkpoint import load_model
+
+        dev = _torch_device(torch, device)
+        model, cfg, state = load_model(path, dev)
+        if input_size is None:
+            input_size = (_round32(cfg.data.min_size), _round32(cfg.data.max_size))
+        classes = state.get("classes") or [str(i) for i in range(model.num_classes)]
+        self._setup(torch, model, dev, input_size, classes, state.get("category_ids"))
+        self.path = Path(path)
+
+    @classmethod
+    def from_detector(
+        cls,
+        detector: Any,
+        *,
+        input_size: Sequence[int],
+        class_names: Sequence[str],
+        category_ids: Sequence[int] | None = None,
+    ) -> TorchBackend:
+        """Wrap an already loaded `DenseDetector` (on its current device) without reloading it."""
+        torch = _import_torch()
+        self = cls.__new__(cls)
+        device = next(detector.parameters()).device
+        self._setup(torch, detector.eval(), device, input_size, list(class_names), category_ids)
+        self.path = None
+        return self
+
+    def _setup(
+        self,
+        torch: Any,
+        model: Any,
+        device: Any,
+        input_size: Sequence[int],
+        classes: list[str],
+        category_ids: Sequence[int] | None,
+    ) -> None:
+        self.torch, self.model, self.device = torch, model, torch.device(device)
+        with torch.no_grad():
+            probe = model(torch.zeros(1, 3, *input_size, device=self.device))
+        meta = {
+            "imgsz": list(input_size),
+            "class_names": classes,
+            "category_ids": list(category_ids or range(1, len(classes) + 1)),
+            "level_sizes": model.level_sizes(probe),
+            "postprocess": dict(model.postprocess_kwargs),
+        }
+        Backend.__init__(self, meta)
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        torch = self.torch
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
+            boxes, scores = self.model.decode(self.model(x))
+        return {"boxes": boxes.cpu().numpy(), "scores": scores.cpu().numpy()}
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            "the torch backend needs PyTorch: pip install 'pgd-deploy[train]'"
+        ) from None
+    return torch
+
+
+def _torch_device(torch: Any, device: str) -> Any:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def _onnx_meta(session: Any) -> dict[str, Any]:
+    props = session.get_modelmeta().custom_metadata_map
+    if ONNX_METADATA_KEY in props:
+        return json.loads(props[ONNX_METADATA_KEY])
+    return {}
+
+
+class OrtBackend(Backend):
+    """An exported ONNX model in ONNX Runtime (CUDA execution provider when installed)."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        threads: int = 0,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ImportError(
+                "the ONNX backend needs onnxruntime: pip install 'pgd-deploy[serve]' "
+                "(GPU: pip install onnxruntime-gpu)"
+            ) from None
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: ONNX model not found")
+        available = ort.get_available_providers()
+        providers = ["CPUExecutionProvider"]
+        if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+            providers.insert(0, "CUDAExecutionProvider")
+        elif device == "cuda":
+            raise RuntimeError("device 'cuda' requested but onnxruntime has no CUDA provider")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as err:  # onnxruntime raises its own exception types
+            raise ValueError(f"{path}: ONNX Runtime cannot load this model: {err}") from None
+        meta = dict(meta or read_manifest(path) or _onnx_meta(self.session))
+        if "imgsz" not in meta:
+            shape = self.session.get_inputs()[0].shape
+            meta["imgsz"] = [int(shape[2]), int(shape[3])]
+        super().__init__(meta)
+        self.path = path
+        self.precision = meta.get("precision", "fp32")
+        self.max_batch = int(meta.get("batch", {}).get("max", 64))
+        self.input_name = self.session.get_inputs()[0].name
+        self.input_dtype = (
+            np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
+        )
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.in_graph_nms = "det_boxes" in self.output_names
+        self.providers = self.session.get_providers()
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        feed = {self.input_name: np.ascontiguousarray(images, dtype=self.input_dtype)}
+        outs = self.session.run(self.output_names, feed)
+        return {
+            name: (out.astype(np.float32) if out.dtype == np.float16 else out)
+            for name, out in zip(self.output_names, outs)
+        }
+
+
+def load_backend(
+    path: str | Path, *, device: str = "auto", input_size: Sequence[int] | None = None
+) -> Backend:
+    """Open an artifact by its extension (and manifest): .pt -> PyTorch, .onnx -> ONNX Runtime,
+    .plan/.engine -> TensorRT.
+
+    Raises:
+        ValueError: an unknown extension (the message lists the known ones).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        return TorchBackend(path, device=device, input_size=input_size)
+    if suffix == ".onnx":
+        return OrtBackend(path, device=device)
+    if suffix in (".plan", ".engine"):
+        from pgd_deploy.runtime.trt_backend import TrtBackend
+
+        index = int(device.partition(":")[2] or 0) if device.startswith("cuda") else 0
+        return TrtBackend(path, device=index)
+    raise ValueError(
+        f"{path}: unknown artifact type {suffix!r}; expected a checkpoint (.pt), an ONNX model "
+        "(.onnx) or a TensorRT plan (.plan/.engine) with its .manifest.json"
+    )

@@ -1,0 +1,122 @@
+"""fp16 and int8 as ONNX-to-ONNX steps on the CPU, gated with ONNX Runtime (issue 5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxconverter_common")
+
+from _export_fixtures import coco128, make_checkpoint  # noqa: E402
+
+from pgd_deploy.config import ExportConfig, ExportJob, GatesConfig  # noqa: E402
+from pgd_deploy.export.pipeline import run_export  # noqa: E402
+from pgd_deploy.export.precision import find_fp32_islands  # noqa: E402
+from pgd_deploy.runtime.manifest import read_manifest  # noqa: E402
+
+FP16 = onnx.TensorProto.FLOAT16
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(
+        tmp_path_factory.mktemp("prec") / "student.pt", cls_bias=-1.0, box_bias=1.0
+    )
+
+
+def _job(out, precision, **extra):
+    export = ExportConfig(
+        format="onnx",
+        precision=precision,
+        imgsz=(64, 96),
+        batch_opt=2,
+        batch_max=4,
+        gate_images=4,
+        simplify=False,
+        out=str(out),
+        val=str(coco128()),
+        **extra,
+    )
+    return ExportJob(export=export, gates=GatesConfig())
+
+
+def _producers(model):
+    return {out: node for node in model.graph.node for out in node.output}
+
+
+def test_fp16_artifact_keeps_io_and_decode_tail_in_fp32_and_passes_its_gate(ckpt, tmp_path):
+    result = run_export(ckpt, _job(tmp_path, "fp16"))
+    path = tmp_path / "student_fp16.onnx"
+    manifest = read_manifest(path)
+    assert result.exit_code == 0 and manifest["status"] == "passed", result.markdown()
+    parity = manifest["gates"]["results"][0]
+    assert parity["passed"] is True and parity["detail"]["outputs"]["boxes"]["stat"] == "mean"
+    assert manifest["recipe"]["keep_io_types"] is True and manifest["recipe"]["fp32_nodes"]
+    model = onnx.load(str(path))
+    io = [*model.graph.input, *model.graph.output]
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in io)
+    assert any(init.data_type == FP16 for init in model.graph.initializer)  # convs are fp16
+    # No fp32 -> fp16 round trip inside the decode tail: its nodes only see fp32 tensors.
+    tail = set(manifest["recipe"]["fp32_nodes"])
+    producers = _producers(model)
+    for node in model.graph.node:
+        if node.name in tail:
+            for name in node.input:
+                src = producers.get(name)
+                if src is not None and src.op_type == "Cast":
+                    to = next(a.i for a in src.attribute if a.name == "to")
+                    assert to != FP16, f"{node.name} reads an fp16 cast of {name}"
+
+
+def test_int8_artifact_is_qdq_calibrated_on_training_images_and_reported(ckpt, tmp_path):
+    calib = coco128("train2017")
+    result = run_export(ckpt, _job(tmp_path, "int8", calib_images=4, calib_data=str(calib)))
+    path = tmp_path / "student_int8.onnx"
+    manifest = read_manifest(path)
+    parity, agreement, _ = manifest["gates"]["results"]
+    assert parity["passed"] is None and "max" in parity["value"]  # int8: reported only
+    assert agreement["passed"] is None and agreement["detail"]["reference_detections"] > 0
+    assert result.exit_code == 0 and manifest["status"] == "passed"
+    recipe = manifest["recipe"]
+    assert recipe["calib_images"] == 4 and recipe["calib_source"] == str(calib)
+    assert recipe["activations"].startswith("int8 symmetric")
+    model = onnx.load(str(path))
+    ops = [n.op_type for n in model.graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    # TensorRT rules: zero points are 0 (symmetric) and weights per channel.
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2:
+            zp = onnx.numpy_helper.to_array(inits[node.input[2]])
+            assert not zp.any()
+    # The decode tail and the predictors stay float: no Q/DQ on their inputs.
+    excluded = set(recipe["fp32_nodes"])
+    producers = _producers(model)
+    for node in model.graph.node:
+        if node.name in excluded:
+            assert all(
+                producers.get(i) is None or producers[i].op_type != "DequantizeLinear"
+                for i in node.input
+            ), node.name
+
+
+def test_fp32_islands_are_found_from_the_graph(ckpt):
+    from pgd_deploy.export.source import load_source
+    from pgd_deploy.export.to_onnx import export_onnx
+
+    model = export_onnx(load_source(ckpt).detector, imgsz=(64, 64), simplify=False)
+    islands = find_fp32_islands(model)
+    assert len(islands.predictors) == 15  # cls, box and centerness predictors on 5 levels
+    ops = {n.op_type for n in model.graph.node if n.name in set(islands.tail)}
+    assert {"Sigmoid", "Mul", "Concat"} <= ops and "Conv" not in ops
+    out_producers = {n.name for n in model.graph.node if set(n.output) & {"boxes", "scores"}}
+    assert out_producers <= set(islands.tail)
+
+
+def test_bad_calibration_method_is_refused(ckpt):
+    from pgd_deploy.export.precision import quantize_int8
+
+    with pytest.raises(ValueError, match="calib_method"):
+        quantize_int8(None, [np.zeros((1, 3, 32, 32), np.float32)], method="kl")
