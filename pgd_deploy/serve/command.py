@@ -1,0 +1,164 @@
+"""`pgd-serve`: batch inference (`predict`) and the teacher-vs-student web demo (`demo`).
+
+Settings come from `ServeConfig` defaults, then an optional TOML file (`--config`), then
+`--set key=value`, then the explicit flags below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pgd_deploy.config import ServeConfig, load_config
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file of ServeConfig keys (e.g. serve/configs/*.toml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a ServeConfig key, e.g. --set max_det=50 (repeatable)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument(
+        "--score-thresh", type=float, help="minimum score (default: predict 0.05, demo 0.3)"
+    )
+    p.add_argument("--nms-thresh", type=float, help="class-aware NMS IoU (default: 0.6)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pgd-serve",
+        description="Run exported detectors: batch inference and the teacher-vs-student demo.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    pr = sub.add_parser(
+        "predict",
+        help="detect objects in many images; write COCO results JSON",
+        description="Artifacts: a checkpoint (.pt), an ONNX model (.onnx) or a TensorRT plan "
+        "(.plan/.engine) with its manifest.",
+    )
+    pr.add_argument("--model", required=True, help="artifact to run (.pt, .onnx, .plan)")
+    pr.add_argument(
+        "--source", required=True, help="image folder, glob pattern, list .txt or COCO .json"
+    )
+    pr.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
+    pr.add_argument("--batch", type=int, help="images per inference call (default: 8)")
+    pr.add_argument("--workers", type=int, help="decode/preprocess threads (default: 2)")
+    pr.add_argument("--queue-size", type=int, help="images decoded ahead of the model (32)")
+    pr.add_argument("--max-det", type=int, help="detections per image (default: 100)")
+    pr.add_argument("--save-images", action="store_true", help="also write annotated images")
+    pr.add_argument("--eval", action="store_true", help="COCO metrics (COCO .json source)")
+    pr.add_argument("--image-root", help="image folder for a list or COCO source")
+    pr.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
+    )
+    _common(pr)
+    demo = sub.add_parser("demo", help="web demo: teacher and student side by side")
+    demo.add_argument("--teacher", required=True, help="teacher artifact (.pt, .onnx, .plan)")
+    demo.add_argument("--student", required=True, help="student artifact (.pt, .onnx, .plan)")
+    demo.add_argument("--host", help="bind address (default: 127.0.0.1, this machine only)")
+    demo.add_argument("--port", type=int, help="port (default: 7860)")
+    demo.add_argument("--examples", help="folder of extra example images")
+    _common(demo)
+    return p
+
+
+def _config(args: argparse.Namespace) -> ServeConfig:
+    cfg = load_config(ServeConfig, args.config, args.overrides)
+    flags: dict[str, Any] = {
+        "batch": getattr(args, "batch", None),
+        "workers": getattr(args, "workers", None),
+        "queue_size": getattr(args, "queue_size", None),
+        "max_det": getattr(args, "max_det", None),
+        # the demo's --score-thresh is where its score slider starts
+        "score_thresh" if args.command == "predict" else "draw_score": args.score_thresh,
+        "nms_thresh": args.nms_thresh,
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+    }
+    return dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """`kill` / `docker stop` end a predict run like Ctrl-C: valid outputs and a summary."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_options(args: argparse.Namespace, cfg: ServeConfig) -> dict[str, Any]:
+    """`run_predict` keyword arguments from the resolved config and the flags."""
+    return {
+        "batch_size": cfg.batch,
+        "workers": cfg.workers,
+        "queue_size": cfg.queue_size,
+        "score_thresh": cfg.score_thresh,
+        "nms_thresh": cfg.nms_thresh,
+        "max_det": cfg.max_det,
+        "max_pixels": cfg.max_pixels,
+        "decode_timeout": cfg.decode_timeout,
+        "save_images": args.save_images,
+        "draw_score": cfg.draw_score,
+        "evaluate": args.eval,
+        "progress": args.progress,
+    }
+
+
+def _predict(args: argparse.Namespace, cfg: ServeConfig) -> int:
+    from pgd_deploy.runtime.backends import load_backend
+    from pgd_deploy.serve.predictor import format_summary, run_predict
+    from pgd_deploy.serve.sources import resolve_source
+
+    source = resolve_source(args.source, image_root=args.image_root)
+    backend = load_backend(args.model, device=args.device)
+    with _sigterm_as_ctrl_c():
+        summary = run_predict(backend, source, args.out, **_run_options(args, cfg))
+    print(format_summary(summary))
+    if summary.metrics is not None:
+        from pgd_deploy.metrics import format_metrics
+
+        print(format_metrics(summary.metrics, title=f"COCO bbox ({summary.processed} images)"))
+    return summary.exit_code
+
+
+def _demo(args: argparse.Namespace, cfg: ServeConfig) -> int:
+    from pgd_deploy.serve.gradio_app import launch_demo
+
+    launch_demo(args.teacher, args.student, cfg=cfg, examples_dir=args.examples, device=args.device)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `pgd-serve`; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        cfg = _config(args)
+        return (_predict if args.command == "predict" else _demo)(args, cfg)
+    except (ValueError, OSError, ImportError) as err:  # OSError: e.g. the port is in use
+        print(f"pgd-serve: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,371 @@
+"""`pgd-serve demo`: the teacher-vs-student web demo (gradio is imported inside the builder).
+
+Layout: the input (upload or example) with the score and NMS sliders, then teacher and student
+side by side (annotated image, detection count, latency), a comparison panel (speed-up,
+agreement, boxes found by one model only), a latency table and a latency chart over the last
+requests. A JSON panel carries everything machine-readable; it is also the API output.
+
+Events: changing the image runs both models (`/detect`); moving a slider re-post-processes the
+cached outputs without running the models (`/rerender`). Model runs are serialised (concurrency
+limit 1, see `MODEL_CONCURRENCY`); re-rendering is cheap numpy work and runs in parallel.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from pgd_deploy.config import ServeConfig
+from pgd_deploy.runtime.backends import load_backend
+from pgd_deploy.runtime.preprocess import load_image
+from pgd_deploy.serve.compare import (
+    AGREEMENT_IOU,
+    LATENCY_HEADERS,
+    CachedRequest,
+    Comparison,
+    DemoApp,
+    DemoModel,
+)
+from pgd_deploy.serve.draw import HIGHLIGHT
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MAX_EXAMPLES = 24  # from an --examples folder
+NUM_SYNTHETIC_EXAMPLES = 6
+# One model run at a time: a TensorRT engine has one execution context (and the GPU one stream
+# here); on CPU, ONNX Runtime and PyTorch already use every core for one request. Parallel runs
+# would only queue inside the backend and inflate the latency the demo reports.
+MODEL_CONCURRENCY = 1
+MAX_WAITING = 16  # requests queued beyond this are refused ("queue full")
+RERENDER_CONCURRENCY = 4  # slider re-renders: numpy post-processing only
+COLOR_MAP = {"teacher": "#1f77b4", "student": "#ff7f0e"}
+CSS = """
+.pgd-cards {display: flex; gap: 12px; flex-wrap: wrap;}
+.pgd-card {flex: 1 1 150px; border: 1px solid var(--border-color-primary); border-radius: 10px;
+  padding: 10px 14px; background: var(--background-fill-secondary);}
+.pgd-value {font-size: 1.7em; font-weight: 700; line-height: 1.2;}
+.pgd-label {font-size: 0.85em; color: var(--body-text-color-subdued);}
+.pgd-warn .pgd-value {color: #c0008f;}
+.pgd-note {font-size: 0.85em; color: var(--body-text-color-subdued); margin-top: 8px;}
+"""
+
+
+def _import_gradio() -> Any:
+    try:
+        import gradio as gr
+    except ImportError:
+        raise ImportError("the web demo needs gradio: pip install 'pgd-deploy[serve]'") from None
+    return gr
+
+
+def synthetic_examples(folder: str | Path, count: int = NUM_SYNTHETIC_EXAMPLES) -> list[Path]:
+    """Write `count` built-in synthetic validation images (never trained on) as PNG files."""
+    from pgd_deploy.data.shapes import ShapesSpec, render_image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        image, _ = render_image(0, "val", i, ShapesSpec())
+        path = folder / f"shapes_val_{i:02d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def folder_examples(folder: str | Path, limit: int = MAX_EXAMPLES) -> list[Path]:
+    """Image files of an --examples folder (sorted, at most `limit`).
+
+    Raises:
+        ValueError: the folder does not exist or holds no images.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--examples {folder}: folder not found")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"--examples {folder}: no images ({', '.join(EXAMPLE_SUFFIXES)})")
+    return paths[:limit]
+
+
+def comparison_html(comparison: Comparison) -> str:
+    """The comparison panel: speed-up, agreement and one-model-only counts."""
+    t_only = int((~comparison.teacher.matched).sum())
+    s_only = int((~comparison.student.matched).sum())
+    cards = [
+        (
+            "",
+            f"{comparison.speedup:.2f}×",
+            f"student speed-up, end to end<br>inference {comparison.infer_speedup:.2f}×",
+        ),
+        (
+            "",
+            f"{100 * comparison.agreement:.0f}%",
+            f"agreement · {comparison.matched} matched pairs",
+        ),
+        ("pgd-warn" if t_only else "", str(t_only), "teacher only (missed by the student)"),
+        ("pgd-warn" if s_only else "", str(s_only), "student only (not in the teacher)"),
+    ]
+    body = "".join(
+        f'<div class="pgd-card {cls}"><div class="pgd-value">{html.escape(value)}</div>'
+        f'<div class="pgd-label">{label}</div></div>'
+        for cls, value, label in cards
+    )
+    note = (
+        f"Boxes match when they have the same class and IoU ≥ {AGREEMENT_IOU:g}, at score ≥ "
+        f"{comparison.score_thresh:.2f} and NMS IoU {comparison.nms_thresh:.2f}. "
+        f'<b style="color:{HIGHLIGHT}">Dashed magenta</b> boxes were found by one model only.'
+    )
+    return f'<div class="pgd-cards">{body}</div><p class="pgd-note">{note}</p>'
+
+
+def _layout(gr: Any, app: DemoApp, examples: Sequence[str | Path]) -> SimpleNamespace:
+    """Place the components (inside an open gr.Blocks); returns them by name."""
+    teacher, student = app.models
+    cfg = app.cfg
+    ui = SimpleNamespace()
+    gr.Markdown(
+        "## Prediction-Guided Distillation: teacher vs student\n"
+        "Upload an image or pick an example: both models run on it, one after the other. "
+        "Latency = pre (letterbox + normalise) + infer + post (threshold + NMS), measured "
+        "after warm-up with the benchmark's timing code; decoding is excluded. The sliders "
+        "only re-run the post-processing."
+    )
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=260):
+            ui.image = gr.Image(
+                type="filepath",
+                image_mode=None,
+                sources=["upload", "clipboard", "webcam"],
+                label=f"Input (≤ {cfg.max_upload_mb:g} MB, ≤ {cfg.max_pixels / 1e6:g} MP)",
+                height=320,
+            )
+            ui.score = gr.Slider(0.0, 1.0, value=cfg.draw_score, step=0.01, label="Score threshold")
+            ui.nms = gr.Slider(0.05, 1.0, value=cfg.nms_thresh, step=0.05, label="NMS IoU")
+            if examples:
+                gr.Examples(
+                    examples=[str(p) for p in examples],
+                    inputs=ui.image,
+                    label="Examples",
+                    examples_per_page=12,
+                )
+        with gr.Column(scale=3):
+            with gr.Row():
+                for role, model in (("teacher", teacher), ("student", student)):
+                    with gr.Column():
+                        gr.Markdown(f"### {model.label}\n{model.describe()}")
+                        setattr(
+                            ui,
+                            f"{role}_image",
+                            gr.Image(label=role.capitalize(), format="png", interactive=False),
+                        )
+                        setattr(ui, f"{role}_info", gr.Markdown(label=f"{role} summary"))
+            ui.panel = gr.HTML(label="Comparison")
+            ui.table = gr.Dataframe(
+                headers=LATENCY_HEADERS,
+                label=f"Latency in ms: this request, and the median of the last {cfg.history}",
+                interactive=False,
+            )
+    ui.chart = gr.Plot(
+        label="Latency chart", show_label=False, format="png", elem_id="pgd-latency-chart"
+    )
+    with gr.Accordion("Details (JSON, also the API output)", open=False):
+        ui.details = gr.JSON(label="Details")
+    ui.cache = gr.State(None)
+    ui.outputs = [
+        ui.teacher_image,
+        ui.student_image,
+        ui.teacher_info,
+        ui.student_info,
+        ui.panel,
+        ui.table,
+        ui.details,
+    ]
+    return ui
+
+
+def _views(app: DemoApp, comp: Comparison) -> list[Any]:
+    """Values of `ui.outputs` for one comparison."""
+    return [
+        comp.teacher.image,
+        comp.student.image,
+        app.side_markdown(comp, "teacher"),
+        app.side_markdown(comp, "student"),
+        comparison_html(comp),
+        {"headers": LATENCY_HEADERS, "data": app.latency_rows(comp)},
+        comp.to_dict(),
+    ]
+
+
+def _wire(gr: Any, app: DemoApp, ui: SimpleNamespace) -> None:
+    """The events: a new image runs the models; a slider re-post-processes the cached outputs."""
+
+    def on_detect(payload: Any, score: float, nms: float) -> list[Any]:
+        if payload is None:  # the image was cleared
+            return [*([None] * len(ui.outputs)), gr.skip(), None]
+        try:
+            decoded = app.decode(payload)
+        except ValueError as err:
+            raise gr.Error(f"Image refused: {err}") from None
+        comp, request = app.detect(decoded, score, nms)
+        return [
+            *_views(app, comp),
+            latency_figure(app.history.snapshot(), app.cfg.history),
+            request,
+        ]
+
+    def on_rerender(request: CachedRequest | None, score: float, nms: float) -> list[Any]:
+        if request is None:
+            return [gr.skip()] * len(ui.outputs)
+        return _views(app, app.rerender(request, score, nms))
+
+    ui.image.change(
+        on_detect,
+        [ui.image, ui.score, ui.nms],
+        [*ui.outputs, ui.chart, ui.cache],
+        api_name="detect",
+        preprocess=False,  # decoded by `DemoApp.decode` with the pixel cap and clear errors
+        concurrency_limit=MODEL_CONCURRENCY,
+        concurrency_id="models",
+    )
+    for slider in (ui.score, ui.nms):
+        slider.change(
+            on_rerender,
+            [ui.cache, ui.score, ui.nms],
+            ui.outputs,
+            api_name="rerender" if slider is ui.score else None,
+            api_visibility="public" if slider is ui.score else "private",
+            trigger_mode="always_last",
+            show_progress="hidden",
+            concurrency_limit=RERENDER_CONCURRENCY,
+            concurrency_id="rerender",
+        )
+
+
+def build_demo(app: DemoApp, examples: Sequence[str | Path] = ()) -> Any:
+    """The gr.Blocks of the demo (not launched)."""
+    gr = _import_gradio()
+    with gr.Blocks(title="PGD: teacher vs student", analytics_enabled=False) as demo:
+        _wire(gr, app, _layout(gr, app, examples))
+    demo.queue(max_size=MAX_WAITING, default_concurrency_limit=MODEL_CONCURRENCY)
+    return demo
+
+
+def latency_figure(rows: Sequence[dict[str, Any]], history: int) -> Any:
+    """Matplotlib figure of the latency history: total (solid) and inference (dashed) per model.
+
+    Built with `matplotlib.figure.Figure` (no pyplot state), so concurrent sessions are safe.
+    """
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise ImportError(
+            "the latency chart needs matplotlib: pip install 'pgd-deploy[serve]'"
+        ) from None
+    fig = Figure(figsize=(11, 2.8), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for role, colour in COLOR_MAP.items():
+        mine = [r for r in rows if r["model"] == role]
+        if not mine:
+            continue
+        x = [r["request"] for r in mine]
+        ax.plot(x, [r["total_ms"] for r in mine], "o-", color=colour, ms=4, label=f"{role} total")
+        infer = [r["infer_ms"] for r in mine]
+        ax.plot(x, infer, ".--", color=colour, alpha=0.6, label=f"{role} infer")
+    ax.set_title(f"Latency of the last {history} requests", loc="left", fontsize=10)
+    ax.set_xlabel("request #")
+    ax.set_ylabel("latency (ms)")
+    ax.set_ylim(0, 1.1 * max((r["total_ms"] for r in rows), default=1.0))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if rows:
+        requests = [r["request"] for r in rows]
+        ax.set_xlim(min(requests) - 0.5, max(requests) + 0.5)
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, ncols=4, frameon=False)
+    return fig
+
+
+def open_app(
+    teacher: str | Path,
+    student: str | Path,
+    *,
+    cfg: ServeConfig | None = None,
+    device: str = "auto",
+) -> DemoApp:
+    """Load both artifacts (any of .pt, .onnx, .plan) into a `DemoApp`.
+
+    Raises:
+        ValueError: unreadable artifacts or teacher and student with different class lists.
+    """
+    _import_gradio()  # fail before loading models when gradio is missing
+    models = [
+        DemoModel(role, path, load_backend(path, device=device))
+        for role, path in (("teacher", teacher), ("student", student))
+    ]
+    return DemoApp(*models, cfg or ServeConfig())
+
+
+def demo_examples(examples_dir: str | Path | None = None) -> list[Path]:
+    """The built-in synthetic samples (written to a temporary folder) plus `examples_dir`'s."""
+    examples = synthetic_examples(Path(tempfile.mkdtemp(prefix="pgd-serve-examples-")))
+    if examples_dir is not None:
+        examples += folder_examples(examples_dir)
+    return examples
+
+
+def serve(app: DemoApp, examples: Sequence[Path], *, block: bool = True) -> Any:
+    """Warm the models up, build the demo and serve it on `app.cfg.host:app.cfg.port`.
+
+    Args:
+        block: serve until interrupted; False returns the running gr.Blocks (tests; call its
+            `close()` to stop).
+    """
+    gr = _import_gradio()
+    cfg = app.cfg
+    app.warmup(load_image(examples[0]) if examples else np.zeros((64, 64, 3), np.uint8))
+    logger.info("warmed up: %s; %s", *(m.describe() for m in app.models))
+    demo = build_demo(app, examples)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s: the demo is reachable from other machines", cfg.host)
+    demo.launch(
+        server_name=cfg.host,
+        server_port=cfg.port,
+        share=False,
+        max_file_size=int(cfg.max_upload_mb * 1024 * 1024),
+        allowed_paths=sorted({str(Path(p).parent) for p in examples}),
+        prevent_thread_lock=not block,
+        ssr_mode=False,
+        theme=gr.themes.Soft(),
+        css=CSS,
+        footer_links=["api", "gradio"],
+    )
+    return demo
+
+
+def launch_demo(
+    teacher: str | Path,
+    student: str | Path,
+    *,
+    cfg: ServeConfig | None = None,
+    examples_dir: str | Path | None = None,
+    device: str = "auto",
+    block: bool = True,
+) -> Any:
+    """`pgd-serve demo`: open both artifacts and serve the demo (127.0.0.1:7860 by default).
+
+    Raises:
+        ValueError: unreadable artifacts, mismatched class lists or a bad examples folder.
+    """
+    examples = demo_examples(examples_dir)
+    app = open_app(teacher, student, cfg=cfg, device=device)
+    return serve(app, examples, block=block)

@@ -1,0 +1,160 @@
+"""The files a `pgd-serve predict` run writes, each safe to read at any moment.
+
+`JsonArrayWriter` keeps a JSON array valid on disk after every append; `ImageSaver` draws and
+writes annotated images on a background thread under names that cannot leave the output folder;
+`RunOutputs` opens and closes a run's files together.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pgd_deploy.io_utils import safe_child
+from pgd_deploy.runtime.backends import Backend
+from pgd_deploy.serve.batcher import LoadedItem
+from pgd_deploy.serve.draw import draw_detections
+from pgd_deploy.serve.sources import SourceItem
+from pgd_deploy.structures import Detections
+
+logger = logging.getLogger(__name__)
+
+RESULTS_NAME = "predictions.json"
+FAILURES_NAME = "failures.json"
+SUMMARY_NAME = "summary.json"
+METRICS_NAME = "metrics.json"
+IMAGES_DIR = "images"
+
+
+class JsonArrayWriter:
+    """A JSON array on disk that is complete and valid after every `extend`.
+
+    Each call overwrites the closing bracket with the new entries and a new closing bracket, so
+    at any moment between calls the file parses, without rewriting what is already there.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "wb")  # closed in `close`
+        self._fh.write(b"[\n]\n")
+        self._fh.flush()
+        self._end = 1  # byte offset just after "["
+        self.count = 0
+
+    def extend(self, entries: Sequence[dict[str, Any]]) -> None:
+        if not entries:
+            return
+        body = ",\n".join(json.dumps(e, separators=(",", ":")) for e in entries)
+        text = (",\n" if self.count else "\n") + body
+        data = text.encode("utf-8")
+        self._fh.seek(self._end)
+        self._fh.write(data + b"\n]\n")
+        self._fh.truncate()
+        self._fh.flush()
+        self._end += len(data)
+        self.count += len(entries)
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+
+class ImageSaver:
+    """Draws and writes annotated images on a background thread (bounded backlog).
+
+    File names come from the inputs' names with folders flattened and unsafe characters
+    replaced (`io_utils.safe_child`); a clash gets the input index appended, so nothing is
+    written outside `root` and no output overwrites another.
+    """
+
+    def __init__(
+        self, root: Path, class_names: Sequence[str], *, min_score: float, backlog: int = 16
+    ) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.class_names = list(class_names)
+        self.min_score = min_score
+        self.backlog = backlog
+        self.used: set[str] = set()
+        self.errors = 0
+        self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="pgd-save")
+        self._pending: deque[cf.Future] = deque()
+
+    def output_path(self, item: SourceItem) -> Path:
+        parts = [
+            p
+            for p in PurePosixPath(item.name.replace("\\", "/")).parts
+            if p not in ("..", ".", "/")
+        ]
+        stem = PurePosixPath("__".join(parts) or f"image_{item.index}").stem
+        path = safe_child(self.root, f"{stem}.jpg")
+        if path.name in self.used:
+            path = safe_child(self.root, f"{path.stem}_{item.index}.jpg")
+        self.used.add(path.name)
+        return path
+
+    def submit(self, loaded: LoadedItem, dets: Detections) -> None:
+        path = self.output_path(loaded.item)
+        self._pending.append(self._pool.submit(self._write, loaded.image, dets, path))
+        while len(self._pending) > self.backlog:
+            self._collect(self._pending.popleft())
+
+    def _write(self, image: Any, dets: Detections, path: Path) -> None:
+        drawn = draw_detections(image, dets.filter(self.min_score), self.class_names)
+        drawn.save(path, quality=90)
+
+    def _collect(self, future: cf.Future) -> None:
+        try:
+            future.result()
+        except OSError as err:
+            self.errors += 1
+            logger.warning("could not write an annotated image: %s", err)
+
+    def close(self) -> None:
+        while self._pending:
+            self._collect(self._pending.popleft())
+        self._pool.shutdown(wait=True)
+
+
+class RunOutputs:
+    """The files of one run, opened together and always closed together."""
+
+    def __init__(
+        self, out_dir: Path, backend: Backend, save_images: bool, draw_score: float
+    ) -> None:
+        self.results = JsonArrayWriter(out_dir / RESULTS_NAME)
+        self.failures = JsonArrayWriter(out_dir / FAILURES_NAME)
+        self.saver = (
+            ImageSaver(out_dir / IMAGES_DIR, backend.class_names, min_score=draw_score)
+            if save_images
+            else None
+        )
+
+    def add_failures(self, failed: Sequence[LoadedItem]) -> None:
+        self.failures.extend(
+            [
+                {
+                    "index": f.item.index,
+                    "path": str(f.item.path),
+                    "image_id": f.item.image_id,
+                    "error": f.error,
+                }
+                for f in failed
+            ]
+        )
+        for f in failed:
+            logger.warning("skipped: %s", f.error)
+
+    def close(self) -> int:
+        self.results.close()
+        self.failures.close()
+        if self.saver is None:
+            return 0
+        self.saver.close()
+        return self.saver.errors

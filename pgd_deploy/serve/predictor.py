@@ -1,0 +1,302 @@
+"""`pgd-serve predict`: batch inference over a source, written incrementally.
+
+Outputs under the output folder:
+    predictions.json   COCO results (image_id, category_id of the training dataset, xywh bbox,
+                       score); a valid JSON array after every batch, so an interrupted run
+                       (Ctrl-C) or a crash leaves what was done
+    failures.json      [{"index", "path", "image_id", "error"}] for inputs that could not be used
+    images/            annotated copies (with `save_images`), names derived safely from the inputs
+    summary.json       counts, per-stage milliseconds per image, images/s, metrics
+
+Decoding and letterboxing run in worker threads ahead of the model (`batcher`); inference and
+post-processing run in the calling thread and are timed with `runtime.timing.StageTimer`, the
+same code as the benchmark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pgd_deploy.io_utils import write_json
+from pgd_deploy.metrics import detections_to_coco, evaluate_coco
+from pgd_deploy.runtime.backends import Backend
+from pgd_deploy.runtime.timing import StageTimer
+from pgd_deploy.serve.batcher import Batch, iter_batches, load_item
+from pgd_deploy.serve.outputs import (
+    FAILURES_NAME,
+    METRICS_NAME,
+    RESULTS_NAME,
+    SUMMARY_NAME,
+    RunOutputs,
+)
+from pgd_deploy.serve.sources import Source
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictSummary:
+    """What a `run_predict` call did.
+
+    Attributes:
+        total: inputs in the source.
+        processed: inputs handled (succeeded + failed); less than `total` when interrupted.
+        succeeded, failed: inputs that were / could not be run.
+        detections: detections written.
+        seconds: wall time from the first input to the last result.
+        stage_ms: per successful image: "pre" (decode + letterbox, in the workers), "infer",
+            "post", and "wait" (time the model waited for inputs).
+        interrupted: stopped by Ctrl-C.
+        metrics: COCO metrics when evaluated, else None.
+    """
+
+    total: int
+    processed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    detections: int = 0
+    seconds: float = 0.0
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+    out_dir: str = ""
+    backend: str = ""
+    metrics: dict[str, float] | None = None
+    save_errors: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.succeeded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0 unless every input handled failed (130 after Ctrl-C)."""
+        if self.interrupted:
+            return 130
+        return 1 if self.processed and not self.succeeded else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "images_per_second": self.images_per_second}
+
+
+def format_summary(summary: PredictSummary) -> str:
+    """The closing table printed by `pgd-serve predict`."""
+    ms = summary.stage_ms
+    rows = [
+        ("backend", summary.backend),
+        ("images", f"{summary.succeeded} ok / {summary.processed} of {summary.total}"),
+        ("failures", f"{summary.failed}" + (f" (see {FAILURES_NAME})" if summary.failed else "")),
+        ("detections", f"{summary.detections}"),
+        (
+            "ms / image",
+            " ".join(f"{k} {ms.get(k, 0.0):.2f}" for k in ("pre", "infer", "post", "wait")),
+        ),
+        ("images / s", f"{summary.images_per_second:.2f} ({summary.seconds:.2f} s wall)"),
+        ("output", summary.out_dir),
+    ]
+    if summary.interrupted:
+        rows.insert(0, ("status", "INTERRUPTED: outputs hold the inputs done so far"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def check_evaluable(source: Source, category_ids: Sequence[int]) -> None:
+    """`--eval` needs a COCO source whose categories include the model's.
+
+    Raises:
+        ValueError: not a COCO JSON source, or category ids the annotations do not have.
+    """
+    if source.annotations is None:
+        raise ValueError(
+            f"--eval needs a COCO annotation JSON as --source, got a {source.kind} source "
+            f"({source.spec})"
+        )
+    unknown = sorted(set(category_ids) - set(source.annotations.category_ids))
+    if unknown:
+        raise ValueError(
+            f"{source.spec}: field 'categories' lacks the model's category ids {unknown[:10]} "
+            "(was the model trained on another label set?)"
+        )
+
+
+def _progress(total: int, enabled: bool) -> tuple[Any, Any]:
+    """(tqdm bar or None, context manager that routes log lines above the bar)."""
+    if not enabled:
+        return None, contextlib.nullcontext()
+    try:
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:
+        logger.info("install tqdm for a progress bar: pip install 'pgd-deploy[serve]'")
+        return None, contextlib.nullcontext()
+    bar = tqdm(total=total, unit="img", dynamic_ncols=True, smoothing=0.1)
+    return bar, logging_redirect_tqdm()
+
+
+def _run_batch(
+    backend: Backend,
+    batch: Batch,
+    *,
+    timer: StageTimer,
+    outputs: RunOutputs,
+    category_ids: Sequence[int],
+    overrides: dict[str, float],
+) -> int:
+    """Infer, post-process and write one batch; returns the number of detections."""
+    outputs.add_failures(batch.failures)
+    if batch.images is None:
+        return 0
+    with timer.stage("infer"):
+        raw = backend.infer(batch.images)
+    with timer.stage("post"):
+        dets = backend.postprocess(raw, batch.transforms, **overrides)
+    entries: list[dict[str, Any]] = []
+    for loaded, det in zip(batch.items, dets):
+        entries.extend(detections_to_coco(loaded.item.image_id, det, category_ids))
+        if outputs.saver is not None:
+            outputs.saver.submit(loaded, det)
+    outputs.results.extend(entries)
+    return len(entries)
+
+
+def _record(summary: PredictSummary, batch: Batch, timer: StageTimer, n_dets: int) -> None:
+    summary.processed += len(batch.items) + len(batch.failures)
+    summary.succeeded += len(batch.items)
+    summary.failed += len(batch.failures)
+    summary.detections += n_dets
+    timer.totals["pre"] = timer.totals.get("pre", 0.0) + batch.preprocess_seconds
+    timer.totals["wait"] = timer.totals.get("wait", 0.0) + batch.wait_seconds
+
+
+def run_predict(
+    backend: Backend,
+    source: Source,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    workers: int = 2,
+    queue_size: int = 32,
+    score_thresh: float | None = None,
+    nms_thresh: float | None = None,
+    max_det: int | None = None,
+    max_pixels: int | None = 40_000_000,
+    decode_timeout: float | None = 60.0,
+    save_images: bool = False,
+    draw_score: float = 0.3,
+    evaluate: bool = False,
+    progress: bool = True,
+) -> PredictSummary:
+    """Run `backend` over every input of `source`, writing results under `out_dir`.
+
+    Args:
+        backend: an opened artifact (`runtime.backends.load_backend`).
+        source: the inputs (`serve.sources.resolve_source`).
+        out_dir: output folder (created); see the module docstring for its files.
+        batch_size, workers, queue_size: see `serve.batcher.iter_batches`; the batch size is
+            capped at the backend's maximum.
+        score_thresh, nms_thresh, max_det: post-processing overrides (None = the artifact's).
+        max_pixels: decode limit per image (decompression bombs become failures).
+        decode_timeout: seconds one image may take to decode.
+        save_images: also write annotated images, drawing detections >= `draw_score`.
+        evaluate: compute COCO metrics over the handled images (COCO JSON sources only).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The summary; Ctrl-C ends the run early with `interrupted=True` and valid outputs.
+
+    Raises:
+        ValueError: `evaluate` with a source that cannot be evaluated.
+    """
+    # An artifact without dataset category ids gets label + 1 (the COCO-style convention).
+    category_ids = backend.category_ids or list(range(1, len(backend.class_names) + 1))
+    if evaluate:
+        check_evaluable(source, category_ids)
+    category_ids = category_ids or range(1, 1 << 31)
+    out_dir = Path(out_dir)
+    overrides = {
+        k: v
+        for k, v in (
+            ("score_thresh", score_thresh),
+            ("nms_thresh", nms_thresh),
+            ("max_det", max_det),
+        )
+        if v is not None
+    }
+    batch_size = max(1, min(batch_size, backend.max_batch))
+    load = functools.partial(
+        load_item, input_size=backend.input_size, max_pixels=max_pixels, keep_image=save_images
+    )
+    summary = PredictSummary(total=len(source), out_dir=str(out_dir), backend=backend.describe())
+    timer = StageTimer(sync=backend.sync)
+    outputs = RunOutputs(out_dir, backend, save_images, draw_score)
+    batches = iter_batches(
+        source.items,
+        load,
+        batch_size=batch_size,
+        workers=workers,
+        queue_size=queue_size,
+        timeout=decode_timeout,
+    )
+    start = time.perf_counter()
+    try:
+        step = functools.partial(
+            _run_batch,
+            backend,
+            timer=timer,
+            outputs=outputs,
+            category_ids=category_ids,
+            overrides=overrides,
+        )
+        summary.interrupted = not _consume(batches, step, summary, timer, progress)
+    finally:
+        summary.seconds = time.perf_counter() - start
+        batches.close()  # stops the loader threads
+        summary.save_errors = outputs.close()
+    summary.stage_ms = timer.per_image_ms(summary.succeeded)
+    if evaluate and summary.processed:
+        summary.metrics = _evaluate(source, out_dir, summary.processed)
+    write_json(out_dir / SUMMARY_NAME, summary.to_dict())
+    return summary
+
+
+def _consume(
+    batches: Iterator[Batch],
+    step: Callable[[Batch], int],
+    summary: PredictSummary,
+    timer: StageTimer,
+    progress: bool,
+) -> bool:
+    """Run `step` on every batch with a progress bar; False when interrupted by Ctrl-C."""
+    bar, redirect = _progress(summary.total, progress)
+    try:
+        with redirect:
+            for batch in batches:
+                _record(summary, batch, timer, step(batch))
+                if bar is not None:
+                    bar.update(len(batch.items) + len(batch.failures))
+                    bar.set_postfix(dets=summary.detections, failed=summary.failed, refresh=False)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: keeping the %d inputs done", summary.processed)
+        return False
+    finally:
+        if bar is not None:
+            bar.close()
+    return True
+
+
+def _evaluate(source: Source, out_dir: Path, processed: int) -> dict[str, float]:
+    """COCO metrics over the first `processed` inputs (all of them unless interrupted); inputs
+    that failed count as images without detections."""
+    assert source.annotations is not None
+    results = json.loads((out_dir / RESULTS_NAME).read_text())
+    image_ids = [it.image_id for it in source.items[:processed]]
+    metrics = evaluate_coco(source.annotations.raw, results, image_ids=image_ids)
+    write_json(out_dir / METRICS_NAME, metrics)
+    return metrics

@@ -1,0 +1,191 @@
+"""Inputs of `pgd-serve predict`: a folder, a glob pattern, a list file or a COCO annotation JSON.
+
+Every source resolves to an ordered list of `SourceItem`s with the image id written to the COCO
+results. Files are not opened here: a missing, corrupt or non-image entry becomes a per-item
+failure when it is decoded, so one bad file never stops a run.
+
+Image ids: a COCO JSON gives its own; otherwise a numeric file stem (as in COCO's file names) is
+the id, and other files are numbered after the largest such id (1, 2, ... when none is numeric).
+For a folder of images that are all or none numerically named this is the numbering of
+`pgd-train data from-yolo`, so results can be evaluated against its converted JSON.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pgd_deploy.data.coco import CocoAnnotations, load_coco
+
+logger = logging.getLogger(__name__)
+
+SourceKind = Literal["dir", "glob", "list", "coco"]
+GLOB_CHARS = frozenset("*?[")
+LIST_SUFFIXES = (".txt", ".lst")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One input of a run.
+
+    Attributes:
+        index: 0-based position in the run (results keep this order).
+        path: the image file (it may not exist; decoding reports that).
+        name: a short display name (the path relative to the source, or the list entry).
+        image_id: COCO image id written to the results.
+    """
+
+    index: int
+    path: Path
+    name: str
+    image_id: int
+
+
+@dataclass
+class Source:
+    """A resolved source.
+
+    Attributes:
+        spec: the string the user gave.
+        kind: "dir", "glob", "list" or "coco".
+        items: the inputs, in run order.
+        annotations: the parsed COCO JSON when `kind == "coco"` (for `--eval`), else None.
+    """
+
+    spec: str
+    kind: SourceKind
+    items: list[SourceItem]
+    annotations: CocoAnnotations | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _numbered(paths: list[Path], names: list[str]) -> list[SourceItem]:
+    # Numeric stems keep their number (COCO file names); other files follow the largest number.
+    ids: list[int | None] = [int(p.stem) if p.stem.isdigit() else None for p in paths]
+    files_of: dict[int, set[Path]] = {}
+    for image_id, path in zip(ids, paths):
+        if image_id is not None:
+            files_of.setdefault(image_id, set()).add(path)
+    if any(len(files) > 1 for files in files_of.values()):  # 1.jpg and 001.png: use positions
+        ids = [None] * len(paths)
+    next_id = max((i for i in ids if i is not None), default=0) + 1
+    items = []
+    for index, (path, name, image_id) in enumerate(zip(paths, names, ids)):
+        if image_id is None:
+            image_id, next_id = next_id, next_id + 1
+        items.append(SourceItem(index, path, name, image_id))
+    return items
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".") and path.is_file()
+
+
+def _from_dir(root: Path) -> list[SourceItem]:
+    # Every visible file is an input: anything that is not an image is reported as a failure
+    # rather than silently ignored, so a run never quietly skips data.
+    paths = sorted(p for p in root.iterdir() if _visible(p))
+    return _numbered(paths, [p.name for p in paths])
+
+
+def _from_glob(pattern: str) -> list[SourceItem]:
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if not paths:
+        return []
+    common = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    return _numbered(paths, [p.relative_to(common).as_posix() for p in paths])
+
+
+def _from_list(list_file: Path, image_root: Path | None) -> list[SourceItem]:
+    base = image_root or list_file.parent
+    paths, names = [], []
+    for line in list_file.read_text(encoding="utf-8").splitlines():
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        path = Path(entry).expanduser()
+        paths.append(path if path.is_absolute() else base / path)
+        names.append(entry)
+    return _numbered(paths, names)
+
+
+def _coco_roots(json_path: Path) -> list[Path]:
+    """Where a COCO JSON's images usually are: beside it, or in the split folder next to its
+    `annotations/` folder (`annotations/instances_val2017.json` -> `val2017/`)."""
+    parent, grand = json_path.parent, json_path.parent.parent
+    split = json_path.stem.rsplit("_", 1)[-1]
+    roots = [parent, grand / json_path.stem, grand / split, grand / "images" / split, grand]
+    return list(dict.fromkeys(roots))
+
+
+def _from_coco(
+    json_path: Path, image_root: Path | None
+) -> tuple[list[SourceItem], CocoAnnotations]:
+    ann = load_coco(json_path)
+    records = sorted(ann.images, key=lambda r: r.image_id)
+    roots = [image_root] if image_root is not None else _coco_roots(json_path)
+    probe = records[:50]
+    root = next((r for r in roots if any((r / rec.file_name).is_file() for rec in probe)), None)
+    if root is None and records:
+        tried = ", ".join(str(r) for r in roots)
+        raise ValueError(
+            f"{json_path}: the images listed in field 'images' (e.g. {records[0].file_name}) "
+            f"are not in {tried}; pass the image folder with --image-root"
+        )
+    if image_root is None:
+        logger.info("%s: images found in %s", json_path, root)
+    items = [
+        SourceItem(i, root / r.file_name, r.file_name, r.image_id) for i, r in enumerate(records)
+    ]
+    return items, ann
+
+
+def resolve_source(
+    spec: str | os.PathLike, *, image_root: str | os.PathLike | None = None
+) -> Source:
+    """Resolve `spec` to the ordered inputs of a run.
+
+    Args:
+        spec: a folder (its visible files, sorted), a glob pattern (`**` recurses), a `.txt` list
+            of image paths (one per line, `#` comments; relative paths are relative to the list
+            or to `image_root`), or a COCO annotation `.json` (images in `image_root`, else
+            found beside the JSON or in the split folder next to its `annotations/` folder).
+        image_root: base folder for relative paths of a list or COCO source.
+
+    Raises:
+        ValueError: the source does not exist, is empty or of an unknown kind; the message
+            names the path and what was expected.
+    """
+    text = os.fspath(spec)
+    root = Path(image_root) if image_root is not None else None
+    if root is not None and not root.is_dir():
+        raise ValueError(f"--image-root {root}: folder not found")
+    path = Path(text).expanduser()
+    annotations = None
+    if path.is_dir():
+        kind: SourceKind = "dir"
+        items = _from_dir(path)
+    elif any(c in text for c in GLOB_CHARS) and not path.exists():
+        kind, items = "glob", _from_glob(text)
+    elif not path.is_file():
+        raise ValueError(f"--source {text}: no such file, folder or glob match")
+    elif path.suffix.lower() == ".json":
+        kind = "coco"
+        items, annotations = _from_coco(path, root)
+    elif path.suffix.lower() in LIST_SUFFIXES:
+        kind, items = "list", _from_list(path, root)
+    else:
+        raise ValueError(
+            f"--source {text}: expected a folder, a glob pattern, a list file "
+            f"({', '.join(LIST_SUFFIXES)}) or a COCO annotation .json"
+        )
+    if not items:
+        raise ValueError(f"--source {text}: no input files found ({kind})")
+    logger.info("source %s: %d inputs (%s)", text, len(items), kind)
+    return Source(text, kind, items, annotations)

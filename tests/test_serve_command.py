@@ -1,0 +1,108 @@
+"""Tests of the `pgd-serve` command line: help, configuration layering and the demo server."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from serve_helpers import onnx_model, student_checkpoint
+
+from pgd_deploy.serve.command import _config, _parser, main
+
+TORCH_FREE_MAIN = (
+    "import sys; sys.modules['torch'] = None  # serving needs no torch\n"
+    "from pgd_deploy.serve.command import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["predict", "--help"], ["demo", "--help"]])
+def test_help(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    assert "pgd-serve" in capsys.readouterr().out
+
+
+def test_console_script_help() -> None:
+    exe = Path(sys.executable).with_name("pgd-serve")
+    if not exe.exists():
+        pytest.skip("pgd-serve console script not installed in this environment")
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "predict" in proc.stdout and "demo" in proc.stdout
+
+
+def test_config_layers_defaults_toml_set_and_flags(tmp_path: Path) -> None:
+    toml = tmp_path / "serve.toml"
+    toml.write_text("batch = 4\nworkers = 3\nnms_thresh = 0.5\n")
+    args = _parser().parse_args(
+        ["predict", "--model", "m.onnx", "--source", "d", "--config", str(toml)]
+        + ["--set", "workers=1", "--batch", "16", "--score-thresh", "0.25"]
+    )
+    cfg = _config(args)
+    assert (cfg.batch, cfg.workers, cfg.nms_thresh, cfg.score_thresh) == (16, 1, 0.5, 0.25)
+    assert cfg.queue_size == 32  # untouched default
+    demo = _config(_parser().parse_args(["demo", "--teacher", "a", "--student", "b"]))
+    assert (demo.host, demo.port) == ("127.0.0.1", 7860)
+    demo = _config(
+        _parser().parse_args(["demo", "--teacher", "a", "--student", "b", "--score-thresh", "0.5"])
+    )
+    assert demo.draw_score == 0.5  # the demo's score slider starts there
+
+
+def test_unknown_config_key_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["predict", "--model", "m.onnx", "--source", str(tmp_path), "--set", "batchh=2"]
+    assert main(argv) == 2
+    assert "batchh" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_demo_command_serves_until_ctrl_c(tmp_path_factory: pytest.TempPathFactory) -> None:
+    pytest.importorskip("gradio")
+    model = onnx_model(tmp_path_factory, student_checkpoint(tmp_path_factory))
+    port = _free_port()
+    argv = ["demo", "--teacher", str(model), "--student", str(model), "--port", str(port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TORCH_FREE_MAIN, *argv, "--set", "warmup=1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        page = ""
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+                    page = resp.read().decode("utf-8", "replace")
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[0]
+        assert "teacher vs student" in page
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode in (0, 130), output
+    assert f"127.0.0.1:{port}" in output
+
+
+def test_shipped_config_equals_the_defaults() -> None:
+    from pgd_deploy.config import ServeConfig, load_config
+
+    path = Path(__file__).resolve().parents[1] / "serve" / "configs" / "default.toml"
+    assert load_config(ServeConfig, path) == ServeConfig()
