@@ -38,7 +38,9 @@ def make_step(depth: int, images: torch.Tensor, targets, device, amp_dtype):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, default=None, help="square input side (default 320 CPU, 800 GPU)")
+    p.add_argument(
+        "--size", type=int, default=None, help="square input side (default 320 CPU, 800 GPU)"
+    )
     p.add_argument("--batch", type=int, default=None, help="batch (default 2 CPU, 8 GPU)")
     p.add_argument("--iters", type=int, default=5, help="timed steps per model")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])

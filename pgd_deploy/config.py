@@ -80,7 +80,8 @@ class TrainConfig:
     batch_size: int = 4  # images per process
     base_lr: float = 0.02  # learning rate for `base_batch` images per step (linear scaling rule)
     base_batch: int = 32  # global batch that `base_lr` is quoted for
-    momentum: float = 0.9  # SGD momentum
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # SGD (the paper); AdamW for short from-scratch runs
+    momentum: float = 0.9  # SGD momentum (AdamW: beta1)
     weight_decay: float = 1e-4  # SGD weight decay
     warmup_iters: int = 500  # linear warm-up length, iterations
     warmup_ratio: float = 0.001  # warm-up starting factor

@@ -24,8 +24,11 @@ from pgd_deploy.trainer import fit
 
 logger = logging.getLogger(__name__)
 
-STAGES = (("teacher", "quickstart_teacher"), ("student", "quickstart_student"),
-          ("pgd", "quickstart_pgd"))
+STAGES = (
+    ("teacher", "quickstart_teacher"),
+    ("student", "quickstart_student"),
+    ("pgd", "quickstart_pgd"),
+)
 
 
 def _recipes_dir(recipes: str | Path | None) -> Path:
@@ -50,8 +53,11 @@ def _finished(work_dir: Path, cfg: TrainJob) -> bool:
     # The saved config has num_classes resolved from the data; compare the rest.
     import dataclasses
 
-    return dumps_toml(dataclasses.replace(previous, model=dataclasses.replace(
-        previous.model, num_classes=cfg.model.num_classes))) == dumps_toml(cfg)
+    return dumps_toml(
+        dataclasses.replace(
+            previous, model=dataclasses.replace(previous.model, num_classes=cfg.model.num_classes)
+        )
+    ) == dumps_toml(cfg)
 
 
 def cpu_latency_ms(checkpoint: Path, size: int, *, iters: int = 20) -> float:
@@ -85,8 +91,10 @@ def score(name: str, work_dir: Path, cfg: TrainJob) -> dict[str, Any]:
 
 
 def format_scoreboard(rows: Sequence[dict[str, Any]]) -> str:
-    header = f"{'model':<8} {'depth':>5} {'AP':>6} {'AP50':>6} {'params':>8} {'CPU ms/img':>10} " \
-             f"{'iters':>6} {'seed':>4}"
+    header = (
+        f"{'model':<8} {'depth':>5} {'AP':>6} {'AP50':>6} {'params':>8} {'CPU ms/img':>10} "
+        f"{'iters':>6} {'seed':>4}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
@@ -115,7 +123,9 @@ def run_demo(
         cfg = load_config(TrainJob, folder / f"{recipe}.toml", extra)
         stage_dir = work_dir / name
         if _finished(stage_dir, cfg):
-            logger.info("%s: reusing the finished run in %s (delete it to retrain)", name, stage_dir)
+            logger.info(
+                "%s: reusing the finished run in %s (delete it to retrain)", name, stage_dir
+            )
         else:
             logger.info("%s: training %s into %s", name, recipe, stage_dir)
             result = fit(cfg, work_dir=stage_dir)

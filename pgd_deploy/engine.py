@@ -79,9 +79,16 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
         ctx.scaler.unscale_(ctx.optimizer)
     else:
         total.backward()
-    if ctx.grad_clip > 0:
-        params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
-        nn.utils.clip_grad_norm_(params, ctx.grad_clip)
+    params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+    grad_norm = nn.utils.clip_grad_norm_(
+        params, ctx.grad_clip if ctx.grad_clip > 0 else float("inf")
+    )
+    # With a grad scaler, an overflow just skips the step and lowers the scale. Otherwise a
+    # non-finite gradient would poison the weights: stop before the update (gradients are
+    # identical on every process after DDP's all-reduce, so all processes agree).
+    if ctx.scaler is None and not torch.isfinite(grad_norm):
+        ctx.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError("non-finite gradients (the loss itself was finite)")
     if ctx.scaler is not None:
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()

@@ -61,9 +61,15 @@ class Schedule:
         )
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.SGD:
-    """SGD over the trainable parameters (frozen stages and a teacher are excluded)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD (or AdamW) over the trainable parameters (frozen stages and a teacher are excluded)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        # The fused kernel (CPU and CUDA) is measurably faster than the per-tensor loop.
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return torch.optim.AdamW(
+            params, lr=lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay, fused=fused
+        )
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 

@@ -15,7 +15,8 @@ def _run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 def test_import_pgd_deploy_is_light():
     code = (
         "import sys, pgd_deploy, pgd_deploy.config;"
-        "heavy = [m for m in ('torch', 'numpy', 'torchvision', 'onnx', 'gradio') if m in sys.modules];"
+        "mods = ('torch', 'numpy', 'torchvision', 'onnx', 'gradio');"
+        "heavy = [m for m in mods if m in sys.modules];"
         "print(','.join(heavy))"
     )
     proc = _run("-c", code)

@@ -1,4 +1,4 @@
-"""COCO evaluation on real data: ground truth scores 1.0, perturbations score lower, bad ids fail."""
+"""COCO evaluation on real data: ground truth scores 1.0, noise scores lower, bad ids fail."""
 
 from __future__ import annotations
 

@@ -196,3 +196,23 @@ def test_quickstart_recipes_parse_and_smoke_run(tmp_path):
     result = fit(cfg, work_dir=tmp_path / "qs")
     assert result.completed and set(result.metrics) >= {"AP", "AP50"}
     assert (tmp_path / "qs" / "metrics.json").is_file()
+
+
+def test_non_finite_gradient_stops_before_the_update(tmp_path):
+    cfg = tiny_cfg(tmp_path / "cache", "train.max_iters=6", "train.checkpoint_every=2")
+
+    class NaNGradAt:
+        calls = 0
+
+        def __call__(self, images, outputs, targets):
+            NaNGradAt.calls += 1
+            term = outputs.cls_logits[0].sum() * 0  # finite value...
+            if NaNGradAt.calls == 3:
+                term.register_hook(lambda grad: grad * float("nan"))  # ...NaN gradient
+            return {"loss_injected": term}
+
+    result = fit(cfg, work_dir=tmp_path / "run", make_loss_provider=lambda m, d: NaNGradAt())
+    assert not result.completed and "non-finite gradients" in result.message
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

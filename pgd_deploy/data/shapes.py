@@ -11,6 +11,7 @@ Layout written by `generate_shapes(out, ...)`:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -35,12 +36,12 @@ class ShapesSpec:
     size: int = 128  # image side, px
     num_classes: int = 3  # first N of SHAPE_CLASSES
     min_objects: int = 1  # objects per image, inclusive range
-    max_objects: int = 4
+    max_objects: int = 3
     min_rel_size: float = 0.18  # object side as a fraction of the image side
     max_rel_size: float = 0.5
     max_overlap: float = 0.35  # maximum IoU between two objects' boxes
-    noise: float = 10.0  # std of the background pixel noise (0-255 scale)
-    distractors: int = 3  # random strokes per image (not objects)
+    noise: float = 8.0  # std of the background pixel noise (0-255 scale)
+    distractors: int = 2  # random strokes per image (not objects)
 
 
 def _background(rng: np.random.Generator, spec: ShapesSpec) -> Image.Image:
@@ -187,7 +188,8 @@ def ensure_shapes(
     cache_dir: str | Path, *, train: int, val: int, seed: int, spec: ShapesSpec = ShapesSpec()
 ) -> Path:
     """The synthetic dataset for these parameters, generated on first use into `cache_dir`."""
-    key = f"shapes_s{spec.size}_c{spec.num_classes}_n{train}-{val}_seed{seed}"
+    digest = hashlib.sha1(repr(spec).encode()).hexdigest()[:8]  # any knob change -> new data
+    key = f"shapes_s{spec.size}_c{spec.num_classes}_n{train}-{val}_seed{seed}_{digest}"
     out = Path(cache_dir) / key
     if all((out / "annotations" / f"{s}.json").is_file() for s in ("train", "val")):
         return out

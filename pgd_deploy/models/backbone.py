@@ -18,6 +18,22 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152)
 STRIDES = (8, 16, 32, 64, 128)  # P3..P7
 
 
+class ExtraLevels(LastLevelP6P7):
+    """P6 = conv(P5), P7 = conv(ReLU(P6)), both 3x3 stride 2 (torchvision's LastLevelP6P7).
+
+    On the CPU these two convolutions always run in fp32: under bf16 autocast, oneDNN's
+    backward of a stride-2 3x3 convolution on a feature map one pixel wide returns garbage
+    weight gradients (seen with torch 2.14 / oneDNN 3.12), and P6/P7 are that small for small
+    inputs. The maps are tiny, so fp32 costs nothing measurable.
+    """
+
+    def forward(self, p, c, names):
+        if p[-1].device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+            return super().forward(p, c, names)
+        with torch.autocast("cpu", enabled=False):
+            return super().forward([t.float() for t in p], [t.float() for t in c], names)
+
+
 class ResNetFPN(nn.Module):
     """ResNet C3-C5 -> FPN P3-P5 -> P6, P7 (from P5, ReLU before P7), `channels` wide.
 
@@ -30,7 +46,7 @@ class ResNetFPN(nn.Module):
         self.fpn = FeaturePyramidNetwork(
             in_channels_list=in_channels,
             out_channels=channels,
-            extra_blocks=LastLevelP6P7(channels, channels),
+            extra_blocks=ExtraLevels(channels, channels),
         )
         self.out_channels = channels
         self.strides = STRIDES
