@@ -120,3 +120,27 @@ def test_bad_calibration_method_is_refused(ckpt):
 
     with pytest.raises(ValueError, match="calib_method"):
         quantize_int8(None, [np.zeros((1, 3, 32, 32), np.float32)], method="kl")
+
+
+@pytest.mark.parametrize("num_batches", [3, 8, 16])
+def test_int8_calibration_sees_every_batch(ckpt, num_batches):
+    """Ranges come from all calibration batches, whatever their count (onnxruntime's
+    CalibMaxIntermediateOutputs drops collected batches: a count that is a multiple of it used
+    to fail with 'No data is collected' and other counts calibrated on the tail only)."""
+    from pgd_deploy.export.precision import quantize_int8
+    from pgd_deploy.export.source import load_source
+    from pgd_deploy.export.to_onnx import export_onnx
+
+    model = export_onnx(load_source(ckpt).detector, imgsz=(64, 64), simplify=False)
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(size=(1, 3, 64, 64)).astype(np.float32) for _ in range(num_batches)]
+    batches[0][0, 0, 0, 0] = 50.0  # the largest input value lives in the FIRST batch only
+    quantized, recipe = quantize_int8(model, batches)
+    assert recipe["calib_images"] == num_batches
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in quantized.graph.initializer}
+    input_q = [
+        n for n in quantized.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "images"
+    ]
+    assert input_q, "the network input is quantized"
+    scale = float(inits[input_q[0].input[1]])
+    assert scale == pytest.approx(50.0 / 127, rel=1e-3)

@@ -220,7 +220,11 @@ def _quantize_static(
                 "ActivationSymmetric": True,  # TensorRT: zero point 0
                 "WeightSymmetric": True,
                 "QuantizeBias": False,  # TensorRT keeps bias in float
-                "CalibMaxIntermediateOutputs": 8,  # bounds minmax calibration memory
+                # No CalibMaxIntermediateOutputs: in onnxruntime 1.32 the MinMax calibrator
+                # *drops* the batches collected so far whenever that limit is reached, so a
+                # batch count that is a multiple of it fails ("No data is collected") and any
+                # other count calibrates on the last few batches only. MinMax keeps only
+                # per-batch ReduceMin/ReduceMax scalars, so memory stays small without it.
             },
         )
         return onnx.load(str(out))
