@@ -8,7 +8,6 @@ A checkpoint is a dict:
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from pgd_deploy.config import TrainJob, from_dict
+from pgd_deploy.io_utils import atomic_open
 
 FORMAT = "pgd-deploy-checkpoint"
 VERSION = 1
@@ -31,19 +31,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
     A crash (or an exception) during the write leaves any previous file at `path` intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    with atomic_open(path) as fh:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, fh)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

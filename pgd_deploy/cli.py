@@ -12,6 +12,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from pgd_deploy.config import add_override_argument
+
 
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
@@ -43,14 +45,7 @@ def _train_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--recipe", required=True, help="TOML recipe, e.g. train/fcos_r50_1x_coco.toml"
     )
-    fit.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.max_iters=100 (repeatable)",
-    )
+    add_override_argument(fit, "override a config key, e.g. --set train.max_iters=100 (repeatable)")
     fit.add_argument("--work-dir", help="output folder (default: train.work_dir)")
     fit.add_argument("--resume", action="store_true", help="continue from WORK_DIR/last.pt")
 
@@ -59,13 +54,8 @@ def _train_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="checkpoint to evaluate on its validation data")
     src.add_argument("--predictions", help="COCO results JSON to evaluate")
     ev.add_argument("--annotations", help="COCO annotation JSON (with --predictions)")
-    ev.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override data/model keys of the checkpoint's config (with --checkpoint)",
+    add_override_argument(
+        ev, "override data/model keys of the checkpoint's config (with --checkpoint)"
     )
     ev.add_argument("--json", help="also write the metrics to this JSON file")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda (with --checkpoint)")
@@ -87,14 +77,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the quickstart: teacher, student, PGD student, scoreboard")
     demo.add_argument("--work-dir", default="runs/demo", help="output folder")
-    demo.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override keys of all three quickstart recipes",
-    )
+    add_override_argument(demo, "override keys of all three quickstart recipes")
     demo.add_argument(
         "--recipes", default=None, help="folder holding the quickstart_*.toml recipes"
     )

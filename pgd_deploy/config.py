@@ -12,6 +12,7 @@ import it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import types
@@ -325,6 +326,13 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise ValueError(f"--set {dotted}: '{part}' is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+def add_override_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable `--set KEY=VALUE` flag every command shares (parsed by `load_config`)."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pgd_deploy.checkpoint import load_model
@@ -60,29 +61,35 @@ def _finished(work_dir: Path, cfg: TrainJob) -> bool:
     ) == dumps_toml(cfg)
 
 
-def cpu_latency_ms(checkpoint: Path, size: int, *, iters: int = 20) -> float:
-    """Median single-image CPU latency (forward + decode + post-processing), ms."""
-    model, _, _ = load_model(checkpoint, "cpu")
+def cpu_latencies_ms(checkpoints: Sequence[Path], size: int, *, rounds: int = 8) -> list[float]:
+    """Median single-image CPU latency (forward + decode + post-processing) of each checkpoint, ms.
+
+    The models are timed round-robin (a few runs each per round) so that machine noise hits all
+    of them alike; the ratios between them are what the scoreboard is for.
+    """
+    models = [load_model(path, "cpu")[0] for path in checkpoints]
     images = torch.randn(1, 3, size, size)
+    samples: list[list[float]] = [[] for _ in models]
+    for model in models:  # warm-up
+        measure(lambda m=model: m.predict(images, [None]), warmup=3, iters=1)
+    for _ in range(rounds):
+        for model, out in zip(models, samples):
+            stats = measure(lambda m=model: m.predict(images, [None]), warmup=0, iters=5)
+            out.append(stats.p50)
+    return [float(np.median(s)) for s in samples]
 
-    def run() -> None:
-        model.predict(images, [None])
 
-    return measure(run, warmup=3, iters=iters).p50
-
-
-def score(name: str, work_dir: Path, cfg: TrainJob) -> dict[str, Any]:
+def score(name: str, work_dir: Path, cfg: TrainJob, latency_ms: float) -> dict[str, Any]:
     import json
 
     metrics = json.loads((work_dir / "metrics.json").read_text())
     model, _, state = load_model(work_dir / "best.pt", "cpu")
-    size = -(-cfg.data.max_size // 32) * 32
     return {
         "name": name,
         "AP": round(metrics.get("AP", 0.0), 4),
         "AP50": round(metrics.get("AP50", 0.0), 4),
         "params": sum(p.numel() for p in model.parameters()),
-        "cpu_ms_per_image": round(cpu_latency_ms(work_dir / "best.pt", size), 2),
+        "cpu_ms_per_image": round(latency_ms, 2),
         "train_iters": int(state["iteration"]),
         "seed": cfg.train.seed,
         "depth": cfg.model.depth,
@@ -115,7 +122,7 @@ def run_demo(
     work_dir = Path(work_dir)
     folder = _recipes_dir(recipes)
     start = time.perf_counter()
-    rows = []
+    runs: list[tuple[str, Path, TrainJob]] = []
     for name, recipe in STAGES:
         extra = list(overrides)
         if name == "pgd":
@@ -131,7 +138,10 @@ def run_demo(
             result = fit(cfg, work_dir=stage_dir)
             if not result.completed:
                 raise RuntimeError(f"{name} training stopped: {result.message}")
-        rows.append(score(name, stage_dir, cfg))
+        runs.append((name, stage_dir, cfg))
+    size = -(-runs[0][2].data.max_size // 32) * 32
+    latencies = cpu_latencies_ms([d / "best.pt" for _, d, _ in runs], size)
+    rows = [score(name, d, cfg, ms) for (name, d, cfg), ms in zip(runs, latencies)]
     write_json(work_dir / "scoreboard.json", rows)
     minutes = (time.perf_counter() - start) / 60
     print(f"\nquickstart scoreboard (synthetic shapes validation split), {minutes:.1f} min\n")

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pgd_deploy.config import add_override_argument
+
 EXPORT_FLAGS = {  # CLI flag (argparse dest) -> ExportConfig key
     "format": "format",
     "precision": "precision",
@@ -99,14 +101,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="PyTorch reference device: auto, cpu, cuda")
     p.add_argument("--out", help="output folder")
     p.add_argument("--name", help="artifact base name")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any profile key, e.g. --set gates.fp32_box_atol=1e-3",
-    )
+    add_override_argument(p, "override any profile key, e.g. --set gates.fp32_box_atol=1e-3")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 

@@ -15,19 +15,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pgd_deploy.config import ServeConfig, load_config
+from pgd_deploy.config import ServeConfig, add_override_argument, load_config
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML file of ServeConfig keys (e.g. serve/configs/*.toml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a ServeConfig key, e.g. --set max_det=50 (repeatable)",
-    )
+    add_override_argument(p, "override a ServeConfig key, e.g. --set max_det=50 (repeatable)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument(
         "--score-thresh", type=float, help="minimum score (default: predict 0.05, demo 0.3)"

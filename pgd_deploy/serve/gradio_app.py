@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 EXAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MAX_EXAMPLES = 24  # from an --examples folder
 NUM_SYNTHETIC_EXAMPLES = 6
+# Seed of the built-in examples: not the default dataset seed (0), so they never duplicate the
+# validation images a user passes with --examples (e.g. `pgd-train data shapes` output).
+SYNTHETIC_EXAMPLE_SEED = 1
 # One model run at a time: a TensorRT engine has one execution context (and the GPU one stream
 # here); on CPU, ONNX Runtime and PyTorch already use every core for one request. Parallel runs
 # would only queue inside the backend and inflate the latency the demo reports.
@@ -67,14 +70,14 @@ def _import_gradio() -> Any:
 
 
 def synthetic_examples(folder: str | Path, count: int = NUM_SYNTHETIC_EXAMPLES) -> list[Path]:
-    """Write `count` built-in synthetic validation images (never trained on) as PNG files."""
+    """Write `count` built-in synthetic images (never trained on) as PNG files."""
     from pgd_deploy.data.shapes import ShapesSpec, render_image
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        image, _ = render_image(0, "val", i, ShapesSpec())
+        image, _ = render_image(SYNTHETIC_EXAMPLE_SEED, "val", i, ShapesSpec())
         path = folder / f"shapes_val_{i:02d}.png"
         image.save(path)
         paths.append(path)
