@@ -5,17 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _data_paths import find_coco128
 
-COCO128 = Path("/work/shared/data/coco128/images")
+COCO128 = find_coco128()
 CLASSES = ["circle", "square", "triangle"]
 
 
 def coco128(split: str = "val2017") -> Path:
     """The coco128 image folder, or skip the test when it is absent."""
-    folder = COCO128 / split
-    if not folder.is_dir():
-        pytest.skip(f"coco128 images not available at {folder}")
-    return folder
+    if COCO128 is None:
+        pytest.skip("coco128 images not found (set PGD_COCO128 to its folder)")
+    return COCO128 / "images" / split
 
 
 def make_checkpoint(

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from _data_paths import find_coco128
 
-COCO128 = Path(
-    os.environ.get("PGD_COCO128", Path(__file__).resolve().parents[2] / "shared/data/coco128")
-)
+COCO128 = find_coco128()
 
 
 @pytest.fixture(scope="session")
 def coco128() -> Path:
     """The coco128 folder (128 train + 128 val COCO images, YOLO labels); skip when absent."""
-    if not (COCO128 / "images" / "val2017").is_dir():
-        pytest.skip(f"coco128 not found at {COCO128} (set PGD_COCO128)")
+    if COCO128 is None:
+        pytest.skip("coco128 not found (set PGD_COCO128 to its folder)")
     return COCO128
 
 
