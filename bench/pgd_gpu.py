@@ -16,25 +16,11 @@ import time
 from collections.abc import Callable
 
 import torch
+from pgd_overhead import NUM_CLASSES, random_targets  # bench/ is on sys.path as a script
 
 from pgd_deploy.config import ModelConfig
 from pgd_deploy.distill import Distiller
 from pgd_deploy.models import build_detector
-
-NUM_CLASSES = 80
-
-
-def random_targets(batch: int, boxes: int, height: int, width: int, seed: int) -> list[dict]:
-    """`boxes` random xyxy boxes (5-55 % of the image side) and labels per image."""
-    gen = torch.Generator().manual_seed(seed)
-    size = torch.tensor([width, height], dtype=torch.float32)
-    out = []
-    for _ in range(batch):
-        xy = torch.rand(boxes, 2, generator=gen) * size * 0.8
-        wh = (torch.rand(boxes, 2, generator=gen) * 0.5 + 0.05) * size
-        box = torch.cat([xy, (xy + wh).minimum(size - 1)], dim=1)
-        out.append({"boxes": box, "labels": torch.randint(0, NUM_CLASSES, (boxes,), generator=gen)})
-    return out
 
 
 def _measure(
