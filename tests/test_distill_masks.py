@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pgd_deploy.distill import background_mask, pgw_mask, quality_score
-from pgd_deploy.distill.masks import pgw_masks, quality_scores
+from pgd_deploy.distill.masks import batch_masks, pgw_masks, quality_scores
 
 
 def _sigmoid(x: float) -> float:
@@ -341,3 +341,56 @@ def test_joint_helpers_match_single_calls() -> None:
     torch.testing.assert_close(m_cls, pgw_mask(q_cls, centers, gt, 10, 0.0, swap_xy=True))
     torch.testing.assert_close(m_reg, pgw_mask(q_reg, centers, gt, 10, 0.0, swap_xy=True))
     assert not torch.equal(m_cls, m_reg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("swap_xy", [False, True])
+def test_batch_masks_match_the_per_image_functions(dtype: torch.dtype, swap_xy: bool) -> None:
+    # Images with 3, 0 and 1 GTs: the batched path pads to 3 and must ignore the padding.
+    torch.manual_seed(5)
+    centers = (torch.rand(120, 2) * 64).to(dtype)
+    logits = torch.randn(3, 120, 4, dtype=dtype)
+    xy = torch.rand(3, 120, 2, dtype=dtype) * 50
+    pred = torch.cat([xy, xy + 5 + torch.rand(3, 120, 2, dtype=dtype) * 20], dim=2)
+    gts = [
+        torch.tensor([[0.0, 0, 30, 30], [20, 10, 60, 50], [5, 25, 45, 60]], dtype=dtype),
+        torch.zeros(0, 4, dtype=dtype),
+        torch.tensor([[10.0, 10, 40, 50]], dtype=dtype),
+    ]
+    labels = [torch.tensor([3, 0, 2]), torch.zeros(0, dtype=torch.long), torch.tensor([1])]
+    (m_cls, m_reg), bg = batch_masks(
+        logits, pred, centers, gts, labels, (0.8, 0.6), 7, 0.0, swap_xy=swap_xy
+    )
+    assert m_cls.shape == m_reg.shape == bg.shape == (3, 120) and bg.dtype == dtype
+    for i in range(3):
+        q_cls, q_reg = quality_scores(logits[i], pred[i], gts[i], labels[i], (0.8, 0.6))
+        for q, mask in ((q_cls, m_cls), (q_reg, m_reg)):
+            torch.testing.assert_close(
+                mask[i], pgw_mask(q, centers, gts[i], 7, 0.0, swap_xy=swap_xy)
+            )
+        torch.testing.assert_close(bg[i], background_mask(centers, gts[i], swap_xy=swap_xy))
+    assert not m_cls[1].any() and bool((bg[1] == 1).all())  # the image without GT
+    assert int((m_cls[0] > 0).sum()) <= 7 * 3 and (m_cls[2] > 0).any()
+
+
+def test_batch_masks_jitter_and_errors() -> None:
+    centers = torch.rand(50, 2) * 32
+    logits, pred = torch.randn(2, 50, 3), torch.rand(2, 50, 4) * 32
+    pred[..., 2:] += pred[..., :2]
+    gts = [torch.tensor([[0.0, 0, 20, 20]]), torch.tensor([[4.0, 4, 30, 30]])]
+    labels = [torch.tensor([0]), torch.tensor([2])]
+    gen = torch.Generator().manual_seed(0)
+    (mask,), bg = batch_masks(logits, pred, centers, gts, labels, (0.8,), 9, 0.5, gen)
+    assert bool(((mask >= 0) & (mask <= 1)).all()) and (mask > 0).sum(dim=1).le(9).all()
+    with pytest.raises(ValueError, match=r"lie in \[0, 3\), got values in \[0, 3\]"):
+        batch_masks(logits, pred, centers, gts, [labels[0], torch.tensor([3])], (0.8,), 9)
+    with pytest.raises(ValueError, match="one gt_boxes and one gt_labels tensor per image"):
+        batch_masks(logits, pred, centers, gts[:1], labels[:1], (0.8,), 9)
+    with pytest.raises(ValueError, match=r"gt_labels\[1\] must have shape \[G\] with G = 1"):
+        batch_masks(logits, pred, centers, gts, [labels[0], torch.tensor([0, 1])], (0.8,), 9)
+    with pytest.raises(ValueError, match="integer class indices"):
+        batch_masks(logits, pred, centers, gts, [labels[0], torch.tensor([1.0])], (0.8,), 9)
+    # No GT anywhere: empty masks, background everywhere.
+    empty = [torch.zeros(0, 4)] * 2
+    (mask,), bg = batch_masks(logits, pred, centers, empty, [torch.zeros(0)] * 2, (0.8,), 9)
+    assert not mask.any() and bool((bg == 1).all())

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from pgd_deploy.checkpoint import CheckpointError, load_checkpoint
 from pgd_deploy.config import DistillConfig, ModelConfig, TrainJob, from_dict
 from pgd_deploy.distill.losses import cls_distill_loss, reg_distill_loss
-from pgd_deploy.distill.masks import background_mask, pgw_masks, quality_scores
+from pgd_deploy.distill.masks import batch_masks
 from pgd_deploy.models import DenseDetector, HeadOutputs, build_detector
 from pgd_deploy.models.fcos import flatten_levels
 
@@ -164,26 +164,19 @@ class Distiller:
         centers, _ = self.teacher.points(teacher_outputs)  # [A, 2]
         boxes = self.teacher.decode_boxes(teacher_outputs)  # [B, A, 4]
         logits = flatten_levels(teacher_outputs.cls_logits).float()  # [B, A, C]
-        fg_cls, fg_reg, bg = [], [], []
-        for image, target in enumerate(targets):
-            gt_boxes = target["boxes"].to(device=centers.device, dtype=torch.float32)
-            gt_labels = target["labels"].to(device=centers.device)
-            qualities = quality_scores(
-                logits[image], boxes[image], gt_boxes, gt_labels, (self.xi_cls, self.xi_reg)
-            )  # [A, G] each
-            mask_cls, mask_reg = pgw_masks(
-                qualities,
-                centers,
-                gt_boxes,
-                self.topk,
-                self.jitter,
-                self.generator,
-                swap_xy=self.swap_xy,
-            )
-            fg_cls.append(mask_cls)
-            fg_reg.append(mask_reg)
-            bg.append(background_mask(centers, gt_boxes, swap_xy=self.swap_xy))
-        return torch.stack(fg_cls), torch.stack(fg_reg), torch.stack(bg)
+        (fg_cls, fg_reg), bg = batch_masks(
+            logits,
+            boxes,
+            centers,
+            [target["boxes"] for target in targets],
+            [target["labels"] for target in targets],
+            (self.xi_cls, self.xi_reg),
+            self.topk,
+            self.jitter,
+            self.generator,
+            swap_xy=self.swap_xy,
+        )
+        return fg_cls.float(), fg_reg.float(), bg.float()
 
     def _group_size(self, batch: int) -> int | None:
         """`mask_group`, or its largest divisor of `batch` below it (logged once per batch)."""

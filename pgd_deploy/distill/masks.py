@@ -18,7 +18,14 @@ logger = logging.getLogger(__name__)
 EPS = 1e-10  # determinant clamp of the 2x2 inverse and margin of the strict inside test
 IOU_EPS = 1e-6  # union clamp of the plain IoU (MMDetection BboxOverlaps2D)
 
-__all__ = ["background_mask", "pgw_mask", "pgw_masks", "quality_score", "quality_scores"]
+__all__ = [
+    "background_mask",
+    "batch_masks",
+    "pgw_mask",
+    "pgw_masks",
+    "quality_score",
+    "quality_scores",
+]
 
 
 def _check(tensor: Tensor, name: str, shape: str, rank: int, last: int | None = None) -> None:
@@ -40,18 +47,20 @@ def _float_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def _box_iou(boxes: Tensor, gt_boxes: Tensor) -> Tensor:
-    """Plain IoU of boxes [A, 4] against gt_boxes [G, 4] (xyxy) -> [A, G], union >= 1e-6."""
-    lt = torch.maximum(boxes[:, None, :2], gt_boxes[None, :, :2])  # [A, G, 2]
-    rb = torch.minimum(boxes[:, None, 2:], gt_boxes[None, :, 2:])  # [A, G, 2]
-    inter = (rb - lt).clamp(min=0).prod(dim=-1)  # [A, G]
-    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=-1)  # [A]
-    gt_area = (gt_boxes[:, 2:] - gt_boxes[:, :2]).clamp(min=0).prod(dim=-1)  # [G]
-    union = (area[:, None] + gt_area[None, :] - inter).clamp(min=IOU_EPS)
+    """Plain IoU of boxes [..., A, 4] against gt_boxes [..., G, 4] (xyxy) -> [..., A, G],
+    union >= 1e-6. Leading (batch) dimensions broadcast."""
+    lt = torch.maximum(boxes[..., :, None, :2], gt_boxes[..., None, :, :2])  # [..., A, G, 2]
+    rb = torch.minimum(boxes[..., :, None, 2:], gt_boxes[..., None, :, 2:])  # [..., A, G, 2]
+    inter = (rb - lt).clamp(min=0).prod(dim=-1)  # [..., A, G]
+    area = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(dim=-1)  # [..., A]
+    gt_area = (gt_boxes[..., 2:] - gt_boxes[..., :2]).clamp(min=0).prod(dim=-1)  # [..., G]
+    union = (area[..., :, None] + gt_area[..., None, :] - inter).clamp(min=IOU_EPS)
     return inter / union
 
 
 def _inside(points: Tensor, gt_boxes: Tensor, swap_xy: bool) -> Tensor:
-    """Strict inside test of points [..., G, 2] or [A, 1, 2] against gt_boxes [G, 4] -> [..., G].
+    """Strict inside test of points [..., G, 2] or [A, 1, 2] against gt_boxes [G, 4] -> [..., G]
+    (any shapes whose x/y and box coordinates broadcast, e.g. [B, K, G, 2] with [B, 1, G, 4]).
 
     `swap_xy` reads the point as (y, x), reproducing the official FCOS/AutoAssign test (P3).
     """
@@ -141,34 +150,35 @@ def _gaussian_topk_weights(
     """Top-k locations per GT and their PGW Gaussian weights (section 2.6 a-d).
 
     Args:
-        quality: [A, G]; centers: [A, 2] (x, y) px, same dtype as the result.
+        quality: [..., A, G] (leading batch dimensions allowed); centers: [A, 2] (x, y) px,
+            same dtype as the result.
         k: locations per GT, 1 <= k <= A.
 
     Returns:
-        index [K, G] (location of each selected point) and weight [K, G] in [0, 1].
+        index [..., K, G] (location of each selected point) and weight [..., K, G] in [0, 1].
     """
-    index = quality.topk(k, dim=0).indices  # [K, G]
-    points = centers[index]  # [K, G, 2]
+    index = quality.topk(k, dim=-2).indices  # [..., K, G]
+    points = centers[index]  # [..., K, G, 2]
     fit = points
     if jitter:
         noise = torch.rand(
             points.shape, generator=generator, device=points.device, dtype=points.dtype
         )
         fit = points + (noise * 2.0 - 1.0) * jitter  # U(-jitter, jitter), for the fit only
-    mean = fit.mean(dim=0)  # [G, 2]
-    diff = fit - mean  # [K, G, 2]
-    var_x = diff[..., 0].square().mean(dim=0)  # [G], biased (divided by K)
-    var_y = diff[..., 1].square().mean(dim=0)
-    cov_xy = (diff[..., 0] * diff[..., 1]).mean(dim=0)
-    det = var_x * var_y - cov_xy.square()  # [G]
-    offset = points - mean  # [K, G, 2], un-jittered points against the fitted mean
+    mean = fit.mean(dim=-3, keepdim=True)  # [..., 1, G, 2]
+    diff = fit - mean  # [..., K, G, 2]
+    var_x = diff[..., 0].square().mean(dim=-2, keepdim=True)  # [..., 1, G], biased (/ K)
+    var_y = diff[..., 1].square().mean(dim=-2, keepdim=True)
+    cov_xy = (diff[..., 0] * diff[..., 1]).mean(dim=-2, keepdim=True)
+    det = var_x * var_y - cov_xy.square()  # [..., 1, G]
+    offset = points - mean  # [..., K, G, 2], un-jittered points against the fitted mean
     dx, dy = offset[..., 0], offset[..., 1]
     # (p - mu)^T adj(Sigma) (p - mu) / (det + eps), adj = [[var_y, -cov], [-cov, var_x]].
     mahalanobis_sq = (dx.square() * var_y - 2.0 * dx * dy * cov_xy + dy.square() * var_x) / (
         det + EPS
     )
     # The true value is >= 0; the clamp only guards rounding on (near-)singular fits.
-    weight = torch.exp(-0.5 * mahalanobis_sq.clamp(min=0))  # [K, G]
+    weight = torch.exp(-0.5 * mahalanobis_sq.clamp(min=0))  # [..., K, G]
     return index, weight
 
 
@@ -296,3 +306,122 @@ def background_mask(centers: Tensor, gt_boxes: Tensor, *, swap_xy: bool = False)
         return torch.ones(centers.shape[0], dtype=dtype, device=centers.device)
     inside = _inside(centers[:, None, :], gt_boxes.detach().to(dtype), swap_xy)  # [A, G]
     return (~inside.any(dim=1)).to(dtype)
+
+
+def _pad(tensors: Sequence[Tensor], shape: tuple[int, ...], **like) -> Tensor:
+    """Stack per-image [G_b, ...] tensors into [B, G_max, ...], zero padded."""
+    items = [t.reshape(-1, *shape).to(**like) for t in tensors]
+    return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
+
+
+@torch.no_grad()
+def batch_masks(
+    cls_logits: Tensor,
+    pred_boxes: Tensor,
+    centers: Tensor,
+    gt_boxes: Sequence[Tensor],
+    gt_labels: Sequence[Tensor],
+    xis: Sequence[float],
+    k: int,
+    jitter: float = 0.05,
+    generator: torch.Generator | None = None,
+    *,
+    swap_xy: bool = False,
+) -> tuple[list[Tensor], Tensor]:
+    """PGW masks (one per exponent in `xis`) and background masks of a whole batch at once.
+
+    The same values as `quality_scores` + `pgw_masks` + `background_mask` image by image
+    (identical with jitter = 0; other noise draws otherwise), computed with the GTs padded to the
+    batch's largest count, so that the work is a fixed number of batched operations instead of
+    a Python loop over images: on a GPU the per-image loop costs more in kernel launches and host
+    synchronisations than in arithmetic.
+
+    Args:
+        cls_logits: [B, A, C] raw teacher class logits, all levels concatenated.
+        pred_boxes: [B, A, 4] teacher boxes, absolute xyxy pixels.
+        centers: [A, 2] location centres (x, y) pixels, the same for every image.
+        gt_boxes: B tensors [G_b, 4] (G_b may be 0), absolute xyxy pixels.
+        gt_labels: B tensors [G_b] of 0-based class indices.
+        xis: IoU exponents, e.g. (0.8, 0.6) for the cls and reg masks.
+        k, jitter, generator, swap_xy: as in `pgw_mask`.
+
+    Returns:
+        (M masks [B, A], background mask [B, A]), float32 (float64 if an input is float64).
+
+    Raises:
+        ValueError: wrong ranks or mismatched sizes, non-integer or out-of-range labels, k < 1,
+            jitter < 0.
+    """
+    _check(cls_logits, "cls_logits", "[B, A, C]", 3)
+    _check(pred_boxes, "pred_boxes", "[B, A, 4]", 3, 4)
+    _check(centers, "centers", "[A, 2]", 2, 2)
+    batch, num_points, num_classes = cls_logits.shape
+    if pred_boxes.shape[:2] != cls_logits.shape[:2] or centers.shape[0] != num_points:
+        raise ValueError(
+            f"pred_boxes [B, A, 4] and centers [A, 2] must match cls_logits [B, A, C] = "
+            f"{tuple(cls_logits.shape)}, got {tuple(pred_boxes.shape)} and {tuple(centers.shape)}"
+        )
+    if len(gt_boxes) != batch or len(gt_labels) != batch:
+        raise ValueError(
+            f"need one gt_boxes and one gt_labels tensor per image (B = {batch}), got "
+            f"{len(gt_boxes)} and {len(gt_labels)}"
+        )
+    counts = []
+    for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels, strict=True)):
+        boxes, labels = _empty_as(boxes, (0, 4)), _empty_as(labels, (0,))
+        _check(boxes, f"gt_boxes[{i}]", "[G, 4]", 2, 4)
+        _check(labels, f"gt_labels[{i}]", "[G]", 1)
+        if labels.shape[0] != boxes.shape[0]:
+            raise ValueError(
+                f"gt_labels[{i}] must have shape [G] with G = {boxes.shape[0]} (from "
+                f"gt_boxes[{i}]), got {tuple(labels.shape)}"
+            )
+        if labels.numel() and (labels.is_floating_point() or labels.is_complex()):
+            raise ValueError(f"gt_labels must be integer class indices, got {labels.dtype}")
+        counts.append(boxes.shape[0])
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if jitter < 0:
+        raise ValueError(f"jitter must be >= 0, got {jitter}")
+    dtype = _float_dtype(cls_logits, pred_boxes, centers, *gt_boxes)
+    device = centers.device
+    masks = [torch.zeros(batch, num_points, dtype=dtype, device=device) for _ in xis]
+    background = torch.ones(batch, num_points, dtype=dtype, device=device)
+    num_gt = max(counts, default=0)
+    if num_gt == 0 or num_points == 0 or not masks:
+        return masks, background
+
+    labels = _pad(gt_labels, (), device=device, dtype=torch.long)  # [B, G]
+    # One host synchronisation for the whole batch (not two per image).
+    low, high = torch.stack(torch.aminmax(torch.cat([t.reshape(-1) for t in gt_labels]))).tolist()
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"gt_labels must lie in [0, {num_classes}), got values in [{low}, {high}]")
+    boxes = _pad(gt_boxes, (4,), device=device, dtype=dtype)  # [B, G, 4], zero boxes padded
+    valid = torch.arange(num_gt, device=device) < torch.tensor(counts, device=device)[:, None]
+    centers = centers.detach().to(dtype)
+
+    # Quality (section 2.4) of every location for every GT: [B, A, G].
+    index = labels[:, None, :].expand(batch, num_points, num_gt)
+    score = cls_logits.detach().to(dtype).gather(2, index).sigmoid()
+    iou = _box_iou(pred_boxes.detach().to(dtype), boxes)
+    joint = torch.cat([score.pow(1.0 - xi) * iou.pow(xi) for xi in xis], dim=2)  # [B, A, M*G]
+
+    topk, weight = _gaussian_topk_weights(
+        joint, centers, min(int(k), num_points), jitter, generator
+    )  # [B, K, M*G] each
+    joint_boxes = boxes.repeat(1, len(xis), 1)  # [B, M*G, 4]
+    keep = (
+        _inside(centers[topk], joint_boxes[:, None], swap_xy) & valid.repeat(1, len(xis))[:, None]
+    )  # in-box filter after the fit (P5); padded GTs never count
+    weight = weight * keep.to(dtype)
+    for m, mask in enumerate(masks):
+        cols = slice(m * num_gt, (m + 1) * num_gt)
+        mask.scatter_reduce_(
+            1,
+            topk[..., cols].reshape(batch, -1),
+            weight[..., cols].reshape(batch, -1),
+            reduce="amax",
+        )
+    inside = _inside(centers[None, :, None, :], boxes[:, None], swap_xy) & valid[:, None, :]
+    background = (~inside.any(dim=2)).to(dtype)  # [B, A]
+    return masks, background
