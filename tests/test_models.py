@@ -147,3 +147,23 @@ def test_cpu_bf16_gradients_stay_finite_on_small_inputs():
         sum(losses.values()).backward()
         p7 = model.backbone.fpn.extra_blocks.p7.weight.grad
         assert torch.isfinite(p7).all() and p7.abs().max() < 1e3
+
+
+def test_frozen_bn_matches_torchvision_and_keeps_the_autocast_dtype():
+    from pgd_deploy.models.backbone import FrozenBN
+
+    torch.manual_seed(0)
+    stock, ours = FrozenBatchNorm2d(8), FrozenBN(8)
+    bn = torch.nn.BatchNorm2d(8)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(bn, name).data.uniform_(-1, 1)
+    bn.running_var.data.uniform_(0.5, 2)
+    stock.load_state_dict(bn.state_dict())  # num_batches_tracked dropped by both
+    ours.load_state_dict(bn.state_dict())
+    x = torch.randn(2, 8, 5, 7)
+    torch.testing.assert_close(ours(x), stock(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours(x), bn.eval()(x), rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x.bfloat16())
+    assert y.dtype == torch.bfloat16  # the stock module would return float32
+    torch.testing.assert_close(y.float(), stock(x), rtol=2e-2, atol=2e-2)

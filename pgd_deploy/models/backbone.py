@@ -18,6 +18,23 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152)
 STRIDES = (8, 16, 32, 64, 128)  # P3..P7
 
 
+class FrozenBN(FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d (same buffers, same state dict), computed in the input's
+    dtype as one fused multiply-add.
+
+    The stock module multiplies by fp32 buffers, so under bf16/fp16 autocast every frozen BN
+    returns fp32: activations double in size and are cast back before the next convolution.
+    Here the output keeps the input's dtype, as trainable BatchNorm does under autocast
+    (bench/pgd_gpu.py measures the difference).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        shape = (1, -1, 1, 1)
+        return torch.addcmul(shift.to(x.dtype).reshape(shape), x, scale.to(x.dtype).reshape(shape))
+
+
 class ExtraLevels(LastLevelP6P7):
     """P6 = conv(P5), P7 = conv(ReLU(P6)), both 3x3 stride 2 (torchvision's LastLevelP6P7).
 
@@ -65,16 +82,14 @@ def _resnet(depth: int, weights: str) -> tuple[nn.Module, bool]:
     if weights == "imagenet":
         enum = torchvision.models.get_model_weights(name)
         # IMAGENET1K_V1 is the checkpoint MMDetection and the PGD paper start from.
-        model = torchvision.models.get_model(
-            name, weights=enum.IMAGENET1K_V1, norm_layer=FrozenBatchNorm2d
-        )
+        model = torchvision.models.get_model(name, weights=enum.IMAGENET1K_V1, norm_layer=FrozenBN)
         return model, True
     path = Path(weights)
     if not path.is_file():
         raise ValueError(
             f"model.weights: expected 'none', 'imagenet' or an existing file, got {weights!r}"
         )
-    model = torchvision.models.get_model(name, weights=None, norm_layer=FrozenBatchNorm2d)
+    model = torchvision.models.get_model(name, weights=None, norm_layer=FrozenBN)
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     missing, unexpected = model.load_state_dict(state, strict=False)
