@@ -7,9 +7,10 @@
     timed as a fraction of (b).
 
 CPU: 320x320, batch 2. CUDA (when available): 800x1333 (padded to 800x1344), batch 8.
-The last line printed is `overhead ratio: X.XX`, the CPU figure (b) / (a).
+The last line printed is `overhead ratio: X.XX`, the CPU figure (b) / (a); with CUDA, the line
+`overhead ratio (CUDA): X.XX` comes first.
 
-    python bench/pgd_overhead.py [--iters 5] [--warmup 2] [--no-cuda]
+    python bench/pgd_overhead.py [--iters 5] [--warmup 2] [--no-cuda] [--no-cpu]
 """
 
 from __future__ import annotations
@@ -129,11 +130,14 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     if args.cuda and torch.cuda.is_available():
-        run(torch.device("cuda"), 800, 1344, 8, args.iters, args.warmup)
-    cpu_ratio = run(torch.device("cpu"), 320, 320, 2, args.iters, args.warmup)
-    print(f"overhead ratio: {cpu_ratio:.2f}")
+        cuda_ratio = run(torch.device("cuda"), 800, 1344, 8, args.iters, args.warmup)
+        print(f"overhead ratio (CUDA): {cuda_ratio:.2f}")
+    if args.cpu:
+        cpu_ratio = run(torch.device("cpu"), 320, 320, 2, args.iters, args.warmup)
+        print(f"overhead ratio: {cpu_ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ class StepContext:
     grad_clip: float = 0.0
     autocast_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
+    memory_format: torch.memory_format = torch.contiguous_format  # of the model and the images
 
 
 def weighted_sum(losses: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
@@ -56,6 +57,8 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
         NonFiniteLossError: the loss is not finite (on any process); nothing was updated.
     """
     batch = batch.to(ctx.device)
+    if ctx.memory_format != torch.contiguous_format:
+        batch.images = batch.images.contiguous(memory_format=ctx.memory_format)
     amp = (
         torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype)
         if ctx.autocast_dtype is not None

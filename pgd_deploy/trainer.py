@@ -112,13 +112,24 @@ def autocast_setup(cfg_amp: str, device: torch.device):
     return torch.float16, torch.amp.GradScaler("cuda")
 
 
+def memory_format_for(setting: str, device: torch.device) -> torch.memory_format:
+    """`train.channels_last`: `auto` = channels-last on CUDA, where cuDNN runs bf16/fp16
+    convolutions in NHWC and would otherwise transpose around each one (bench/pgd_gpu.py
+    measures it); the CPU keeps the default layout."""
+    if setting == "on" or (setting == "auto" and device.type == "cuda"):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        # warn_only: on CUDA a few backward kernels (nearest upsampling in the FPN) have no
+        # deterministic version; they warn instead of stopping the run. CPU runs are bit-exact.
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
@@ -140,10 +151,11 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    # RNG states are CPU byte tensors; a checkpoint loaded with map_location=cuda moves them
+    torch.set_rng_state(state["torch"].cpu())
     random.setstate(_as_tuple(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if "numpy" in state:
         name, keys, *rest = state["numpy"]
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
@@ -200,6 +212,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
         model = build_detector(cfg.model).to(self.device)
         provider = make_loss_provider(model, self.device) if make_loss_provider else None
+        memory_format = memory_format_for(cfg.train.channels_last, self.device)
+        model.to(memory_format=memory_format)
+        teacher = getattr(provider, "teacher", None)  # the distiller's teacher sees the same batch
+        if isinstance(teacher, nn.Module):
+            teacher.to(memory_format=memory_format)
         if dist.is_dist():
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -216,6 +233,7 @@ class Trainer:
             grad_clip=cfg.train.grad_clip,
             autocast_dtype=amp_dtype,
             scaler=scaler,
+            memory_format=memory_format,
         )
         self.iteration = 0
         self.epoch = 0

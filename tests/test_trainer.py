@@ -216,3 +216,18 @@ def test_non_finite_gradient_stops_before_the_update(tmp_path):
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_channels_last_setting_and_training(tmp_path):
+    from pgd_deploy.trainer import memory_format_for
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert memory_format_for("auto", cpu) == torch.contiguous_format
+    assert memory_format_for("auto", cuda) == torch.channels_last
+    assert memory_format_for("off", cuda) == torch.contiguous_format
+    assert memory_format_for("on", cpu) == torch.channels_last
+    cfg = tiny_cfg(tmp_path / "cache", "train.max_iters=2", "train.channels_last='on'")
+    result = fit(cfg, work_dir=tmp_path / "run")
+    assert result.completed and result.iterations == 2
+    with pytest.raises(ValueError, match="train.channels_last"):
+        tiny_cfg(tmp_path / "cache", "train.channels_last='yes'")

@@ -1,0 +1,202 @@
+"""CUDA paths: PGD math on the GPU against the CPU, a distillation step under bf16, training with
+bf16 and fp16 (grad scaler) plus resume, and the PyTorch serving backend on the GPU.
+
+Marked `gpu` and skipped without CUDA (CI has none): `bench/gpu_check.sh` runs these on a GPU
+machine together with the GPU benchmarks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_trainer import Interrupt, tiny_cfg
+
+from pgd_deploy.checkpoint import load_checkpoint
+from pgd_deploy.config import ModelConfig
+from pgd_deploy.distill import (
+    Distiller,
+    background_mask,
+    cls_distill_loss,
+    pgw_mask,
+    quality_score,
+    reg_distill_loss,
+)
+from pgd_deploy.models import build_detector
+from pgd_deploy.runtime.backends import TorchBackend
+from pgd_deploy.trainer import fit
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+CUDA = torch.device("cuda")
+KD_KEYS = [f"kd_{kind}_p{level}" for kind in ("cls", "reg") for level in range(3, 8)]
+
+
+def _case(dtype: torch.dtype, seed: int, points: int = 400, gts: int = 5, classes: int = 4):
+    """Random teacher predictions around random large GTs on a 128 px image: every location
+    overlaps some GT, so the top-K has no ties at zero quality (which devices break differently)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.rand(points, 2, generator=g, dtype=dtype) * 128
+    half = 15 + torch.rand(points, 2, generator=g, dtype=dtype) * 30
+    pred = torch.cat([centers - half, centers + half], dim=1)
+    lo = torch.rand(gts, 2, generator=g, dtype=dtype) * 40
+    gt = torch.cat([lo, lo + 50 + torch.rand(gts, 2, generator=g, dtype=dtype) * 40], dim=1)
+    logits = torch.randn(points, classes, generator=g, dtype=dtype)
+    labels = torch.randint(0, classes, (gts,), generator=g)
+    return logits, pred, gt, labels, centers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masks_on_cuda_match_the_cpu(dtype: torch.dtype) -> None:
+    logits, pred, gt, labels, centers = _case(dtype, seed=3)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 0}
+    q_cpu = quality_score(logits, pred, gt, labels, 0.8)
+    q_gpu = quality_score(logits.to(CUDA), pred.to(CUDA), gt.to(CUDA), labels.to(CUDA), 0.8)
+    assert q_gpu.device.type == "cuda" and q_gpu.dtype == dtype
+    torch.testing.assert_close(q_gpu.cpu(), q_cpu, **tol)
+
+    m_cpu = pgw_mask(q_cpu, centers, gt, k=30, jitter=0.0)
+    m_gpu = pgw_mask(q_gpu, centers.to(CUDA), gt.to(CUDA), k=30, jitter=0.0)
+    assert m_gpu.device.type == "cuda" and m_gpu.dtype == dtype
+    assert torch.equal(m_gpu.cpu() > 0, m_cpu > 0)  # the same selected locations
+    torch.testing.assert_close(m_gpu.cpu(), m_cpu, **tol)
+
+    bg_cpu = background_mask(centers, gt)
+    bg_gpu = background_mask(centers.to(CUDA), gt.to(CUDA))
+    assert torch.equal(bg_gpu.cpu(), bg_cpu)
+
+    # Jitter drawn from a CUDA generator: a valid sparse mask on the GPU.
+    jittered = pgw_mask(
+        q_gpu, centers.to(CUDA), gt.to(CUDA), k=30, generator=torch.Generator(CUDA).manual_seed(0)
+    )
+    assert jittered.device.type == "cuda"
+    assert bool(((jittered >= 0) & (jittered <= 1)).all())
+    assert 0 < int((jittered > 0).sum()) <= 30 * gt.shape[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_losses_and_gradients_on_cuda_match_the_cpu(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(7)
+    student = torch.randn(4, 16, 10, 12, generator=g, dtype=dtype)
+    teacher = torch.randn(4, 16, 10, 12, generator=g, dtype=dtype)
+    fg = torch.rand(4, 10, 12, generator=g, dtype=dtype) * (
+        torch.rand(4, 10, 12, generator=g) > 0.8
+    )
+    bg = (torch.rand(4, 10, 12, generator=g) > 0.5).to(dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 0}
+    kwargs = {"temperature": 0.8, "alpha": 0.04, "beta": 0.02, "delta": 0.0008}
+
+    def both(device: torch.device):
+        s = student.to(device, copy=True).requires_grad_(True)  # a fresh leaf per device
+        cls = cls_distill_loss(
+            s,
+            teacher.to(device),
+            fg.to(device),
+            bg.to(device),
+            level_weight=1.5,
+            mask_group=2,
+            **kwargs,
+        )
+        reg = reg_distill_loss(
+            s, teacher.to(device), fg.to(device), temperature=0.8, gamma=0.064, delta=0.0008
+        )
+        (cls + reg).backward()
+        return cls.detach().cpu(), reg.detach().cpu(), s.grad.cpu()
+
+    for a, b in zip(both(torch.device("cpu")), both(CUDA), strict=True):
+        assert b.dtype == dtype
+        torch.testing.assert_close(b, a, **tol)
+
+
+def test_distillation_step_on_cuda_under_bf16() -> None:
+    torch.manual_seed(1)
+    teacher = build_detector(ModelConfig(depth=18), num_classes=3).to(CUDA)
+    student = build_detector(ModelConfig(depth=18), num_classes=3).to(CUDA).train()
+    distiller = Distiller(teacher=teacher, generator=torch.Generator(CUDA).manual_seed(0))
+    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.01)
+    images = torch.randn(4, 3, 128, 160, device=CUDA)
+    boxes = torch.tensor([[8.0, 10, 70, 90], [40, 30, 120, 110]], device=CUDA)
+    targets = [
+        {"boxes": boxes, "labels": torch.tensor([0, 2], device=CUDA)},
+        {"boxes": boxes[:1], "labels": torch.tensor([1], device=CUDA)},
+        {"boxes": boxes.new_zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long, device=CUDA)},
+        {"boxes": boxes[1:], "labels": torch.tensor([2], device=CUDA)},
+    ]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        outputs = student(images)
+        kd = distiller(images, outputs, targets)
+        losses = {**student.loss(outputs, targets), **kd}
+    total = sum(losses.values())
+    optimizer.zero_grad()
+    total.backward()
+    optimizer.step()
+    assert list(kd) == KD_KEYS
+    assert all(v.device.type == "cuda" and bool(torch.isfinite(v)) for v in kd.values())
+    assert kd["kd_reg_p3"].item() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(gr).all()) for gr in grads)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_training_on_cuda_with_mixed_precision_and_resume(tmp_path, amp: str) -> None:
+    cfg = tiny_cfg(
+        tmp_path / "cache",
+        "train.device='cuda'",
+        f"train.amp='{amp}'",
+        "train.max_iters=6",
+        "train.checkpoint_every=3",
+    )
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, work_dir=tmp_path / "run", make_loss_provider=lambda m, d: Interrupt(at=4))
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["iteration"] == 3
+    assert bool(state["scaler"]) == (amp == "fp16")  # the grad scaler's state is checkpointed
+    assert all(v.device.type == "cpu" for v in state["model"].values())  # loadable without a GPU
+    result = fit(cfg, work_dir=tmp_path / "run", resume=True)
+    assert result.completed and result.iterations == 6
+    assert set(result.metrics) >= {"AP", "AP50"}
+    final = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert all(
+        bool(torch.isfinite(v).all()) for v in final["model"].values() if v.is_floating_point()
+    )
+
+
+def test_torch_backend_on_cuda_matches_the_cpu(tmp_path) -> None:
+    cfg = tiny_cfg(tmp_path / "cache", "train.device='cuda'", "train.max_iters=2")
+    fit(cfg, work_dir=tmp_path / "run")
+    ckpt = tmp_path / "run" / "last.pt"
+    cpu = TorchBackend(ckpt, device="cpu")
+    gpu = TorchBackend(ckpt, device="cuda")
+    assert gpu.device.type == "cuda" and gpu.input_size == cpu.input_size
+    rng = np.random.default_rng(0)
+    batch = rng.normal(size=(2, 3, *cpu.input_size)).astype(np.float32)
+    a, b = cpu.infer(batch), gpu.infer(batch)
+    # cuDNN may run the convolutions in TF32: close, not identical
+    np.testing.assert_allclose(b["scores"], a["scores"], atol=2e-3)
+    np.testing.assert_allclose(b["boxes"], a["boxes"], atol=0.5)
+    images = [rng.integers(0, 255, size=(50, 70, 3), dtype=np.uint8) for _ in range(3)]
+    assert len(gpu.predict(images)) == 3
+
+
+def test_pgd_training_on_cuda_channels_last(tmp_path) -> None:
+    teacher = fit(
+        tiny_cfg(tmp_path / "cache", "train.device='cuda'", "train.max_iters=2"),
+        work_dir=tmp_path / "teacher",
+    )
+    assert teacher.completed
+    cfg = tiny_cfg(
+        tmp_path / "cache",
+        "train.device='cuda'",
+        "train.channels_last='on'",
+        "train.max_iters=3",
+        f"distill.teacher='{tmp_path / 'teacher' / 'last.pt'}'",
+    )
+    result = fit(cfg, work_dir=tmp_path / "pgd")
+    assert result.completed and set(result.metrics) >= {"AP", "AP50"}
+    history = load_checkpoint(tmp_path / "pgd" / "last.pt")["history"]
+    logged = {key for row in history for key in row}
+    assert {"kd_cls_p3", "kd_reg_p3"} <= logged  # the KD terms were trained and logged
