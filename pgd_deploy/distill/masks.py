@@ -71,27 +71,43 @@ def _inside(points: Tensor, gt_boxes: Tensor, swap_xy: bool) -> Tensor:
     return ((x - x1) > EPS) & ((y - y1) > EPS) & ((x2 - x) > EPS) & ((y2 - y) > EPS)
 
 
+def _check_gt(gt_boxes: Tensor, gt_labels: Tensor, index: str = "") -> tuple[Tensor, Tensor]:
+    """Validated (gt_boxes [G, 4], gt_labels [G] integer) of one image; `index` (e.g. "[2]")
+    names the image of a batch in the messages."""
+    gt_boxes, gt_labels = _empty_as(gt_boxes, (0, 4)), _empty_as(gt_labels, (0,))
+    _check(gt_boxes, f"gt_boxes{index}", "[G, 4]", 2, 4)
+    _check(gt_labels, f"gt_labels{index}", "[G]", 1)
+    if gt_labels.shape[0] != gt_boxes.shape[0]:
+        raise ValueError(
+            f"gt_labels{index} must have shape [G] with G = {gt_boxes.shape[0]} (from "
+            f"gt_boxes{index}), got {tuple(gt_labels.shape)}"
+        )
+    if gt_labels.numel() and (gt_labels.is_floating_point() or gt_labels.is_complex()):
+        raise ValueError(
+            f"gt_labels{index} must be integer class indices, got dtype {gt_labels.dtype}"
+        )
+    return gt_boxes, gt_labels
+
+
+def _check_k_jitter(k: int, jitter: float) -> None:
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if jitter < 0:
+        raise ValueError(f"jitter must be >= 0, got {jitter}")
+
+
 def _quality_terms(
     cls_logits: Tensor, pred_boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Validated (sigmoid score of the GT class [A, G], IoU [A, G]) without gradient."""
     _check(cls_logits, "cls_logits", "[A, C]", 2)
     _check(pred_boxes, "pred_boxes", "[A, 4]", 2, 4)
-    gt_boxes, gt_labels = _empty_as(gt_boxes, (0, 4)), _empty_as(gt_labels, (0,))
-    _check(gt_boxes, "gt_boxes", "[G, 4]", 2, 4)
-    _check(gt_labels, "gt_labels", "[G]", 1)
+    gt_boxes, gt_labels = _check_gt(gt_boxes, gt_labels)
     if pred_boxes.shape[0] != cls_logits.shape[0]:
         raise ValueError(
             f"pred_boxes must have shape [A, 4] with A = {cls_logits.shape[0]} (from cls_logits), "
             f"got {tuple(pred_boxes.shape)}"
         )
-    if gt_labels.shape[0] != gt_boxes.shape[0]:
-        raise ValueError(
-            f"gt_labels must have shape [G] with G = {gt_boxes.shape[0]} (from gt_boxes), "
-            f"got {tuple(gt_labels.shape)}"
-        )
-    if gt_labels.numel() and (gt_labels.is_floating_point() or gt_labels.is_complex()):
-        raise ValueError(f"gt_labels must be integer class indices, got dtype {gt_labels.dtype}")
     num_classes = cls_logits.shape[1]
     if gt_labels.numel() and (int(gt_labels.min()) < 0 or int(gt_labels.max()) >= num_classes):
         raise ValueError(f"gt_labels must lie in [0, {num_classes}), got {gt_labels.tolist()}")
@@ -255,10 +271,7 @@ def pgw_masks(
                 f"quality must have shape [A, G] = {(num_points, num_gt)} (A from centers, G "
                 f"from gt_boxes), got {tuple(quality.shape)}"
             )
-    if int(k) < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if jitter < 0:
-        raise ValueError(f"jitter must be >= 0, got {jitter}")
+    _check_k_jitter(k, jitter)
     dtype = _float_dtype(centers, gt_boxes, *qualities)
     masks = [torch.zeros(num_points, dtype=dtype, device=centers.device) for _ in qualities]
     if num_gt == 0 or num_points == 0 or not masks:
@@ -366,23 +379,11 @@ def batch_masks(
             f"need one gt_boxes and one gt_labels tensor per image (B = {batch}), got "
             f"{len(gt_boxes)} and {len(gt_labels)}"
         )
-    counts = []
-    for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels, strict=True)):
-        boxes, labels = _empty_as(boxes, (0, 4)), _empty_as(labels, (0,))
-        _check(boxes, f"gt_boxes[{i}]", "[G, 4]", 2, 4)
-        _check(labels, f"gt_labels[{i}]", "[G]", 1)
-        if labels.shape[0] != boxes.shape[0]:
-            raise ValueError(
-                f"gt_labels[{i}] must have shape [G] with G = {boxes.shape[0]} (from "
-                f"gt_boxes[{i}]), got {tuple(labels.shape)}"
-            )
-        if labels.numel() and (labels.is_floating_point() or labels.is_complex()):
-            raise ValueError(f"gt_labels must be integer class indices, got {labels.dtype}")
-        counts.append(boxes.shape[0])
-    if int(k) < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if jitter < 0:
-        raise ValueError(f"jitter must be >= 0, got {jitter}")
+    counts = [
+        _check_gt(boxes, labels, f"[{i}]")[0].shape[0]
+        for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels, strict=True))
+    ]
+    _check_k_jitter(k, jitter)
     dtype = _float_dtype(cls_logits, pred_boxes, centers, *gt_boxes)
     device = centers.device
     masks = [torch.zeros(batch, num_points, dtype=dtype, device=device) for _ in xis]
