@@ -80,3 +80,13 @@ def coco128_images(coco128: Path, count: int) -> list[Path]:
     if len(images) < count:
         pytest.skip(f"coco128 has only {len(images)} val images, need {count}")
     return images
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child that the test interrupts with SIGINT, as Ctrl-C in a terminal
+    would: a shell that runs the test suite in the background (`make test &`, nohup, some CI
+    runners) passes SIGINT on as ignored, and Python then installs no KeyboardInterrupt
+    handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

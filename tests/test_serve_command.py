@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from serve_helpers import onnx_model, student_checkpoint
+from serve_helpers import default_sigint, onnx_model, student_checkpoint
 
 from pgd_deploy.serve.command import _config, _parser, main
 
@@ -79,6 +79,7 @@ def test_demo_command_serves_until_ctrl_c(tmp_path_factory: pytest.TempPathFacto
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=default_sigint,
     )
     try:
         deadline = time.monotonic() + 180

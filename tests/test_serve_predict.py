@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serve_helpers import coco128_images, onnx_model, student_checkpoint
+from serve_helpers import coco128_images, default_sigint, onnx_model, student_checkpoint
 
 from pgd_deploy.metrics import detections_to_coco
 from pgd_deploy.runtime.backends import load_backend
@@ -193,6 +193,7 @@ def test_interrupt_leaves_valid_json(tmp_path: Path, coco128: Path, model: Path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     try:
         deadline = time.monotonic() + 120
