@@ -58,15 +58,31 @@ def software_versions() -> dict[str, str | None]:
     return versions
 
 
+# The meaning of each axis of the contract's tensors (the manifest's "axes", config comments).
+AXES = {
+    "images": ["batch", "channels", "height", "width"],
+    "boxes": ["batch", "locations", "xyxy"],
+    "scores": ["batch", "locations", "classes"],
+    "num_dets": ["batch", "count"],
+    "det_boxes": ["batch", "max_det", "xyxy"],
+    "det_scores": ["batch", "max_det"],
+    "det_classes": ["batch", "max_det"],
+}
+
+
 def describe_io(model: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Inputs and outputs of an ONNX ModelProto as [{"name", "dtype", "shape"}] (-1 = dynamic)."""
+    """Inputs and outputs of an ONNX ModelProto as [{"name", "dtype", "shape", "axes"}]
+    (shape -1 = dynamic: only the batch axis of a pgd-export model)."""
     import onnx
 
     def one(value: Any) -> dict[str, Any]:
         tensor = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
-        return {"name": value.name, "dtype": dtype, "shape": dims}
+        entry = {"name": value.name, "dtype": dtype, "shape": dims}
+        if len(AXES.get(value.name, [])) == len(dims):
+            entry["axes"] = AXES[value.name]
+        return entry
 
     return [one(v) for v in model.graph.input], [one(v) for v in model.graph.output]
 

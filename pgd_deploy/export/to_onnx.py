@@ -127,6 +127,37 @@ def export_onnx(
     if simplify:
         model = simplify_onnx(model)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    locations = sum(probe_level_sizes(detector, (h, w)))
+    return fix_output_dims(model, num_locations=locations, num_classes=detector.num_classes)
+
+
+def fix_output_dims(model: Any, *, num_locations: int, num_classes: int) -> Any:
+    """Write N (locations) and C (classes) into the outputs: boxes [batch, N, 4], scores
+    [batch, N, C], so that only the batch axis is dynamic and a consumer that declares other
+    dims (a Triton config) fails at load time. Strict shape inference then checks the graph
+    agrees, and `onnx.checker` runs.
+
+    Raises:
+        ValueError: the outputs are not the dense contract, or the graph computes other dims.
+    """
+    import onnx
+
+    names = [o.name for o in model.graph.output]
+    if names != list(OUTPUT_NAMES):
+        raise ValueError(f"fix_output_dims: expected outputs {list(OUTPUT_NAMES)}, got {names}")
+    for output, last in zip(model.graph.output, (4, num_classes)):
+        dims = output.type.tensor_type.shape.dim
+        del dims[:]
+        dims.add().dim_param = BATCH_AXIS
+        for value in (num_locations, last):
+            dims.add().dim_value = int(value)
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as err:  # InferenceError / ValidationError: the graph disagrees
+        raise ValueError(
+            f"the exported graph does not produce boxes [batch, {num_locations}, 4] and scores "
+            f"[batch, {num_locations}, {num_classes}]: {err}"
+        ) from None
     onnx.checker.check_model(model, full_check=True)
     return model
 
