@@ -147,6 +147,7 @@ class ExportConfig:
     max_det: int = 100  # detections per image with in-graph NMS
     conf: float = 0.05  # in-graph NMS score threshold (recorded in the manifest)
     iou: float = 0.6  # in-graph NMS IoU threshold (recorded in the manifest)
+    nms_topk: int = 1000  # in-graph NMS: (location, class) candidates per image (TensorRT < 3840)
     opset: int = 17  # ONNX opset
     exporter: Literal["legacy", "dynamo"] = "legacy"  # torch.onnx exporter
     simplify: bool = True  # run onnxslim (failure is logged, never fatal)

@@ -48,10 +48,14 @@ def _random_dets(rng, batch, n, c):
     return boxes, scores
 
 
-def test_padded_outputs_match_numpy_postprocessing():
+@pytest.mark.parametrize("topk", [1200, 150])  # all N * C candidates, and a real cut
+def test_padded_outputs_match_numpy_postprocessing(topk):
+    """The graph equals the host post-processing with the same pre-NMS top-k over one level."""
     rng = np.random.default_rng(0)
     n, c, max_det, conf, iou = 300, 4, 20, 0.2, 0.5
-    model = append_nms(_identity_model(n, c), imgsz=(H, W), max_det=max_det, conf=conf, iou=iou)
+    model = append_nms(
+        _identity_model(n, c), imgsz=(H, W), max_det=max_det, conf=conf, iou=iou, topk=topk
+    )
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     boxes, scores = _random_dets(rng, 3, n, c)
     scores[1] *= 0.1  # image 1: nothing above the threshold
@@ -67,8 +71,9 @@ def test_padded_outputs_match_numpy_postprocessing():
             scores[i],
             score_thresh=conf,
             nms_thresh=iou,
-            topk_candidates=n * c,
+            topk_candidates=topk,
             max_det=max_det,
+            level_sizes=None,
         )
         k = int(num[i, 0])
         assert k == len(ref)
@@ -80,16 +85,44 @@ def test_padded_outputs_match_numpy_postprocessing():
     assert num[1, 0] == 0 and num[0, 0] == max_det  # empty image and a full one
 
 
+def test_pre_nms_topk_bounds_the_candidates():
+    """With K = 5 only the 5 best (location, class) pairs can survive: TensorRT's NMS layer never
+    sees more candidates than the graph's TopK hands it."""
+    rng = np.random.default_rng(1)
+    model = append_nms(_identity_model(50, 3), imgsz=(H, W), max_det=40, conf=0.0, topk=5)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    xy = rng.uniform(0, 40, size=(1, 50, 2))
+    boxes = np.concatenate([xy, xy + 1.0], axis=-1).astype(np.float32)  # tiny: no overlaps
+    scores = rng.uniform(0.1, 1, size=(1, 50, 3)).astype(np.float32)
+    num, _, det_scores, _ = session.run(None, {"b": boxes, "s": scores})
+    assert num[0, 0] == 5
+    np.testing.assert_allclose(det_scores[0, :5], np.sort(scores.reshape(-1))[::-1][:5])
+    topk = [n for n in model.graph.node if n.op_type == "TopK"]
+    ks = [
+        int(i.int64_data[0] if i.int64_data else np.frombuffer(i.raw_data, np.int64)[0])
+        for i in model.graph.initializer
+        if i.name in {t.input[1] for t in topk}
+    ]
+    assert sorted(ks) == [5, 40] and max(ks) < 3840  # onnx-tensorrt: TopK K < 3840
+
+
 def test_nms_refuses_bad_thresholds_and_graphs():
     model = _identity_model(10, 2)
     with pytest.raises(ValueError, match="--max-det"):
-        append_nms(model, imgsz=(H, W), max_det=5000)
+        append_nms(model, imgsz=(H, W), max_det=3840)  # TensorRT TopK needs K < 3840
+    with pytest.raises(ValueError, match="--nms-topk.*5000"):
+        append_nms(model, imgsz=(H, W), topk=3840)
     with pytest.raises(ValueError, match="--iou"):
         append_nms(model, imgsz=(H, W), iou=0.0)
+    append_nms(model, imgsz=(H, W), max_det=3839, topk=3839)  # the largest accepted
+    model.graph.output[1].type.tensor_type.shape.dim[2].dim_param = "C"  # symbolic classes
+    with pytest.raises(ValueError, match="fixed N and C"):
+        append_nms(model, imgsz=(H, W))
     model.graph.output[0].name = "other"
     with pytest.raises(ValueError, match="expected outputs"):
         append_nms(model, imgsz=(H, W))
-    assert nms_settings("onnx", max_det=7, conf=0.1, iou=0.5)["max_det"] == 7
+    settings = nms_settings("onnx", max_det=7, conf=0.1, iou=0.5, topk=1000, candidates=20)
+    assert settings["max_det"] == 7 and settings["pre_nms_topk"] == 20  # capped at N * C
     assert nms_settings("none", max_det=7, conf=0.1, iou=0.5) == {"mode": "none"}
 
 
@@ -110,20 +143,82 @@ def test_in_graph_nms_matches_torch_postprocessing_on_coco128(tmp_path):
         src.detector, input_size=(H, W), class_names=src.class_names
     )
     dense = export_onnx(src.detector, imgsz=(H, W), simplify=False)
-    model = append_nms(dense, imgsz=(H, W), max_det=50, conf=0.2, iou=0.6)
+    model = append_nms(dense, imgsz=(H, W), max_det=50, conf=0.2, iou=0.6, topk=1000)
     path = save_onnx(model, tmp_path / "nms.onnx")
-    candidate = OrtBackend(path, meta={"imgsz": [H, W], "postprocess": post})
+    meta = {"imgsz": [H, W], "postprocess": post, "class_names": src.class_names}
+    candidate = OrtBackend(path, meta=meta)
     assert candidate.in_graph_nms
     # Images that fill the letterbox: the in-graph NMS clips boxes to the input canvas, the host
     # post-processing to the image inside it (documented in export/nms.py); here they coincide.
     paths = [p for p in sorted(folder.glob("*.jpg")) if Image.open(p).size == (640, 480)]
     images = ImageSet(source="coco128", paths=paths[:4])
     ref_dets, cand_dets = [], []
+    same_candidates = {"topk_candidates": 1000, "level_sizes": None}  # as in the graph
     for batch, transforms in images.batches((H, W), 2):
-        ref_dets += reference.postprocess(reference.infer(batch), transforms)
+        ref_dets += reference.postprocess(reference.infer(batch), transforms, **same_candidates)
         cand_dets += candidate.postprocess(candidate.infer(batch), transforms)
     total = sum(len(d) for d in ref_dets)
     assert total >= 20, "the test needs detections to be meaningful"
     agreement = detection_agreement(ref_dets, cand_dets, iou_thresh=0.9, score_thresh=0.2)
     assert agreement >= 0.95
     assert abs(total - sum(len(d) for d in cand_dets)) <= 0.05 * total
+
+
+def test_gate_compares_in_graph_nms_with_the_same_candidates(tmp_path):
+    """The agreement gate of an in-graph NMS model makes the reference select its NMS candidates
+    as the graph does (top --nms-topk over all levels), not with the host's per-level top-k:
+    with a cut that matters (K = 40 of 258 pairs) both sides then find the same detections."""
+    from pgd_deploy.config import GatesConfig
+    from pgd_deploy.export.gates import run_gates
+    from pgd_deploy.export.images import ImageSet
+    from pgd_deploy.export.source import load_source
+    from pgd_deploy.export.to_onnx import export_onnx, save_onnx
+    from pgd_deploy.runtime.backends import OrtBackend, TorchBackend
+
+    size, k = (64, 64), 40
+    src = load_source(make_checkpoint(tmp_path / "live.pt", cls_bias=0.0, box_bias=1.0))
+    post = {"score_thresh": 0.05, "nms_thresh": 0.6, "max_det": 100}
+    src.detector.postprocess_kwargs.update(post)
+    reference = TorchBackend.from_detector(
+        src.detector, input_size=size, class_names=src.class_names
+    )
+    dense = export_onnx(src.detector, imgsz=size, simplify=False)
+    meta = {
+        "imgsz": list(size),
+        "class_names": src.class_names,
+        "postprocess": post,
+        "level_sizes": reference.level_sizes,
+        "nms": nms_settings("onnx", max_det=100, conf=0.05, iou=0.6, topk=k, candidates=258),
+    }
+    nms_model = append_nms(dense, imgsz=size, max_det=100, conf=0.05, iou=0.6, topk=k)
+    candidate = OrtBackend(save_onnx(nms_model, tmp_path / "nms.onnx"), meta=meta)
+    twin = OrtBackend(save_onnx(dense, tmp_path / "dense.onnx"), meta=meta)
+    rng = np.random.default_rng(0)
+    images = ImageSet(
+        source="noise", arrays=[rng.integers(0, 255, (64, 64, 3), np.uint8) for _ in range(4)]
+    )
+    report = run_gates(
+        reference,
+        candidate,
+        images,
+        precision="fp32",
+        gates=GatesConfig(),
+        imgsz=size,
+        batch_size=2,
+        dense_candidate=twin,
+    )
+    agreement = next(r for r in report.results if r.name == "agreement")
+    assert agreement.detail["reference_postprocess"]["topk_candidates"] == k
+    assert agreement.detail["reference_detections"] >= 40  # the cut removes real candidates
+    assert agreement.detail["agreement"] == 1.0 and agreement.detail["reverse_agreement"] == 1.0
+    assert report.passed
+    with pytest.raises(ValueError, match="no dense tensors"):  # NMS outputs alone: said clearly
+        run_gates(
+            reference,
+            candidate,
+            images,
+            precision="fp32",
+            gates=GatesConfig(),
+            imgsz=size,
+            batch_size=2,
+        )

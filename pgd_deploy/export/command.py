@@ -27,6 +27,7 @@ EXPORT_FLAGS = {  # CLI flag (argparse dest) -> ExportConfig key
     "batch_opt": "batch_opt",
     "batch_max": "batch_max",
     "nms": "nms",
+    "nms_topk": "nms_topk",
     "max_det": "max_det",
     "conf": "conf",
     "iou": "iou",
@@ -85,6 +86,12 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-det", type=int, help="detections per image with --nms onnx")
     p.add_argument("--conf", type=float, help="score threshold of --nms onnx")
     p.add_argument("--iou", type=float, help="IoU threshold of --nms onnx")
+    p.add_argument(
+        "--nms-topk",
+        type=int,
+        help="--nms onnx: (location, class) candidates per image before NMS (TensorRT: < 3840; "
+        "<= 2000 for SM 5.3/6.2 GPUs)",
+    )
     p.add_argument("--val", help="gate images: COCO JSON / dataset root (adds mAP) or a folder")
     p.add_argument("--val-images", help="image folder of a --val JSON")
     p.add_argument("--gate-images", type=int, help="images used by the gates")

@@ -4,7 +4,9 @@
    elementwise (boxes atol 1e-3 px, scores 1e-4), fp16 mean error (<= 1e-2 absolute or
    normalised), int8 reported only.
 2. agreement: label-free detection agreement after NMS: the fraction of PyTorch detections above
-   the score threshold matched by the export with the same class and IoU >= 0.9.
+   the score threshold matched by the export with the same class and IoU >= 0.9. For an
+   in-graph NMS artifact the PyTorch side selects its NMS candidates as the graph does (the same
+   pre-NMS top-k, `same_candidates`); tensor parity then runs on its dense twin.
 3. map: with `--val` annotations, COCO AP of the export >= PyTorch AP - tolerance (AP points),
    one-sided as in mmdeploy, same evaluator, same images.
 Each gate has its own exit code (`EXIT_CODES`); the first failing gate decides the exit status.
@@ -180,6 +182,19 @@ def _map_result(
     return GateResult("map", passed, value, f"drop <= {tolerance:g} AP", detail)
 
 
+def same_candidates(candidate: Any) -> dict[str, Any]:
+    """Reference post-processing overrides that select the NMS candidates as the candidate does.
+
+    An in-graph NMS artifact takes the top `pre_nms_topk` (location, class) pairs over all
+    levels (`export/nms.py`); the host default takes a top-k per level. The reference must make
+    the same cut, or the gates would measure the cut instead of the export.
+    """
+    if not getattr(candidate, "in_graph_nms", False):
+        return {}
+    topk = (getattr(candidate, "meta", None) or {}).get("nms", {}).get("pre_nms_topk")
+    return {} if topk is None else {"topk_candidates": int(topk), "level_sizes": None}
+
+
 def run_gates(
     reference: Any,
     candidate: Any,
@@ -206,15 +221,21 @@ def run_gates(
             needs the dense outputs); None when `candidate` itself is dense.
         artifact: the artifact name for the report.
     """
+    if getattr(candidate, "in_graph_nms", False) and dense_candidate is None:
+        raise ValueError(
+            f"{artifact or 'candidate'}: in-graph NMS outputs have no dense tensors to compare; "
+            "pass its dense twin as dense_candidate"
+        )
     dense = dense_candidate if dense_candidate is not None else candidate
     items = list(images.batches(imgsz, batch_size))
     ref_dets: list[Detections] = []
     cand_dets: list[Detections] = []
     post = reference.postprocess_kwargs
+    ref_post = same_candidates(candidate)
 
     def collect(i: int, batch: np.ndarray, ref_out: Any, dense_out: Any) -> None:
         transforms = items[i][1]
-        ref_dets.extend(reference.postprocess(ref_out, transforms))
+        ref_dets.extend(reference.postprocess(ref_out, transforms, **ref_post))
         out = dense_out if candidate is dense else candidate.infer(batch)
         cand_dets.extend(candidate.postprocess(out, transforms, **post))
 
@@ -227,11 +248,11 @@ def run_gates(
     )
     report = GateReport(artifact, precision, parity.images, images.source)
     report.results.append(_parity_result(parity))
-    report.results.append(
-        _agreement_result(
-            ref_dets, cand_dets, precision=precision, gates=gates, score_thresh=post["score_thresh"]
-        )
+    agreement = _agreement_result(
+        ref_dets, cand_dets, precision=precision, gates=gates, score_thresh=post["score_thresh"]
     )
+    agreement.detail["reference_postprocess"] = {**post, **ref_post}
+    report.results.append(agreement)
     if images.annotations is not None:
         report.results.append(
             _map_result(

@@ -78,6 +78,7 @@ class Backend:
         self, outputs: dict[str, np.ndarray], transforms: Sequence[ImageTransform], **overrides
     ) -> list[Detections]:
         kwargs = {**self.postprocess_kwargs, **overrides}
+        level_sizes = kwargs.pop("level_sizes", self.level_sizes)  # None: one top-k per image
         if "det_boxes" in outputs:  # NMS already ran in the graph: threshold and un-letterbox only
             dets = []
             for i, tf in enumerate(transforms):
@@ -91,7 +92,7 @@ class Backend:
                 dets.append(det.filter(kwargs["score_thresh"]))
             return dets
         return postprocess_batch(
-            outputs["boxes"], outputs["scores"], transforms, level_sizes=self.level_sizes, **kwargs
+            outputs["boxes"], outputs["scores"], transforms, level_sizes=level_sizes, **kwargs
         )
 
     def predict(self, images: Sequence[np.ndarray], **overrides) -> list[Detections]:
