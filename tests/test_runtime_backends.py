@@ -66,7 +66,7 @@ def test_backend_interface_pieces(artifacts):
     outputs = backend.infer(batch)
     dets = backend.postprocess(outputs, transforms, score_thresh=0.99)
     assert len(dets) == 2 and all(len(d) == 0 for d in dets)
-    assert backend.describe() == "onnxruntime fp32 96x128"
+    assert backend.describe() == "onnxruntime (CPUExecutionProvider) fp32 96x128"
     assert backend.max_batch == 8 and not backend.in_graph_nms
 
 

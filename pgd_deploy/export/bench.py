@@ -75,7 +75,7 @@ def _weights_mb(backend: TorchBackend) -> float:
 
 
 def _backends(
-    targets: Sequence[Target], imgsz: Sequence[int] | None, threads: int
+    targets: Sequence[Target], imgsz: Sequence[int] | None, threads: int, device: str = "auto"
 ) -> list[tuple[str, Backend, float, str]]:
     """(label, backend, size MB, path) for every target plus the PyTorch eager of each source."""
     out: list[tuple[str, Backend, float, str]] = []
@@ -89,9 +89,9 @@ def _backends(
         elif t.path.suffix == ".onnx":
             from pgd_deploy.runtime.backends import OrtBackend
 
-            backend = OrtBackend(t.path, threads=threads)
+            backend = OrtBackend(t.path, device=device, threads=threads)
         else:
-            backend = load_backend(t.path)
+            backend = load_backend(t.path, device=device)
         if source and Path(source).is_file() and (t.label, source) not in eager_done:
             eager = TorchBackend(source, input_size=size or backend.input_size)
             out.append((t.label, eager, _weights_mb(eager), source))
@@ -119,6 +119,7 @@ def run_bench(
     min_seconds: float = 2.0,
     threads: int = 0,
     val_images: Any = None,
+    device: str = "auto",
 ) -> list[BenchRow]:
     """Measure every target (and its PyTorch eager source) at each batch size.
 
@@ -129,8 +130,10 @@ def run_bench(
         warmup, iters, min_seconds: the timing protocol (`runtime.timing.measure`).
         threads: ONNX Runtime intra-op threads (0 = its default, one per physical core).
         val_images: an `ImageSet` with annotations: adds COCO AP per model.
+        device: ONNX Runtime providers (auto, cpu, cuda[:N], tensorrt[:N]; the table's runtime
+            column names the provider actually used) and the GPU of plans and checkpoints.
     """
-    loaded = _backends(targets, imgsz, threads)
+    loaded = _backends(targets, imgsz, threads, device)
     aps = [_evaluate(b, val_images) if val_images is not None else None for _, b, _, _ in loaded]
     rows: list[BenchRow] = []
     for batch in batches:
@@ -195,11 +198,16 @@ def _interleaved(
 
 
 def _provider_note(backend: Backend) -> str:
-    providers = getattr(backend, "providers", None)
-    if providers:
-        return " (CUDA)" if "CUDAExecutionProvider" in providers else " (CPU)"
+    """Where the runtime ran: the ONNX Runtime provider actually used, the torch device, the
+    GPU of a TensorRT plan."""
+    provider = getattr(backend, "provider", None)
+    if provider:
+        return f" ({provider})"
     device = getattr(backend, "device", None)
-    return f" ({device.type.upper()})" if device is not None else ""
+    if device is not None and hasattr(device, "type"):
+        return f" ({device.type.upper()})"
+    gpu = getattr(backend, "gpu", None)
+    return f" ({gpu})" if gpu else ""
 
 
 def _fill_ratios(rows: list[BenchRow]) -> None:

@@ -131,6 +131,12 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--min-seconds", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = default)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda[:N] or tensorrt[:N] (ONNX Runtime's TensorRT provider); the table "
+        "names the provider that ran",
+    )
     p.add_argument("--val", help="COCO JSON (or dataset root) for AP and the plot")
     p.add_argument("--val-images", help="image folder of a --val JSON")
     p.add_argument("--val-count", type=int, default=500, help="validation images for AP")
@@ -181,6 +187,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         min_seconds=args.min_seconds,
         threads=args.threads,
         val_images=_bench_val(args),
+        device=args.device,
     )
     print(f"{bench.environment_line()}\n\n{bench.format_table(rows)}")
     if args.json:

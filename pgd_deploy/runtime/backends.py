@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from pgd_deploy.runtime.contract import check_io_contract, check_metadata, check_output_shapes
 from pgd_deploy.runtime.manifest import read_manifest
 from pgd_deploy.runtime.postprocess import postprocess_batch
 from pgd_deploy.runtime.preprocess import ImageTransform, preprocess
+from pgd_deploy.runtime.providers import check_session_providers, select_providers
 from pgd_deploy.structures import Detections
 
 logger = logging.getLogger(__name__)
@@ -190,6 +192,8 @@ def _import_torch() -> Any:
 def _torch_device(torch: Any, device: str) -> Any:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("tensorrt"):  # ONNX Runtime's TensorRT provider: the same GPU for torch
+        device = "cuda" + device[len("tensorrt") :]
     return torch.device(device)
 
 
@@ -201,7 +205,22 @@ def _onnx_meta(session: Any) -> dict[str, Any]:
 
 
 class OrtBackend(Backend):
-    """An exported ONNX model in ONNX Runtime (CUDA execution provider when installed)."""
+    """An exported ONNX model in ONNX Runtime, on the providers `device` asks for.
+
+    Args:
+        path: the `.onnx` file (its manifest beside it, or the metadata pgd-export stores in it).
+        device: auto, cpu, cuda[:N] or tensorrt[:N] (`runtime.providers`).
+        threads: intra-op threads (0 = ONNX Runtime's default).
+        meta: metadata to use instead of the manifest (the export's own dense twin).
+
+    Attributes:
+        provider: the execution provider that runs the model (e.g. "CUDAExecutionProvider").
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a loadable ONNX model, not the export contract (the message names the
+            file and what differs), or a GPU device this onnxruntime cannot provide.
+    """
 
     name = "onnxruntime"
 
@@ -213,34 +232,13 @@ class OrtBackend(Backend):
         threads: int = 0,
         meta: dict[str, Any] | None = None,
     ) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ImportError(
-                "the ONNX backend needs onnxruntime: pip install 'pgd-deploy[serve]' "
-                "(GPU: pip install onnxruntime-gpu)"
-            ) from None
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: ONNX model not found")
-        available = ort.get_available_providers()
-        providers = ["CPUExecutionProvider"]
-        if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-            providers.insert(0, "CUDAExecutionProvider")
-        elif device == "cuda":
-            raise RuntimeError("device 'cuda' requested but onnxruntime has no CUDA provider")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        except Exception as err:  # onnxruntime raises its own exception types
-            raise ValueError(f"{path}: ONNX Runtime cannot load this model: {err}") from None
+        self.session, self.provider = _open_session(path, device, threads)
         meta = dict(meta or read_manifest(path) or _onnx_meta(self.session))
-        if "imgsz" not in meta:
-            shape = self.session.get_inputs()[0].shape
-            meta["imgsz"] = [int(shape[2]), int(shape[3])]
+        inputs = [(i.name, list(i.shape)) for i in self.session.get_inputs()]
+        self._declared = {o.name: list(o.shape) for o in self.session.get_outputs()}
+        check_metadata(path, meta)
+        check_io_contract(path, inputs, list(self._declared.items()), meta)
         super().__init__(meta)
         self.path = path
         self.precision = meta.get("precision", "fp32")
@@ -249,17 +247,47 @@ class OrtBackend(Backend):
         self.input_dtype = (
             np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
         )
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_names = list(self._declared)
         self.in_graph_nms = "det_boxes" in self.output_names
         self.providers = self.session.get_providers()
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         feed = {self.input_name: np.ascontiguousarray(images, dtype=self.input_dtype)}
-        outs = self.session.run(self.output_names, feed)
+        outs = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        if self._declared:  # once: the model computes the dims it declares
+            check_output_shapes(self.path, self._declared, outs)
+            self._declared = {}
         return {
             name: (out.astype(np.float32) if out.dtype == np.float16 else out)
-            for name, out in zip(self.output_names, outs)
+            for name, out in outs.items()
         }
+
+    def describe(self) -> str:
+        h, w = self.input_size
+        return f"{self.name} ({self.provider}) {self.precision} {h}x{w}"
+
+
+def _open_session(path: Path, device: str, threads: int) -> tuple[Any, str]:
+    """(InferenceSession on the providers `device` asks for, the provider that runs it)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError(
+            "the ONNX backend needs onnxruntime: pip install 'pgd-deploy[serve]' "
+            "(GPU: pip install onnxruntime-gpu)"
+        ) from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: ONNX model not found")
+    providers = select_providers(device, ort.get_available_providers())
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise ValueError(f"{path}: ONNX Runtime cannot load this model: {err}") from None
+    return session, check_session_providers(path, device, providers, session.get_providers())
 
 
 def load_backend(
@@ -268,8 +296,13 @@ def load_backend(
     """Open an artifact by its extension (and manifest): .pt -> PyTorch, .onnx -> ONNX Runtime,
     .plan/.engine -> TensorRT.
 
+    Args:
+        device: auto, cpu, cuda[:N] or tensorrt[:N] (ONNX: the execution providers, see
+            `runtime.providers`; a plan or a checkpoint: GPU N).
+
     Raises:
-        ValueError: an unknown extension (the message lists the known ones).
+        ValueError: an unknown extension (the message lists the known ones), or an artifact that
+            is not the export contract (`runtime.contract`).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -278,10 +311,10 @@ def load_backend(
     if suffix == ".onnx":
         return OrtBackend(path, device=device)
     if suffix in (".plan", ".engine"):
-        from pgd_deploy.runtime.trt_backend import TrtBackend
+        from pgd_deploy.runtime import trt_backend
 
-        index = int(device.partition(":")[2] or 0) if device.startswith("cuda") else 0
-        return TrtBackend(path, device=index)
+        index = device.partition(":")[2]  # "cuda:1" / "tensorrt:1": GPU 1
+        return trt_backend.TrtBackend(path, device=int(index) if index.isdigit() else 0)
     raise ValueError(
         f"{path}: unknown artifact type {suffix!r}; expected a checkpoint (.pt), an ONNX model "
         "(.onnx) or a TensorRT plan (.plan/.engine) with its .manifest.json"
