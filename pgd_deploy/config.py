@@ -165,7 +165,7 @@ class ExportConfig:
     val: str = ""  # gate images: COCO JSON or dataset root (+ mAP gate), or a plain image folder
     val_images: str = ""  # image folder of a --val JSON ("" = beside the JSON or ../images)
     calib_data: str = ""  # int8 calibration image folder ("" = the checkpoint's training images)
-    trt_version_compatible: bool = False  # TensorRT VERSION_COMPATIBLE (+ EXCLUDE_LEAN_RUNTIME)
+    trt_version_compatible: bool = False  # TensorRT VERSION_COMPATIBLE (lean runtime in the plan)
     device: str = "auto"  # device for the PyTorch reference ("auto", "cpu", "cuda")
 
 

@@ -1,10 +1,13 @@
-"""TensorRT: what runs on any machine (profiles, version/GPU checks, import guards) and, marked
+"""TensorRT: what runs on any machine (profiles, version/GPU checks, build configuration and
+runtime set-up against a recording stand-in of the `tensorrt` module, import guards) and, marked
 `trt`, the real engine build and run where tensorrt and a GPU exist."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,13 +28,14 @@ def _gpu_available() -> bool:
 
 
 needs_trt = pytest.mark.skipif(
-    not (HAS_TRT and importlib.util.find_spec("pycuda") and _gpu_available()),
-    reason="needs tensorrt, pycuda and a CUDA GPU",
+    not (HAS_TRT and _gpu_available()),
+    reason="needs tensorrt and a CUDA GPU (device buffers: pycuda, cuda-python or torch)",
 )
 
 MANIFEST = {
     "precision": "fp16",
     "imgsz": [800, 1344],
+    "class_names": ["a", "b", "c"],
     "batch": {"min": 1, "opt": 8, "max": 16},
     "source": {"checkpoint": "runs/student/best.pt"},
     "tensorrt": {
@@ -65,11 +69,12 @@ def test_profile_validation():
 
 def test_same_version_and_gpu_is_accepted():
     check_engine_compat(MANIFEST, trt_version="10.3.0.26", compute_capability=(8, 9))
-    check_engine_compat(MANIFEST, trt_version="10.3.0", compute_capability="8.9")  # build no.
+    check_engine_compat(MANIFEST, trt_version="10.3.0", compute_capability="8.9")  # no build no.
 
 
-@pytest.mark.parametrize("runtime", ["10.4.0.26", "10.3.1", "11.0.0", "10.2.0"])
+@pytest.mark.parametrize("runtime", ["10.4.0.26", "10.3.1", "11.0.0", "10.2.0", "10.3.0.30"])
 def test_other_tensorrt_version_is_refused_with_a_rebuild_command(runtime):
+    """Another build of the same release too: TensorRT itself refuses such a plan."""
     with pytest.raises(EngineMismatchError) as err:
         check_engine_compat(MANIFEST, trt_version=runtime, compute_capability=(8, 9))
     message = str(err.value)
@@ -78,11 +83,13 @@ def test_other_tensorrt_version_is_refused_with_a_rebuild_command(runtime):
     assert "--precision fp16 --imgsz 800x1344 --batch-min 1 --batch-opt 8 --batch-max 16" in message
 
 
-def test_version_compatible_plan_accepts_newer_runtimes_of_the_same_major():
+def test_version_compatible_plan_accepts_the_same_or_any_later_runtime():
+    """TensorRT docs ("Version Compatibility"): later runtimes, across majors (10 -> 11)."""
     manifest = _with(version_compatible=True)
-    check_engine_compat(manifest, trt_version="10.7.0", compute_capability=(8, 9))
-    for runtime in ("10.2.0", "11.0.0"):
-        with pytest.raises(EngineMismatchError):
+    for runtime in ("10.3.0.26", "10.3.0.30", "10.7.0", "11.0.0", "11.4.0.1"):
+        check_engine_compat(manifest, trt_version=runtime, compute_capability=(8, 9))
+    for runtime in ("10.2.0", "10.3.0.25", "9.3.0"):
+        with pytest.raises(EngineMismatchError, match="version-compatible plan"):
             check_engine_compat(manifest, trt_version=runtime, compute_capability=(8, 9))
 
 
@@ -148,6 +155,130 @@ def test_build_options_are_validated_before_tensorrt_is_needed(tmp_path):
         build_engine("m.onnx", tmp_path / "p.plan", opt_level=9, **kwargs)
 
 
+class _RecordingConfig:
+    """A builder config that records the flags `_configure` sets on it."""
+
+    def __init__(self) -> None:
+        self.flags: set[str] = set()
+        self.cleared: set[str] = set()
+        self.pools: dict[str, int] = {}
+
+    def set_flag(self, flag: str) -> None:
+        self.flags.add(flag)
+
+    def clear_flag(self, flag: str) -> None:
+        self.cleared.add(flag)
+
+    def set_memory_pool_limit(self, pool: str, size: int) -> None:
+        self.pools[pool] = size
+
+
+def _fake_trt(**extra):
+    names = ("VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME", "TF32")
+    return SimpleNamespace(
+        BuilderFlag=SimpleNamespace(**{n: n for n in names}),
+        MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"),
+        HardwareCompatibilityLevel=SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS"),
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("compatible", [True, False])
+def test_version_compatible_build_keeps_the_lean_runtime_in_the_plan(compatible):
+    """EXCLUDE_LEAN_RUNTIME would make later TensorRT versions unable to load the plan (they
+    could only run it through load_runtime with this build's lean library)."""
+    from pgd_deploy.export.to_tensorrt import _configure
+
+    config = _RecordingConfig()
+    builder = SimpleNamespace(create_builder_config=lambda: config)
+    _configure(
+        _fake_trt(),
+        builder,
+        precision="fp32",
+        workspace_gb=1.0,
+        opt_level=3,
+        hw_compat="ampere+",
+        version_compatible=compatible,
+    )
+    assert ("VERSION_COMPATIBLE" in config.flags) == compatible
+    assert "EXCLUDE_LEAN_RUNTIME" not in config.flags
+    assert config.cleared == {"TF32"} and config.hardware_compatibility_level == "AMPERE_PLUS"
+
+
+class _FakeBuffers:
+    name = "fake"
+
+    def compute_capability(self):
+        return (8, 9)
+
+    def device_name(self):
+        return "NVIDIA L4"
+
+    def active(self):
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("compatible", [True, False])
+def test_runner_trusts_the_host_code_of_a_version_compatible_plan(
+    tmp_path, monkeypatch, compatible
+):
+    """The runner sets engine_host_code_allowed (TensorRT Python API, tensorrt.Runtime) before
+    deserialising a version-compatible plan, and only then."""
+    from pgd_deploy.runtime import cuda_buffers, trt_backend
+
+    runtimes = []
+
+    class Runtime:
+        def __init__(self, logger):
+            self.engine_host_code_allowed = False
+            runtimes.append(self)
+
+        def deserialize_cuda_engine(self, plan):
+            self.allowed_when_loading = self.engine_host_code_allowed
+            return None  # stop here: the rest needs a GPU
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    fake = _fake_trt(__version__="10.3.0.26", Runtime=Runtime, Logger=Logger)
+    monkeypatch.setattr(trt_backend, "_import_tensorrt", lambda: fake)
+    monkeypatch.setattr(cuda_buffers, "open_buffers", lambda device=0: _FakeBuffers())
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"plan")
+    (tmp_path / "m.manifest.json").write_text(json.dumps(_with(version_compatible=compatible)))
+    with pytest.raises(EngineMismatchError, match="could not deserialise"):
+        trt_backend.TrtBackend(plan)
+    assert runtimes[0].allowed_when_loading is compatible
+    runtime = trt_backend.make_runtime(fake, None, _with(version_compatible=compatible))
+    assert runtime.engine_host_code_allowed is compatible
+
+
+@pytest.mark.parametrize(
+    "candidates, cc, ok",
+    [
+        (3839, "8.9", True),
+        (3839, "6.1", True),
+        (2000, "6.2", True),
+        (2001, "6.2", False),
+        (2001, "5.3", False),
+        (5001, "8.0", False),
+        (0, "5.3", True),
+    ],
+)
+def test_nms_candidates_within_the_gpu_nms_limit(candidates, cc, ok):
+    """TensorRT's NMS layer: 5000 boxes per image, 2000 on SM 5.3 / 6.2 (operator docs)."""
+    from pgd_deploy.export.to_tensorrt import check_nms_candidates
+
+    if ok:
+        check_nms_candidates(candidates, cc)
+    else:
+        with pytest.raises(ValueError, match=f"--nms-topk {candidates}.*compute capability {cc}"):
+            check_nms_candidates(candidates, cc)
+
+
 # ------------------------------------------------------------------------------------------
 # With TensorRT and a GPU
 # ------------------------------------------------------------------------------------------
@@ -189,7 +320,7 @@ def test_engine_build_run_and_gates(tmp_path, precision):
         ]
     )
     assert rc == 0
-    plan = tmp_path / "s.plan"
+    plan = tmp_path / "s_trt.plan"
     assert plan.read_bytes()[:4] != b'{"me'  # raw plan, no JSON header
     backend = load_backend(plan)
     out = backend.infer(np.zeros((3, 3, 128, 128), np.float32))

@@ -6,7 +6,9 @@ compatibility) -> one optimisation profile from the batch flags -> `build_serial
 written as raw bytes (no header: trtexec, Triton and Polygraphy load it). Precision lives in the
 ONNX (fp16 casts, int8 Q/DQ; `precision.py`): no precision flag is ever set (deployment.md 1.1).
 On TensorRT 10 the network is created with STRONGLY_TYPED; on 11 strong typing is always on.
-For fp32 builds TF32 is disabled so the fp32 parity gate compares like with like.
+For fp32 builds TF32 is disabled so the fp32 parity gate compares like with like. A
+version-compatible build (VERSION_COMPATIBLE) keeps its lean runtime inside the plan, so later
+TensorRT versions can load it (the runner then sets `engine_host_code_allowed`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pgd_deploy.export.nms import SMALL_NMS_SM, TRT_NMS_BOXES, TRT_NMS_BOXES_SMALL
 from pgd_deploy.io_utils import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -79,42 +82,31 @@ def trt_major(trt: Any) -> int:
 
 
 def gpu_info(device: int = 0) -> dict[str, Any]:
-    """GPU name, compute capability, CUDA runtime and driver versions (torch, else pycuda)."""
-    try:
-        import torch
+    """GPU name, compute capability, CUDA runtime and driver versions of CUDA device `device`,
+    through the TensorRT runner's buffer library (pycuda, else cuda-python, else torch)."""
+    from pgd_deploy.runtime.cuda_buffers import device_info
 
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(device)
-            return {
-                "gpu": torch.cuda.get_device_name(device),
-                "compute_capability": f"{major}.{minor}",
-                "cuda": torch.version.cuda,
-                "driver": _driver_version(),
-            }
-    except ImportError:
-        pass
-    import pycuda.driver as cuda
-
-    cuda.init()
-    dev = cuda.Device(device)
-    major, minor = dev.compute_capability()
-    return {
-        "gpu": dev.name(),
-        "compute_capability": f"{major}.{minor}",
-        "cuda": ".".join(str(v) for v in cuda.get_version()),
-        "driver": _driver_version(),
-    }
+    return device_info(device)
 
 
-def _driver_version() -> str | None:
-    try:
-        import pycuda.driver as cuda
+def check_nms_candidates(candidates: int, compute_capability: str) -> None:
+    """Refuse in-graph NMS with more candidates than TensorRT's NMS layer considers on this GPU.
 
-        cuda.init()
-        v = cuda.get_driver_version()  # e.g. 12040
-        return f"{v // 1000}.{(v % 1000) // 10}"
-    except Exception:  # pycuda missing or no driver: the version is informative only
-        return None
+    The layer looks at the top 5000 boxes per image, 2000 on SM 5.3 and 6.2 (TensorRT operator
+    docs, NMS "TopK box limit"); the graph's own TopK already caps candidates at 3839.
+
+    Raises:
+        ValueError: naming --nms-topk, the GPU's compute capability and the limit.
+    """
+    major, _, minor = str(compute_capability).partition(".")
+    small = (int(major), int(minor or 0)) in SMALL_NMS_SM
+    limit = TRT_NMS_BOXES_SMALL if small else TRT_NMS_BOXES
+    if candidates > limit:
+        raise ValueError(
+            f"--nms-topk {candidates}: TensorRT's NMS layer considers at most {limit} boxes per "
+            f"image on compute capability {compute_capability}; export again with "
+            f"--nms-topk {limit} or less"
+        )
 
 
 def _make_logger(trt: Any) -> Any:
@@ -174,8 +166,9 @@ def _configure(
     if hw_compat == "ampere+":
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     if version_compatible:
+        # The lean runtime stays in the plan: with EXCLUDE_LEAN_RUNTIME a later TensorRT could
+        # only run it through IRuntime.load_runtime and the exact build's lean library.
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
     return config
 
 
@@ -206,8 +199,12 @@ def build_engine(
     timing_cache: str = "",
     hw_compat: str = "none",
     version_compatible: bool = False,
+    nms_candidates: int = 0,
 ) -> dict[str, Any]:
     """Build and write a plan; returns the manifest's "tensorrt" entry.
+
+    `nms_candidates`: the in-graph NMS pre-selection (`--nms-topk`, 0 without NMS), checked
+    against this GPU's NMS limit before anything is built.
 
     Raises:
         ImportError: tensorrt is not installed.
@@ -216,6 +213,8 @@ def build_engine(
     """
     check_build_options(hw_compat=hw_compat, opt_level=opt_level, workspace_gb=workspace_gb)
     trt = import_tensorrt()
+    gpu = gpu_info()
+    check_nms_candidates(nms_candidates, gpu["compute_capability"])
     trt_logger = _make_logger(trt)
     builder = trt.Builder(trt_logger)
     network, _parser = _parse(trt, builder, trt_logger, Path(onnx_path))
@@ -246,6 +245,7 @@ def build_engine(
         atomic_write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
     return _build_info(
         trt,
+        gpu,
         precision,
         hw_compat,
         version_compatible,
@@ -260,6 +260,7 @@ def build_engine(
 
 def _build_info(
     trt: Any,
+    gpu: dict[str, Any],
     precision: str,
     hw_compat: str,
     version_compatible: bool,
@@ -274,7 +275,7 @@ def _build_info(
     lo, opt, hi = shapes
     return {
         "version": trt.__version__,
-        **gpu_info(),
+        **gpu,
         "strongly_typed": True,
         "tf32": precision != "fp32",
         "hardware_compatibility": hw_compat,

@@ -1,10 +1,14 @@
-"""TensorRT runner for exported plans, with pycuda device buffers (torch-free).
+"""TensorRT runner for exported plans (torch-free; tensorrt imported in the constructor).
 
 `TrtBackend(path)` reads the plan's sidecar manifest, refuses to load it when the TensorRT version
-or the GPU's compute capability does not match what it was built for (a plan is tied to both,
-triton#7188, TensorRT#1562), then runs it with name-based I/O (`set_input_shape`,
-`set_tensor_address`, `execute_async_v3`), pinned host buffers and device buffers cached per shape.
-tensorrt and pycuda are imported inside the constructor: importing this module needs only numpy.
+(build number included) or the GPU's compute capability does not match what it was built for (a
+plan is tied to both, triton#7188, TensorRT#1562), then runs it with name-based I/O
+(`set_input_shape`, `set_tensor_address`, `execute_async_v3`), pinned host buffers and device
+buffers cached per tensor. Device buffers come from pycuda, else cuda-python, else torch
+(`cuda_buffers`). A version-compatible plan (`--set export.trt_version_compatible=true`) embeds
+its lean runtime: it loads on the same or any later TensorRT (TensorRT "Version Compatibility"
+docs: 8.6+ plans run on later runtimes, 10.x plans on 11.x), and the runtime is told to trust its
+host code (`engine_host_code_allowed`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pgd_deploy.runtime.backends import Backend
+from pgd_deploy.runtime.contract import check_io_contract, check_metadata
 from pgd_deploy.runtime.manifest import manifest_path, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -29,12 +34,33 @@ class EngineMismatchError(ValueError):
     """A plan built for another TensorRT version or GPU; the message says how to rebuild it."""
 
 
-def _version_tuple(version: str, parts: int = 3) -> tuple[int, ...]:
+def _version_tuple(version: str, parts: int = 4) -> tuple[int, ...]:
+    """ "10.3.0.26" -> (10, 3, 0, 26): major, minor, patch, build (as many as the text has)."""
     nums = []
     for piece in str(version).split(".")[:parts]:
         digits = "".join(c for c in piece if c.isdigit())
         nums.append(int(digits) if digits else 0)
-    return tuple(nums + [0] * (parts - len(nums)))
+    return tuple(nums)
+
+
+def _same_version(have: str, want: str) -> bool:
+    """Equal up to the build number; a side without one is compared on what both have."""
+    a, b = _version_tuple(have), _version_tuple(want)
+    common = min(len(a), len(b))
+    if common < 4:
+        logger.warning(
+            "TensorRT %s vs plan built with %s: no build number on one side, compared %d parts",
+            have,
+            want,
+            common,
+        )
+    return a[:common] == b[:common]
+
+
+def _newer_or_same(have: str, want: str) -> bool:
+    a, b = _version_tuple(have), _version_tuple(want)
+    width = max(len(a), len(b))
+    return a + (0,) * (width - len(a)) >= b + (0,) * (width - len(b))
 
 
 def _cc_tuple(cc: Any) -> tuple[int, int]:
@@ -62,9 +88,11 @@ def check_engine_compat(
 ) -> None:
     """Refuse a plan that this TensorRT / GPU cannot run, before deserialising it.
 
-    Rules: the runtime's TensorRT major.minor.patch must equal the builder's (a version-compatible
-    plan accepts a runtime of the same major that is not older); the GPU's compute capability must
-    equal the builder's, or be Ampere (8.0) or newer for an "ampere+" hardware-compatible plan.
+    Rules: the runtime's TensorRT version must equal the builder's, build number included
+    ("10.3.0.26"; TensorRT refuses a plan from another build); a version-compatible plan accepts
+    the same or any later runtime (TensorRT docs, "Version Compatibility": a plan built with 8.6 or
+    later runs on later runtimes, across majors). The GPU's compute capability must equal the
+    builder's, or be Ampere (8.0) or newer for an "ampere+" hardware-compatible plan.
 
     Args:
         manifest: the plan's manifest (its "tensorrt" entry is checked).
@@ -81,15 +109,16 @@ def check_engine_compat(
             "plan manifest has no 'tensorrt' entry with the builder's version; "
             f"{rebuild_hint(manifest)}"
         )
-    have, want = _version_tuple(trt_version), _version_tuple(built["version"])
     if built.get("version_compatible"):
-        ok = have[0] == want[0] and have >= want
+        ok = _newer_or_same(trt_version, built["version"])
+        kind = "version-compatible plan built with TensorRT"
     else:
-        ok = have == want
+        ok = _same_version(trt_version, built["version"])
+        kind = "plan built with TensorRT"
     if not ok:
         raise EngineMismatchError(
-            f"plan built with TensorRT {built['version']}, this machine has TensorRT "
-            f"{trt_version}; {rebuild_hint(manifest)}"
+            f"{kind} {built['version']}, this machine has TensorRT {trt_version}; "
+            f"{rebuild_hint(manifest)}"
         )
     gpu_cc = _cc_tuple(compute_capability)
     built_cc = _cc_tuple(built.get("compute_capability", "0.0"))
@@ -103,15 +132,23 @@ def check_engine_compat(
         )
 
 
-def _import_trt() -> tuple[Any, Any]:
+def _import_tensorrt() -> Any:
     try:
-        import pycuda.driver as cuda
         import tensorrt as trt
     except ImportError as err:
         raise ImportError(
-            f"the TensorRT backend needs tensorrt and pycuda ({err}): pip install 'pgd-deploy[trt]'"
+            f"the TensorRT backend needs tensorrt ({err}): pip install 'pgd-deploy[trt]'"
         ) from None
-    return trt, cuda
+    return trt
+
+
+def make_runtime(trt: Any, logger_: Any, manifest: Mapping[str, Any]) -> Any:
+    """A `trt.Runtime` for this plan. A version-compatible plan carries its own lean runtime
+    (host code), which TensorRT runs only when the runtime is told to trust the plan."""
+    runtime = trt.Runtime(logger_)
+    if manifest.get("tensorrt", {}).get("version_compatible"):
+        runtime.engine_host_code_allowed = True  # our own pgd-export plan: trusted
+    return runtime
 
 
 class TrtBackend(Backend):
@@ -124,7 +161,8 @@ class TrtBackend(Backend):
     Raises:
         FileNotFoundError: the plan or its manifest is missing.
         EngineMismatchError: built for another TensorRT version or GPU.
-        ImportError: tensorrt or pycuda is not installed.
+        ImportError: tensorrt, or every device buffer library, is missing.
+        ValueError: the plan's inputs/outputs are not the export contract.
     """
 
     name = "tensorrt"
@@ -139,33 +177,38 @@ class TrtBackend(Backend):
                 f"{path}: no manifest {manifest_path(path).name} beside the plan (pgd-export "
                 "writes one; it holds the input size, classes and build versions)"
             )
-        trt, cuda = _import_trt()
-        cuda.init()
-        dev = cuda.Device(device)
-        check_engine_compat(
-            meta, trt_version=trt.__version__, compute_capability=dev.compute_capability()
-        )
+        check_metadata(path, meta)
         super().__init__(meta)
-        self.path, self.trt, self.cuda = path, trt, cuda
+        self.path = path
         self.precision = meta.get("precision", "fp32")
-        self.gpu = dev.name()
         self._lock = threading.Lock()  # one execution context: one call at a time
-        self._ctx = dev.retain_primary_context()  # shared with any other CUDA user in the process
-        self._ctx.push()
-        try:
-            self._load(path.read_bytes())
-        finally:
-            cuda.Context.pop()
+        self._open(device)
+        shapes = self._io_shapes()
+        check_io_contract(path, shapes[0], shapes[1], meta)
+
+    def _open(self, device: int) -> None:
+        """Import TensorRT and a buffer library, check the plan fits this machine, load it."""
+        from pgd_deploy.runtime.cuda_buffers import open_buffers
+
+        trt = _import_tensorrt()
+        self.cuda = open_buffers(device)
+        check_engine_compat(
+            self.meta,
+            trt_version=trt.__version__,
+            compute_capability=self.cuda.compute_capability(),
+        )
+        self.trt, self.gpu = trt, self.cuda.device_name()
+        with self.cuda.active():
+            self._load(self.path.read_bytes())
 
     def _load(self, plan: bytes) -> None:
-        trt, cuda = self.trt, self.cuda
+        trt = self.trt
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        self._runtime = make_runtime(trt, self._logger, self.meta)
         self.engine = self._runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise EngineMismatchError(f"{self.path}: TensorRT could not deserialise the plan")
         self.context = self.engine.create_execution_context()
-        self.stream = cuda.Stream()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = [n for n in names if is_input[n]]
@@ -175,19 +218,23 @@ class TrtBackend(Backend):
         self.batch_range = (int(lo[0]), int(hi[0]))
         self.max_batch = self.batch_range[1]
         self.in_graph_nms = "det_boxes" in self.output_names
-        self._buffers: dict[str, tuple[int, Any, Any]] = {}  # name -> (nbytes, device, host)
+        self._buffers: dict[str, tuple[Any, Any]] = {}  # name -> (device, host) buffers
 
-    def _buffer(self, name: str, shape: tuple[int, ...]) -> tuple[Any, np.ndarray]:
-        dtype = self.dtypes[name]
-        nbytes = int(np.prod(shape)) * dtype.itemsize
+    def _io_shapes(self) -> tuple[list[tuple[str, list[Any]]], list[tuple[str, list[Any]]]]:
+        """(inputs, outputs) as [(name, dims)], -1 for dynamic dims (the contract check)."""
+        shape = self.engine.get_tensor_shape
+        return (
+            [(n, [int(d) for d in shape(n)]) for n in self.input_names],
+            [(n, [int(d) for d in shape(n)]) for n in self.output_names],
+        )
+
+    def _buffer(self, name: str, nbytes: int) -> tuple[Any, Any]:
+        """(device, pinned host) buffers of at least `nbytes` for tensor `name`, cached."""
         cached = self._buffers.get(name)
-        if cached is None or cached[0] < nbytes:
-            device = self.cuda.mem_alloc(max(nbytes, 1))
-            host = self.cuda.pagelocked_empty(int(np.prod(shape)), dtype)
-            cached = (nbytes, device, host)
+        if cached is None or cached[0].nbytes < nbytes:
+            cached = (self.cuda.device(nbytes), self.cuda.host(nbytes))
             self._buffers[name] = cached
-        host = cached[2][: int(np.prod(shape))].reshape(shape)
-        return cached[1], host
+        return cached
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Run the plan on float32 [B, 3, H, W].
@@ -204,35 +251,41 @@ class TrtBackend(Backend):
             pad = np.zeros((lo - n, *images.shape[1:]), dtype=images.dtype)
             images = np.concatenate([images, pad])
         with self._lock:
-            self._ctx.push()
-            try:
-                out = self._run(images)
-            finally:
-                self.cuda.Context.pop()
+            out = self._execute(images)
         return {k: v[:n] for k, v in out.items()}
 
+    def _execute(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """One engine call on a batch inside the profile (the caller holds the lock)."""
+        with self.cuda.active():
+            return self._run(images)
+
     def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        cuda, ctx, stream = self.cuda, self.context, self.stream
+        lib, ctx = self.cuda, self.context
         name = self.input_names[0]
         batch = np.ascontiguousarray(images, dtype=self.dtypes[name])
         ctx.set_input_shape(name, tuple(batch.shape))
-        device, host = self._buffer(name, tuple(batch.shape))
-        host[...] = batch
-        cuda.memcpy_htod_async(device, host, stream)
-        ctx.set_tensor_address(name, int(device))
-        hosts = {}
+        device, host = self._buffer(name, batch.nbytes)
+        host.view(batch.shape, batch.dtype)[...] = batch
+        lib.to_device(device, host, batch.nbytes)
+        ctx.set_tensor_address(name, device.ptr)
+        shapes = {}
         for out in self.output_names:
-            shape = tuple(int(d) for d in ctx.get_tensor_shape(out))
-            device, hosts[out] = self._buffer(out, shape)
-            ctx.set_tensor_address(out, int(device))
-        if not ctx.execute_async_v3(stream_handle=stream.handle):
+            shapes[out] = tuple(int(d) for d in ctx.get_tensor_shape(out))
+            nbytes = int(np.prod(shapes[out])) * self.dtypes[out].itemsize
+            ctx.set_tensor_address(out, self._buffer(out, nbytes)[0].ptr)
+        if not ctx.execute_async_v3(stream_handle=lib.stream_handle):
             raise RuntimeError(f"{self.path}: TensorRT execution failed (see the TensorRT log)")
-        for out, host in hosts.items():
-            cuda.memcpy_dtoh_async(host, int(self._buffers[out][1]), stream)
-        stream.synchronize()
+        for out, shape in shapes.items():
+            device, host = self._buffers[out]
+            lib.to_host(host, device, int(np.prod(shape)) * self.dtypes[out].itemsize)
+        lib.synchronize()
+        views = {
+            out: self._buffers[out][1].view(shape, self.dtypes[out])
+            for out, shape in shapes.items()
+        }
         return {
-            out: (host.astype(np.float32) if host.dtype == np.float16 else host.copy())
-            for out, host in hosts.items()
+            out: (view.astype(np.float32) if view.dtype == np.float16 else view.copy())
+            for out, view in views.items()
         }
 
     def describe(self) -> str:
