@@ -1,4 +1,7 @@
-"""Triton model repository: layout, explicit tensors, README, and the strict config parser."""
+"""Triton model repository: layout, explicit fixed tensors, README, and the strict config parser.
+
+Every generated config.pbtxt is also parsed with Triton's own schema (`inference.ModelConfig` from
+tritonclient, `google.protobuf.text_format`, strict): `_triton_schema`."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from _triton_schema import dims, parse_model_config, read_model_config
 
 from pgd_deploy.export.triton import (
     MANIFEST_PARAMETER,
@@ -20,7 +24,7 @@ from pgd_deploy.export.triton import (
 from pgd_deploy.runtime.manifest import read_manifest
 
 
-def _manifest(fmt="onnx", nms=False, trt=None):
+def _manifest(fmt="onnx", nms=False, trt=None, compatible=False, batch_min=1):
     if nms:
         outputs = [
             {"name": "num_dets", "dtype": "int32", "shape": [-1, 1]},
@@ -38,7 +42,7 @@ def _manifest(fmt="onnx", nms=False, trt=None):
         "precision": "fp16",
         "status": "passed",
         "imgsz": [800, 1344],
-        "batch": {"min": 1, "opt": 8, "max": 16},
+        "batch": {"min": batch_min, "opt": 8, "max": 16},
         "inputs": [{"name": "images", "dtype": "float32", "shape": [-1, 3, 800, 1344]}],
         "outputs": outputs,
         "preprocess": {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]},
@@ -46,7 +50,11 @@ def _manifest(fmt="onnx", nms=False, trt=None):
         "class_names": ['quote"d', "back\\slash"],  # escaping must survive the round trip
     }
     if trt:
-        manifest["tensorrt"] = {"version": trt, "compute_capability": "8.9"}
+        manifest["tensorrt"] = {
+            "version": trt,
+            "compute_capability": "8.9",
+            "version_compatible": compatible,
+        }
     return manifest
 
 
@@ -63,6 +71,9 @@ def test_repository_layout_parses_back_with_the_right_shapes(tmp_path, fmt, nms,
     assert (model_dir / "1" / filename).read_bytes() == b"model bytes"
     assert read_manifest(model_dir / "1" / filename)["format"] == fmt
     cfg = read_repository_config(model_dir)
+    triton = read_model_config(model_dir)  # Triton's own schema, strict
+    assert triton.name == "student" and triton.max_batch_size == 16
+    assert all(d > 0 for shape in dims(triton, "output").values() for d in shape)
     assert cfg["name"] == "student" and cfg["max_batch_size"] == 16
     assert cfg["platform"] == ("tensorrt_plan" if fmt == "tensorrt" else "onnxruntime_onnx")
     inputs = {t["name"]: t for t in cfg["input"]}
@@ -82,12 +93,59 @@ def test_repository_layout_parses_back_with_the_right_shapes(tmp_path, fmt, nms,
     assert "perf_analyzer -m student" in readme and "tritonserver --model-repository" in readme
     if fmt == "tensorrt":
         assert "nvcr.io/nvidia/tritonserver:24.08-py3" in readme and "10.3.0.26" in readme
+        assert "version-compatible=true" not in readme
 
 
 def test_container_tag_follows_the_tensorrt_version():
     assert container_tag("10.3.0.26") == ("nvcr.io/nvidia/tritonserver:24.08-py3", True)
-    tag, known = container_tag("11.4.0")
-    assert not known and "TensorRT 11.4" in tag
+    tag, known = container_tag("11.4.0")  # newer than the table (tensorrt>=10.0 installs 11.x)
+    assert not known and tag.startswith("nvcr.io/nvidia/tritonserver:${TRITON_TAG:?")
+    assert "TensorRT 11.4" in tag and "<" not in tag
+    assert container_tag(None) == ("nvcr.io/nvidia/tritonserver:25.03-py3", True)  # ONNX
+
+
+def _readme(tmp_path, manifest):
+    artifact = tmp_path / "a.bin"
+    artifact.write_bytes(b"x")
+    write_repository(tmp_path / "repo", "m", artifact, manifest, max_batch_size=4)
+    return (tmp_path / "repo" / "README.md").read_text()
+
+
+def test_readme_commands_have_no_literal_placeholders(tmp_path):
+    """The ONNX README used to say `tritonserver:<YY.MM>-py3`, which a shell reads as a redirect."""
+    readme = _readme(tmp_path, _manifest("onnx"))
+    assert "nvcr.io/nvidia/tritonserver:25.03-py3 \\" in readme and "<YY.MM" not in readme
+    readme = _readme(tmp_path, _manifest("tensorrt", trt="11.4.0.12"))
+    assert "${TRITON_TAG:?set TRITON_TAG to the Triton release built on TensorRT 11.4}" in readme
+    assert "export TRITON_TAG=" in readme and "support-matrix" in readme
+    commands = [line for line in readme.splitlines() if "docker run" in line or "-v " in line]
+    assert commands and not any("<" in line for line in commands)
+
+
+def test_readme_of_a_version_compatible_plan_sets_the_triton_flag(tmp_path):
+    readme = _readme(tmp_path, _manifest("tensorrt", nms=True, trt="10.3.0.26", compatible=True))
+    assert "--backend-config=tensorrt,version-compatible=true" in readme
+    assert "TensorRT 10.3.0.26 or later" in readme
+
+
+def test_plan_with_batch_min_above_one_is_refused(tmp_path):
+    """Triton's dynamic batcher sends batches of one; the plan's profile would refuse them."""
+    artifact = tmp_path / "a.plan"
+    artifact.write_bytes(b"x")
+    manifest = _manifest("tensorrt", trt="10.3.0.26", batch_min=2)
+    with pytest.raises(ValueError, match="dynamic batcher.*--batch-min 1"):
+        write_repository(tmp_path / "repo", "m", artifact, manifest, max_batch_size=4)
+    write_repository(
+        tmp_path / "repo", "m", artifact, _manifest("onnx", batch_min=2), max_batch_size=4
+    )
+
+
+def test_wildcard_dims_are_refused():
+    """A -1 beyond the batch axis would let Triton accept a model with other dims at load time."""
+    manifest = _manifest()
+    manifest["outputs"][1]["shape"] = [-1, -1, -1]  # what the dense export used to record
+    with pytest.raises(ValueError, match="'scores'.*wildcard"):
+        render_config("student", manifest, max_batch_size=16)
 
 
 def test_parser_handles_text_format_syntax():
@@ -119,7 +177,9 @@ def test_parser_reports_syntax_errors_with_line_numbers(text, message):
 
 
 def _valid_text(manifest):
-    return render_config("student", manifest, max_batch_size=16)
+    text = render_config("student", manifest, max_batch_size=16)
+    parse_model_config(text)  # Triton's schema accepts it
+    return text
 
 
 @pytest.mark.parametrize(
@@ -171,6 +231,9 @@ def test_triton_format_end_to_end(tmp_path):
     )
     assert rc == 0
     cfg = read_repository_config(tmp_path / "out" / "triton" / "student")
+    triton = read_model_config(tmp_path / "out" / "triton" / "student")
+    assert triton.max_batch_size == 4 and triton.platform == "onnxruntime_onnx"
+    assert dims(triton, "output")["det_boxes"] == [100, 4]
     assert cfg["max_batch_size"] == 4
     assert [o["name"] for o in cfg["output"]] == [
         "num_dets",

@@ -32,7 +32,8 @@ from pgd_deploy.io_utils import atomic_write_text
 from pgd_deploy.runtime.manifest import write_manifest
 
 # Triton containers by TensorRT major.minor (NGC release notes; a plan needs the same version).
-# Assumed, not probed: the README shows how to confirm inside the container.
+# Assumed, not probed: the README shows how to confirm inside the container. Versions past the
+# table (tensorrt>=10.0 also installs 11.x) get a tag the user sets: `container_tag`.
 TRITON_FOR_TRT = {
     "10.0": "24.05",
     "10.1": "24.06",
@@ -45,16 +46,25 @@ TRITON_FOR_TRT = {
     "10.8": "25.01",
     "10.9": "25.03",
 }
+ONNX_TRITON_TAG = TRITON_FOR_TRT["10.9"]  # ONNX models: any recent release works
+TAG_VARIABLE = "TRITON_TAG"
+SUPPORT_MATRIX = "https://docs.nvidia.com/deeplearning/frameworks/support-matrix/index.html"
+VERSION_COMPAT_FLAG = "--backend-config=tensorrt,version-compatible=true"
 
 
 def container_tag(trt_version: str | None) -> tuple[str, bool]:
-    """(Triton image, whether it comes from the known table) for a TensorRT version."""
+    """(Triton image, whether the tag is known) for a plan's TensorRT version (None: ONNX).
+
+    An unknown version gives `${TRITON_TAG:?...}`: the README's commands stay runnable, and the
+    shell stops with the reason when the variable is not set.
+    """
     if not trt_version:
-        return "nvcr.io/nvidia/tritonserver:<YY.MM>-py3", False
+        return f"nvcr.io/nvidia/tritonserver:{ONNX_TRITON_TAG}-py3", True
     key = ".".join(str(trt_version).split(".")[:2])
     if key in TRITON_FOR_TRT:
         return f"nvcr.io/nvidia/tritonserver:{TRITON_FOR_TRT[key]}-py3", True
-    return f"nvcr.io/nvidia/tritonserver:<YY.MM with TensorRT {key}>-py3", False
+    need = f"set {TAG_VARIABLE} to the Triton release built on TensorRT {key}"
+    return f"nvcr.io/nvidia/tritonserver:${{{TAG_VARIABLE}:?{need}}}-py3", False
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,14 +78,22 @@ def _quote(text: str) -> str:
 
 
 def _tensor_block(entry: Mapping[str, Any], batched: bool) -> str:
-    dims = list(entry["shape"][1:] if batched else entry["shape"])
+    dims = [int(d) for d in (entry["shape"][1:] if batched else entry["shape"])]
     if entry["dtype"] not in DATA_TYPES:
         raise ValueError(f"tensor '{entry['name']}': dtype {entry['dtype']} has no Triton type")
+    if any(d < 1 for d in dims):
+        raise ValueError(
+            f"tensor '{entry['name']}': dims {entry['shape']} have a wildcard beyond the batch "
+            "axis, so Triton could not check the model against the config at load time; "
+            "re-export with pgd-export (it fixes every dim but the batch)"
+        )
+    axes = list(entry.get("axes", []))[1 if batched else 0 :]
+    note = f"  # {', '.join(axes)}" if len(axes) == len(dims) else ""
     return (
         "  {\n"
         f"    name: {_quote(entry['name'])}\n"
         f"    data_type: {DATA_TYPES[entry['dtype']]}\n"
-        f"    dims: [ {', '.join(str(int(d)) for d in dims)} ]\n"
+        f"    dims: [ {', '.join(str(d) for d in dims)} ]{note}\n"
         "  }"
     )
 
@@ -106,20 +124,45 @@ def render_config(
     )
 
 
+def _serve_notes(manifest: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(version-lock paragraph, image, extra tritonserver flags) for the README."""
+    built = manifest.get("tensorrt", {})
+    trt = built.get("version")
+    image, known = container_tag(trt)
+    if not trt:
+        lock = (
+            f"ONNX models are not tied to a TensorRT version; any recent Triton container works "
+            f"(`{image}` below)."
+        )
+        return lock, image, ""
+    if built.get("version_compatible"):
+        lock = (
+            f"The plan is version-compatible (built with TensorRT {trt}): a Triton on TensorRT "
+            f"{trt} or later loads it with `{VERSION_COMPAT_FLAG}` (set below). Triton then runs "
+            "the lean runtime stored in the plan: serve only plans you built."
+        )
+        return lock, image, f" \\\n    {VERSION_COMPAT_FLAG}"
+    lock = f"The plan was built with TensorRT {trt}; Triton loads it only with the same TensorRT"
+    if known:
+        lock += f", i.e. `{image}`."
+    else:
+        key = ".".join(str(trt).split(".")[:2])
+        lock += (
+            f". This TensorRT is newer than pgd-export's table, so set the tag yourself: find "
+            f"the release built on TensorRT {key} in the Frameworks Support Matrix "
+            f"({SUPPORT_MATRIX}), then `export {TAG_VARIABLE}=<that YY.MM>`; the commands below "
+            f"stop with this reason while {TAG_VARIABLE} is unset. Or build the plan with the "
+            "TensorRT of the container you already run (`pip install tensorrt==<its version>`)."
+        )
+    lock += " Confirm inside the container with `ls /usr/lib/x86_64-linux-gnu/libnvinfer.so.*`."
+    return lock, image, ""
+
+
 def render_readme(name: str, manifest: Mapping[str, Any], *, repo: Path) -> str:
     """The repository README: how to serve it and how to measure it."""
     h, w = manifest["imgsz"]
-    trt = manifest.get("tensorrt", {}).get("version")
-    image, known = container_tag(trt)
+    lock, image, flags = _serve_notes(manifest)
     sdk = image.replace("-py3", "-py3-sdk")
-    lock = (
-        f"The plan was built with TensorRT {trt}; Triton loads it only with the same TensorRT, "
-        f"i.e. `{image}`"
-        + ("" if known else " (pick the release whose notes list that TensorRT version)")
-        + ". Confirm inside the container with `ls /usr/lib/x86_64-linux-gnu/libnvinfer.so.*`."
-        if trt
-        else "ONNX models are not tied to a TensorRT version; any recent Triton container works."
-    )
     outputs = ", ".join(f"`{o['name']}` {o['dtype']} {o['shape']}" for o in manifest["outputs"])
     return f"""# Triton model repository: {name}
 
@@ -130,7 +173,7 @@ Generated by `pgd-export --format triton`. Gates: **{manifest.get("status", "unc
   padding bottom-right), normalised with mean {manifest["preprocess"]["mean"]} and std
   {manifest["preprocess"]["std"]} (0-255 scale). `pgd_deploy.runtime.preprocess` does exactly this.
 - outputs: {outputs} (B = batch; boxes are xyxy pixels of the {h}x{w} input).
-- batch: up to {manifest["batch"]["max"]} (dynamic batching on).
+- batch: 1 to {manifest["batch"]["max"]} (dynamic batching on).
 
 ## Serve
 
@@ -138,7 +181,8 @@ Generated by `pgd-export --format triton`. Gates: **{manifest.get("status", "unc
 
 ```bash
 docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 \\
-  -v {repo.resolve()}:/models {image} tritonserver --model-repository=/models
+  -v {repo.resolve()}:/models {image} \\
+  tritonserver --model-repository=/models{flags}
 ```
 
 ## Measure
@@ -173,6 +217,11 @@ def write_repository(
         raise ValueError(
             f"Triton max_batch_size {max_batch_size} must be in 1..{manifest['batch']['max']} "
             "(the artifact's --batch-max)"
+        )
+    if manifest["format"] == "tensorrt" and manifest["batch"].get("min", 1) > 1:
+        raise ValueError(
+            f"plan profile starts at batch {manifest['batch']['min']}: Triton's dynamic batcher "
+            "sends batches from 1 up, which the plan would refuse; export with --batch-min 1"
         )
     repo = Path(repo)
     model_dir = repo / name
