@@ -44,6 +44,7 @@ EXPORT_FLAGS = {  # CLI flag (argparse dest) -> ExportConfig key
     "builder_opt_level": "builder_opt_level",
     "timing_cache": "timing_cache",
     "hw_compat": "hw_compat",
+    "version_compatible": "trt_version_compatible",
     "device": "device",
     "out": "out",
     "name": "name",
@@ -105,6 +106,13 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--builder-opt-level", type=int, help="TensorRT builder level 0-5")
     p.add_argument("--timing-cache", help="TensorRT timing cache file")
     p.add_argument("--hw-compat", choices=["none", "ampere+"])
+    p.add_argument(
+        "--version-compatible",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TensorRT version-compatible plan: loads on later TensorRT too (a trusted lean "
+        "runtime rides in the plan)",
+    )
     p.add_argument("--device", help="PyTorch reference device: auto, cpu, cuda")
     p.add_argument("--out", help="output folder")
     p.add_argument("--name", help="artifact base name")

@@ -3,9 +3,10 @@
 Steps: validate the profile; load the checkpoint; export the dense fp32 ONNX (legacy exporter,
 opset 17, onnxslim); convert its precision (fp16 / int8 Q/DQ, CPU); append in-graph NMS when
 asked; write the ONNX with its manifest; run the three gates with ONNX Runtime against PyTorch;
-for `--format tensorrt` build the strongly typed plan from that ONNX and gate it too; for
-`--format triton` write the model repository. A failing gate keeps the artifact, marks its
-manifest "failed" and sets the exit code of the first failing gate (`gates.EXIT_CODES`).
+for `--format tensorrt` build the strongly typed plan from that ONNX and gate it too
+(`plan.py`); for `--format triton` write the model repository. A failing gate keeps the
+artifact, marks its manifest "failed" and sets the exit code of the first failing gate
+(`gates.EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from pgd_deploy.config import ExportConfig, ExportJob, save_config, to_dict
-from pgd_deploy.export.deploy_model import INPUT_NAME, check_imgsz
+from pgd_deploy.export.deploy_model import check_imgsz
 from pgd_deploy.export.gates import GateReport, run_gates
-from pgd_deploy.export.manifest import STATUS_FAILED, STATUS_PASSED, STATUS_UNCHECKED
+from pgd_deploy.export.manifest import STATUS_FAILED, STATUS_PASSED
+from pgd_deploy.export.nms import validate_nms
+from pgd_deploy.export.plan import DENSE_TWIN
 from pgd_deploy.export.to_tensorrt import check_build_options, validate_profile
 from pgd_deploy.io_utils import atomic_write_text, file_sha256
 from pgd_deploy.runtime.manifest import write_manifest
@@ -73,13 +76,26 @@ def validate_export_config(cfg: ExportConfig) -> tuple[tuple[int, int], Any]:
         )
     if cfg.precision == "int8" and cfg.calib_images < 1:
         raise ValueError(f"--calib-images: expected >= 1 for int8, got {cfg.calib_images}")
-    if cfg.format == "tensorrt" or (cfg.format == "triton" and cfg.triton_source == "tensorrt"):
+    if cfg.nms == "onnx":
+        validate_nms(cfg.max_det, cfg.conf, cfg.iou, cfg.nms_topk)
+    if wants_plan(cfg):
         check_build_options(
             hw_compat=cfg.hw_compat, opt_level=cfg.builder_opt_level, workspace_gb=cfg.workspace_gb
+        )
+    if cfg.format == "triton" and cfg.triton_source == "tensorrt" and cfg.batch_min > 1:
+        raise ValueError(
+            f"--batch-min {cfg.batch_min} with --format triton and triton_source tensorrt: "
+            "Triton's dynamic batcher sends batches from 1 up to max_batch_size, and a plan "
+            "refuses any batch below its profile minimum; use --batch-min 1"
         )
     if cfg.triton_instances < 1:
         raise ValueError(f"export.triton_instances: expected >= 1, got {cfg.triton_instances}")
     return imgsz, profile
+
+
+def wants_plan(cfg: ExportConfig) -> bool:
+    """Whether this export builds a TensorRT plan."""
+    return cfg.format == "tensorrt" or (cfg.format == "triton" and cfg.triton_source == "tensorrt")
 
 
 def default_name(checkpoint: str | Path, cfg: ExportConfig) -> str:
@@ -91,7 +107,9 @@ def default_name(checkpoint: str | Path, cfg: ExportConfig) -> str:
 
 
 @dataclass
-class _Context:
+class ExportContext:
+    """Everything the steps of one export share (built once by `_prepare`)."""
+
     job: ExportJob
     cfg: ExportConfig
     src: Any
@@ -102,9 +120,11 @@ class _Context:
     images: Any
     reference: Any
     gate_batch: int
+    level_sizes: list[int]
+    tmp: Path  # scratch folder of this export (the dense twin of an NMS artifact lives here)
 
 
-def _prepare(checkpoint: str | Path, job: ExportJob) -> _Context:
+def _prepare(checkpoint: str | Path, job: ExportJob, tmp: Path) -> ExportContext:
     import torch
 
     from pgd_deploy.export.images import gate_images
@@ -135,10 +155,13 @@ def _prepare(checkpoint: str | Path, job: ExportJob) -> _Context:
     out.mkdir(parents=True, exist_ok=True)
     gate_batch = max(1, min(cfg.batch_opt, cfg.batch_max, len(images)))
     name = default_name(checkpoint, cfg)
-    return _Context(job, cfg, src, imgsz, profile, name, out, images, reference, gate_batch)
+    level_sizes = list(reference.level_sizes)
+    return ExportContext(
+        job, cfg, src, imgsz, profile, name, out, images, reference, gate_batch, level_sizes, tmp
+    )
 
 
-def _convert(ctx: _Context, dense: Any) -> tuple[Any, dict[str, Any]]:
+def _convert(ctx: ExportContext, dense: Any) -> tuple[Any, dict[str, Any]]:
     from pgd_deploy.export import precision
 
     cfg = ctx.cfg
@@ -155,10 +178,10 @@ def _convert(ctx: _Context, dense: Any) -> tuple[Any, dict[str, Any]]:
     return dense, {"precision": "fp32", "tool": "torch.onnx.export (no conversion)"}
 
 
-def _build_onnx(ctx: _Context) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+def _build_onnx(ctx: ExportContext) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
     """(dense model at the target precision, final model, recipe, nms settings)."""
     from pgd_deploy.export.nms import append_nms, nms_settings
-    from pgd_deploy.export.to_onnx import export_onnx
+    from pgd_deploy.export.to_onnx import export_onnx, fix_output_dims
 
     cfg = ctx.cfg
     dense = export_onnx(
@@ -169,49 +192,73 @@ def _build_onnx(ctx: _Context) -> tuple[Any, Any, dict[str, Any], dict[str, Any]
         simplify=cfg.simplify,
     )
     dense, recipe = _convert(ctx, dense)
+    classes = ctx.src.detector.num_classes
+    dense = fix_output_dims(dense, num_locations=sum(ctx.level_sizes), num_classes=classes)
     recipe.update(exporter=cfg.exporter, opset=cfg.opset, simplified=cfg.simplify)
-    nms = nms_settings(cfg.nms, max_det=cfg.max_det, conf=cfg.conf, iou=cfg.iou)
+    nms = nms_settings(
+        cfg.nms,
+        max_det=cfg.max_det,
+        conf=cfg.conf,
+        iou=cfg.iou,
+        topk=cfg.nms_topk,
+        candidates=sum(ctx.level_sizes) * classes,
+    )
     final = dense
     if cfg.nms == "onnx":
-        final = append_nms(dense, imgsz=ctx.imgsz, max_det=cfg.max_det, conf=cfg.conf, iou=cfg.iou)
+        final = append_nms(
+            dense,
+            imgsz=ctx.imgsz,
+            max_det=cfg.max_det,
+            conf=cfg.conf,
+            iou=cfg.iou,
+            topk=cfg.nms_topk,
+        )
     return dense, final, recipe, nms
 
 
-def _finish_manifest(
-    path: Path, manifest: dict[str, Any], report: GateReport, runtime: str
+def finish_manifest(
+    path: Path,
+    manifest: dict[str, Any],
+    report: GateReport,
+    runtime: str,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Record the gate results (status, gates, sha256) in the artifact's manifest."""
     manifest["status"] = STATUS_PASSED if report.passed else STATUS_FAILED
-    manifest["gates"] = {"runtime": runtime, **report.to_dict()}
+    manifest["gates"] = {"runtime": runtime, **report.to_dict(), **(extra or {})}
     manifest["sha256"] = file_sha256(path)
     write_manifest(path, manifest)
     return manifest
 
 
-def _gate_onnx(ctx: _Context, onnx_path: Path, manifest: dict[str, Any], dense: Any) -> GateReport:
-    from pgd_deploy.export.to_onnx import save_onnx
+def dense_twin_manifest(manifest: dict[str, Any], dense: Any) -> dict[str, Any]:
+    """The manifest of an NMS artifact's dense twin (same model before NMS; never shipped)."""
+    from pgd_deploy.export.manifest import describe_io
+
+    return {**manifest, "outputs": describe_io(dense)[1], "nms": {"mode": "none"}}
+
+
+def _gate_onnx(ctx: ExportContext, onnx_path: Path, manifest: dict[str, Any]) -> GateReport:
     from pgd_deploy.runtime.backends import OrtBackend
 
     candidate = OrtBackend(onnx_path, device="cpu")
-    with tempfile.TemporaryDirectory(prefix="pgd_dense_") as tmp:
-        dense_backend = None
-        if ctx.cfg.nms == "onnx":  # tensor parity needs the outputs before NMS
-            dense_path = save_onnx(dense, Path(tmp) / "dense.onnx")
-            dense_backend = OrtBackend(dense_path, device="cpu", meta=manifest)
-        report = run_gates(
-            ctx.reference,
-            candidate,
-            ctx.images,
-            precision=ctx.cfg.precision,
-            gates=ctx.job.gates,
-            imgsz=ctx.imgsz,
-            batch_size=ctx.gate_batch,
-            dense_candidate=dense_backend,
-            artifact=onnx_path.name + " (ONNX Runtime CPU)",
-        )
-    return report
+    dense_backend = None
+    if ctx.cfg.nms == "onnx":  # tensor parity needs the outputs before NMS: the dense twin
+        dense_backend = OrtBackend(ctx.tmp / "dense.onnx", device="cpu")
+    return run_gates(
+        ctx.reference,
+        candidate,
+        ctx.images,
+        precision=ctx.cfg.precision,
+        gates=ctx.job.gates,
+        imgsz=ctx.imgsz,
+        batch_size=ctx.gate_batch,
+        dense_candidate=dense_backend,
+        artifact=f"{onnx_path.name} (ONNX Runtime {candidate.provider})",
+    )
 
 
-def _export_onnx_artifact(ctx: _Context, result: ExportResult) -> tuple[Path, dict[str, Any]]:
+def _export_onnx_artifact(ctx: ExportContext, result: ExportResult) -> tuple[Path, dict[str, Any]]:
     from pgd_deploy.export.to_onnx import onnx_manifest, save_onnx
 
     dense, final, recipe, nms = _build_onnx(ctx)
@@ -223,64 +270,25 @@ def _export_onnx_artifact(ctx: _Context, result: ExportResult) -> tuple[Path, di
         precision=ctx.cfg.precision,
         nms=nms,
         recipe=recipe,
-        level_sizes=ctx.reference.level_sizes,
+        level_sizes=ctx.level_sizes,
     )
     if ctx.cfg.nms == "onnx":
         manifest["postprocess"] = dict(ctx.reference.postprocess_kwargs)
     manifest["gate_images"] = ctx.images.source
     manifest["export_config"] = to_dict(ctx.job)
+    if ctx.cfg.nms == "onnx":  # the dense twin: gated with the artifact (and built with a plan)
+        save_onnx(dense, ctx.tmp / "dense.onnx")
+        write_manifest(ctx.tmp / "dense.onnx", dense_twin_manifest(manifest, dense))
     path = ctx.out / f"{ctx.name}.onnx"
     save_onnx(final, path, manifest)
     write_manifest(path, manifest)  # "unchecked" until the gates below finish
-    report = _gate_onnx(ctx, path, manifest, dense)
-    runtime = "onnxruntime CPUExecutionProvider"
-    _finish_manifest(path, manifest, report, runtime)
+    report = _gate_onnx(ctx, path, manifest)
+    extra = {"parity_on": DENSE_TWIN} if ctx.cfg.nms == "onnx" else {}
+    finish_manifest(path, manifest, report, "onnxruntime CPUExecutionProvider", extra)
     result.artifacts.append(path)
     result.manifests[str(path)] = manifest
     result.reports.append(report)
     return path, manifest
-
-
-def _export_plan(
-    ctx: _Context, onnx_path: Path, onnx_manifest: dict[str, Any], result: ExportResult
-) -> tuple[Path, dict[str, Any]]:
-    from pgd_deploy.export.to_tensorrt import build_engine
-    from pgd_deploy.runtime.trt_backend import TrtBackend
-
-    cfg = ctx.cfg
-    plan_path = ctx.out / f"{ctx.name}.plan"
-    info = build_engine(
-        onnx_path,
-        plan_path,
-        input_name=INPUT_NAME,
-        imgsz=ctx.imgsz,
-        profile=ctx.profile,
-        precision=cfg.precision,
-        workspace_gb=cfg.workspace_gb,
-        opt_level=cfg.builder_opt_level,
-        timing_cache=cfg.timing_cache,
-        hw_compat=cfg.hw_compat,
-        version_compatible=cfg.trt_version_compatible,
-    )
-    manifest = {**onnx_manifest, "format": "tensorrt", "tensorrt": info, "gates": {}}
-    manifest.update(status=STATUS_UNCHECKED, sha256=file_sha256(plan_path))
-    manifest["onnx"] = {"path": str(onnx_path), "sha256": file_sha256(onnx_path)}
-    write_manifest(plan_path, manifest)
-    report = run_gates(
-        ctx.reference,
-        TrtBackend(plan_path),
-        ctx.images,
-        precision=cfg.precision,
-        gates=ctx.job.gates,
-        imgsz=ctx.imgsz,
-        batch_size=ctx.gate_batch,
-        artifact=f"{plan_path.name} (TensorRT {info['version']}, {info['gpu']})",
-    )
-    _finish_manifest(plan_path, manifest, report, f"tensorrt {info['version']}")
-    result.artifacts.append(plan_path)
-    result.manifests[str(plan_path)] = manifest
-    result.reports.append(report)
-    return plan_path, manifest
 
 
 def run_export(checkpoint: str | Path, job: ExportJob) -> ExportResult:
@@ -291,17 +299,16 @@ def run_export(checkpoint: str | Path, job: ExportJob) -> ExportResult:
         ImportError: a missing optional dependency (the message names the extra).
         TensorRTBuildError: the TensorRT parser or builder failed.
     """
-    ctx = _prepare(checkpoint, job)
-    result = ExportResult()
-    onnx_path, manifest = _export_onnx_artifact(ctx, result)
-    wants_plan = ctx.cfg.format == "tensorrt" or (
-        ctx.cfg.format == "triton" and ctx.cfg.triton_source == "tensorrt"
-    )
-    artifact = onnx_path
-    if wants_plan and result.reports[-1].passed:
-        artifact, manifest = _export_plan(ctx, onnx_path, manifest, result)
-    elif wants_plan:
-        logger.error("the ONNX gates failed: the TensorRT engine is not built (fix them first)")
+    with tempfile.TemporaryDirectory(prefix="pgd_export_") as tmp:
+        ctx = _prepare(checkpoint, job, Path(tmp))
+        result = ExportResult()
+        artifact, manifest = _export_onnx_artifact(ctx, result)
+        if wants_plan(ctx.cfg) and result.reports[-1].passed:
+            from pgd_deploy.export.plan import export_plan
+
+            artifact, manifest = export_plan(ctx, artifact, manifest, result)
+        elif wants_plan(ctx.cfg):
+            logger.error("the ONNX gates failed: the TensorRT engine is not built (fix them first)")
     if ctx.cfg.format == "triton" and result.reports[-1].passed:
         from pgd_deploy.export.triton import write_repository
 
@@ -313,10 +320,7 @@ def run_export(checkpoint: str | Path, job: ExportJob) -> ExportResult:
             max_batch_size=ctx.profile.max,
             instances=ctx.cfg.triton_instances,
         )
-    for report in result.reports:
-        if report.exit_code:
-            result.exit_code = report.exit_code
-            break
+    result.exit_code = next((r.exit_code for r in result.reports if r.exit_code), 0)
     result.report_path = atomic_write_text(ctx.out / f"{ctx.name}.gates.md", result.markdown())
     save_config(ctx.job, ctx.out / f"{ctx.name}.export.toml")
     return result
