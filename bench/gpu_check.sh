@@ -30,6 +30,9 @@ nvidia-smi -L || true
 $py -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda,
   'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
 step tests $py -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+# TensorRT build/run (needs tensorrt), device buffers, ONNX Runtime GPU providers (onnxruntime-gpu)
+step trt_tests $py -m pytest -q -p no:cacheprovider -m "trt or gpu" tests/test_export_trt.py \
+  tests/test_runtime_cuda_buffers.py tests/test_runtime_providers.py
 step pgd_gpu $py bench/pgd_gpu.py
 step pgd_overhead $py bench/pgd_overhead.py --no-cpu
 step train_step $py bench/train_step.py --amp bf16

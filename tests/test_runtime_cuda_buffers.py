@@ -188,3 +188,33 @@ def test_host_buffer_views_share_memory():
     view = buffer.view((2, 4), np.float32)
     view[1, 3] = 2.0
     assert buffer.view((8,), np.float32)[7] == 2.0 and buffer.nbytes == 64
+
+
+def _gpu() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["pycuda", "cuda-python", "torch"])
+def test_round_trip_through_the_device(name):
+    """Each buffer library for real: host -> device -> host on its stream."""
+    try:
+        module = cuda_buffers.IMPORTERS[name]()
+    except ImportError as err:
+        pytest.skip(f"{name} not importable: {err}")
+    lib = cuda_buffers.IMPLEMENTATIONS[name](module, 0)
+    major, _ = lib.compute_capability()
+    assert major >= 5 and lib.device_name() and lib.stream_handle
+    values = np.arange(16, dtype=np.float32)
+    with lib.active():
+        device, host, back = lib.device(64), lib.host(64), lib.host(64)
+        host.view((16,), np.float32)[...] = values
+        lib.to_device(device, host, 64)
+        lib.to_host(back, device, 64)
+        lib.synchronize()
+    np.testing.assert_array_equal(back.view((16,), np.float32), values)
