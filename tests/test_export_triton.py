@@ -124,7 +124,9 @@ def test_readme_commands_have_no_literal_placeholders(tmp_path):
 
 def test_readme_of_a_version_compatible_plan_sets_the_triton_flag(tmp_path):
     readme = _readme(tmp_path, _manifest("tensorrt", nms=True, trt="10.3.0.26", compatible=True))
-    assert "--backend-config=tensorrt,version-compatible=true" in readme
+    flag = "--backend-config=tensorrt,version-compatible=true"
+    serve = f"tritonserver --model-repository=/models \\\n    {flag}\n"
+    assert serve in readme  # in the command, not only in the prose
     assert "TensorRT 10.3.0.26 or later" in readme
 
 
