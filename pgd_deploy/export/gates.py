@@ -161,9 +161,11 @@ def _map_result(
     ref: Sequence[Detections],
     cand: Sequence[Detections],
     category_ids: Sequence[int],
-    *,
     tolerance: float,
 ) -> GateResult:
+    """The mAP gate; skipped (not counted) without annotations."""
+    if images.annotations is None:
+        return GateResult("map", None, "skipped", "needs --val annotations", {"skipped": True})
     from pgd_deploy.metrics import detections_to_coco, evaluate_coco
 
     def ap(dets: Sequence[Detections]) -> dict[str, float]:
@@ -195,6 +197,18 @@ def same_candidates(candidate: Any) -> dict[str, Any]:
     return {} if topk is None else {"topk_candidates": int(topk), "level_sizes": None}
 
 
+def _dense(candidate: Any, dense_candidate: Any | None, artifact: str) -> Any:
+    """The model whose dense outputs the parity gate compares."""
+    if dense_candidate is not None:
+        return dense_candidate
+    if getattr(candidate, "in_graph_nms", False):
+        raise ValueError(
+            f"{artifact or 'candidate'}: in-graph NMS outputs have no dense tensors to compare; "
+            "pass its dense twin as dense_candidate"
+        )
+    return candidate
+
+
 def run_gates(
     reference: Any,
     candidate: Any,
@@ -221,12 +235,7 @@ def run_gates(
             needs the dense outputs); None when `candidate` itself is dense.
         artifact: the artifact name for the report.
     """
-    if getattr(candidate, "in_graph_nms", False) and dense_candidate is None:
-        raise ValueError(
-            f"{artifact or 'candidate'}: in-graph NMS outputs have no dense tensors to compare; "
-            "pass its dense twin as dense_candidate"
-        )
-    dense = dense_candidate if dense_candidate is not None else candidate
+    dense = _dense(candidate, dense_candidate, artifact)
     items = list(images.batches(imgsz, batch_size))
     ref_dets: list[Detections] = []
     cand_dets: list[Detections] = []
@@ -253,18 +262,9 @@ def run_gates(
     )
     agreement.detail["reference_postprocess"] = {**post, **ref_post}
     report.results.append(agreement)
-    if images.annotations is not None:
-        report.results.append(
-            _map_result(
-                images,
-                ref_dets,
-                cand_dets,
-                reference.category_ids,
-                tolerance=map_tolerance(precision, gates),
-            )
+    report.results.append(
+        _map_result(
+            images, ref_dets, cand_dets, reference.category_ids, map_tolerance(precision, gates)
         )
-    else:
-        report.results.append(
-            GateResult("map", None, "skipped", "needs --val annotations", {"skipped": True})
-        )
+    )
     return report

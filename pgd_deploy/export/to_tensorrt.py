@@ -232,15 +232,8 @@ def build_engine(
     opt_profile.set_shape(input_name, min=lo, opt=opt, max=hi)
     config.add_optimization_profile(opt_profile)
     cache = _load_timing_cache(config, timing_cache)
-    start = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - start
-    if plan is None:
-        raise TensorRTBuildError(
-            "TensorRT build_serialized_network failed:\n  "
-            + "\n  ".join(trt_logger.errors or ["(see the TensorRT log above)"])
-        )
-    atomic_write_bytes(plan_path, bytes(memoryview(plan)))
+    plan, seconds = _serialize(builder, network, config, trt_logger)
+    atomic_write_bytes(plan_path, plan)
     if cache is not None and timing_cache:
         atomic_write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
     return _build_info(
@@ -256,6 +249,19 @@ def build_engine(
         (lo, opt, hi),
         seconds,
     )
+
+
+def _serialize(builder: Any, network: Any, config: Any, trt_logger: Any) -> tuple[bytes, float]:
+    """(plan bytes, build seconds); raises TensorRTBuildError with TensorRT's errors."""
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if plan is None:
+        raise TensorRTBuildError(
+            "TensorRT build_serialized_network failed:\n  "
+            + "\n  ".join(trt_logger.errors or ["(see the TensorRT log above)"])
+        )
+    return bytes(memoryview(plan)), seconds
 
 
 def _build_info(
