@@ -60,14 +60,127 @@ def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, expected:
         assert out.shape == (20, 10, 3) and out[0, -1, 0] == 255
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK"])
-def test_every_mode_becomes_rgb(tmp_path: Path, mode: str) -> None:
-    base = Image.fromarray(_gradient(8, 9))
-    pil = base.convert("L").convert("I;16") if mode == "I;16" else base.convert(mode)
-    path = tmp_path / ("a.tiff" if mode in ("I;16", "CMYK") else "a.png")
-    pil.save(path)
-    out = load_image(path)
-    assert out.dtype == np.uint8 and out.shape == (8, 9, 3)
+# 8-bit grey values of a 3x4 test image, and the 16-bit samples whose high byte they are.
+GREY8 = np.array([[0, 1, 2, 3], [100, 127, 128, 129], [200, 254, 255, 255]], np.uint8)
+GREY16 = GREY8.astype(np.uint16) << 8 | np.array([[0, 255, 1, 128]] * 3, np.uint16)
+
+
+def _expect_grey(out: np.ndarray, grey: np.ndarray) -> None:
+    assert out.dtype == np.uint8 and out.shape == (*grey.shape, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], grey)
+
+
+def _png48(path: Path, rgb16: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG written by hand (PIL cannot write one)."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb16.shape
+    raw = b"".join(b"\x00" + rgb16[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    "mode, file_name",
+    [("I;16", "g16.png"), ("I;16", "g16.tiff"), ("I;16B", "g16b.tiff")],
+)
+def test_16_bit_grey_files_keep_their_high_byte(tmp_path: Path, mode: str, file_name: str) -> None:
+    # A 16-bit PNG used to saturate to an all-white image.
+    dtype = ">u2" if mode == "I;16B" else np.uint16
+    pil = Image.fromarray(GREY16.astype(dtype))
+    assert pil.mode == mode
+    pil.save(tmp_path / file_name)
+    with Image.open(tmp_path / file_name) as reopened:
+        assert reopened.mode == mode  # the decoder really sees this mode
+    _expect_grey(load_image(tmp_path / file_name), GREY8)
+
+
+def test_16_bit_colour_png_keeps_its_high_byte(tmp_path: Path) -> None:
+    rgb16 = np.stack([GREY16, GREY16[::-1], 65535 - GREY16], -1)
+    _png48(tmp_path / "rgb48.png", rgb16)
+    np.testing.assert_array_equal(load_image(tmp_path / "rgb48.png"), (rgb16 >> 8).astype(np.uint8))
+
+
+def test_32_bit_integer_pixels_are_read_as_16_bit_data(tmp_path: Path) -> None:
+    pil = Image.fromarray(GREY16.astype(np.int32))
+    assert pil.mode == "I"
+    pil.save(tmp_path / "i32.tiff")
+    _expect_grey(load_image(tmp_path / "i32.tiff"), GREY8)
+    _expect_grey(load_image(pil), GREY8)
+    with pytest.raises(ImageDecodeError, match=r"i32: 32-bit integer pixels range from -5 to "):
+        load_image(Image.fromarray(GREY16.astype(np.int32) - 5), name="i32")
+    with pytest.raises(ImageDecodeError, match=r"expected 16-bit data \(0..65535\)"):
+        load_image(Image.fromarray(GREY16.astype(np.int32) + 65535), name="i32")
+
+
+def test_32_bit_float_pixels_scale_from_0_1_or_0_255(tmp_path: Path) -> None:
+    unit = Image.fromarray(GREY8.astype(np.float32) / 255)
+    assert unit.mode == "F"
+    unit.save(tmp_path / "unit.tiff")
+    _expect_grey(load_image(tmp_path / "unit.tiff"), GREY8)
+    near = np.minimum(GREY8.astype(np.float32) + 0.3, 255.0)  # 0..255 floats round to GREY8
+    _expect_grey(load_image(Image.fromarray(near)), GREY8)
+    with pytest.raises(ImageDecodeError, match=r"f: 32-bit float pixels range from 0 to 300"):
+        load_image(Image.fromarray(np.array([[0.0, 300.0]], np.float32)), name="f")
+    with pytest.raises(ImageDecodeError, match="f: 32-bit float pixels include NaN"):
+        load_image(Image.fromarray(np.array([[0.5, np.nan]], np.float32)), name="f")
+
+
+def test_8_bit_modes_become_the_rgb_a_viewer_shows(tmp_path: Path) -> None:
+    rgb = _gradient(8, 9)
+    base = Image.fromarray(rgb)
+    grey = np.asarray(base.convert("L"))
+    # Files a user hands in: grey, grey + alpha, palette (+ alpha), bilevel, RGBA.
+    base.convert("L").save(tmp_path / "l.png")
+    _expect_grey(load_image(tmp_path / "l.png"), grey)
+    base.convert("LA").save(tmp_path / "la.png")
+    _expect_grey(load_image(tmp_path / "la.png"), grey)
+    rgba = np.concatenate([rgb, np.full((8, 9, 1), 9, np.uint8)], -1)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "rgba.png"), rgb)
+    palette = base.quantize(16)
+    palette.save(tmp_path / "p.png")
+    expected = np.asarray(palette.convert("RGB"))
+    np.testing.assert_array_equal(load_image(tmp_path / "p.png"), expected)
+    palette.save(tmp_path / "p_transparent.png", transparency=0)
+    np.testing.assert_array_equal(load_image(tmp_path / "p_transparent.png"), expected)
+    np.testing.assert_array_equal(load_image(palette.convert("PA")), expected)
+    bilevel = Image.fromarray(grey).point(lambda v: 255 if v >= 128 else 0).convert("1")
+    bilevel.save(tmp_path / "one.png")
+    _expect_grey(load_image(tmp_path / "one.png"), np.where(grey >= 128, 255, 0))
+
+
+def test_cmyk_and_other_colour_spaces_convert_to_rgb(tmp_path: Path) -> None:
+    # CMYK: no ink is white, full cyan is (0, 255, 255), full black ink is black.
+    cmyk = np.array([[[0, 0, 0, 0], [255, 0, 0, 0], [0, 0, 0, 255]]], np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.tiff")
+    np.testing.assert_array_equal(
+        load_image(tmp_path / "cmyk.tiff"), [[[255, 255, 255], [0, 255, 255], [0, 0, 0]]]
+    )
+    rgb = _gradient(6, 7)
+    for mode in ("YCbCr", "HSV", "LAB"):
+        converted = Image.fromarray(rgb).convert(mode)
+        out = load_image(converted)
+        np.testing.assert_array_equal(out, np.asarray(converted.convert("RGB")))
+        assert np.abs(out.astype(int) - rgb).max() <= 30, mode  # a lossy round trip, no more
+
+
+def test_modes_pil_cannot_convert_are_refused_with_the_mode() -> None:
+    la_premultiplied = Image.new("La", (4, 3))
+    with pytest.raises(ImageDecodeError, match="odd: unsupported image mode 'La'"):
+        load_image(la_premultiplied, name="odd")
 
 
 def test_grayscale_is_replicated_to_three_channels(tmp_path: Path) -> None:
@@ -113,6 +226,25 @@ def test_bad_files_raise_image_decode_error_naming_the_file(tmp_path: Path, name
     with pytest.raises(ImageDecodeError, match=message) as info:
         load_image(path)
     assert isinstance(info.value, ValueError)
+
+
+def test_links_pipes_and_folders_are_refused_with_what_they_are(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "loop_a.jpg").symlink_to(tmp_path / "loop_b.jpg")
+    (tmp_path / "loop_b.jpg").symlink_to(tmp_path / "loop_a.jpg")
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it would block: it must never be opened
+    (tmp_path / "folder.jpg").mkdir()
+    expected = {
+        "broken.jpg": "broken symbolic link",
+        "loop_a.jpg": "symbolic link loop",
+        "pipe.jpg": r"a FIFO \(named pipe\), not a regular file",
+        "folder.jpg": "a folder, not an image file",
+    }
+    for name, message in expected.items():
+        with pytest.raises(ImageDecodeError, match=f"{name}: {message}"):
+            load_image(tmp_path / name, name=name)
 
 
 def test_truncated_jpeg(tmp_path: Path) -> None:

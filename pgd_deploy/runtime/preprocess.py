@@ -6,12 +6,18 @@ functions, so accuracy comparisons between backends are like for like.
 Conventions: images are uint8 RGB arrays [H, W, 3]; network inputs are float32 [3, H, W],
 normalised with the ImageNet mean/std (RGB, 0-255 scale) and padded with zeros (the mean colour)
 at the bottom and right, so network pixel (x, y) maps to original pixel (x / sx, y / sy).
+
+Decoding turns every PIL mode a user can hand in into 8-bit RGB, or refuses the file with the
+reason (see `to_rgb`): 16-bit samples keep their high byte (v >> 8), as Pillow itself does when it
+opens a 16-bit-per-channel colour PNG, so a 16-bit grey image and its colour twin decode alike.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +33,7 @@ _MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
 _INV_STD = 1.0 / np.asarray(IMAGENET_STD, dtype=np.float32)
 
 ImageSource = str | os.PathLike | bytes | np.ndarray | Image.Image
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # unsigned 16-bit greyscale
 
 
 class ImageDecodeError(ValueError):
@@ -92,19 +99,14 @@ def load_image(
             img = Image.open(io.BytesIO(source))
         else:
             path = Path(source)
-            if not path.is_file():
-                raise ImageDecodeError(f"{label}: file not found")
-            if path.stat().st_size == 0:
-                raise ImageDecodeError(f"{label}: empty file (0 bytes)")
+            _check_regular_file(path, label)
             img = Image.open(path)
         if max_pixels is not None and img.width * img.height > max_pixels:
             raise ImageDecodeError(
                 f"{label}: {img.width}x{img.height} = {img.width * img.height} pixels exceeds "
                 f"the limit of {max_pixels} (possible decompression bomb)"
             )
-        img = ImageOps.exif_transpose(img)
-        img = img.convert("RGB")  # forces a full decode, so truncation surfaces here
-        return np.asarray(img, dtype=np.uint8)
+        return to_rgb(ImageOps.exif_transpose(img), label)  # decodes: truncation surfaces here
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
@@ -113,6 +115,79 @@ def load_image(
         raise ImageDecodeError(f"{label}: refused, {err}") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"{label}: corrupt or truncated image ({err})") from None
+
+
+def _check_regular_file(path: Path, label: str) -> None:
+    """Refuse, with the reason, anything that is not a non-empty regular file (never opening a
+    FIFO or a device, which could block or stream forever)."""
+    try:
+        info = path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ImageDecodeError(f"{label}: symbolic link loop") from None
+        if path.is_symlink():
+            target = os.readlink(path)
+            raise ImageDecodeError(f"{label}: broken symbolic link (to {target})") from None
+        if err.errno == errno.ENOENT:
+            raise ImageDecodeError(f"{label}: file not found") from None
+        raise ImageDecodeError(f"{label}: cannot read ({err.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageDecodeError(f"{label}: a folder, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = "FIFO (named pipe)" if stat.S_ISFIFO(info.st_mode) else "special file"
+        raise ImageDecodeError(f"{label}: a {kind}, not a regular file")
+    if info.st_size == 0:
+        raise ImageDecodeError(f"{label}: empty file (0 bytes)")
+
+
+def to_rgb(img: Image.Image, label: str = "image") -> np.ndarray:
+    """Any PIL image as uint8 RGB [H, W, 3] (this decodes it).
+
+    - 1, L, LA, P, PA, RGB, RGBA, RGBX, RGBa, CMYK, YCbCr, LAB, HSV: PIL's conversion (alpha is
+      dropped, greys are replicated).
+    - I;16 / I;16L / I;16B / I;16N (16-bit grey, e.g. a 16-bit PNG): the high byte, v >> 8.
+    - I (32-bit integer): read as 16-bit data, v >> 8; values outside 0..65535 are refused.
+    - F (32-bit float): 0..1 is scaled by 255 (when the maximum is <= 1), else 0..255 is taken
+      as is and rounded; values outside 0..255, NaN and infinity are refused.
+
+    Raises:
+        ImageDecodeError: a refused value range or a mode PIL cannot convert (e.g. La).
+    """
+    mode = img.mode
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        values = np.asarray(img)  # uint16 in native order, or int32 for "I"
+        if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise ImageDecodeError(
+                f"{label}: 32-bit integer pixels range from {values.min()} to {values.max()}; "
+                "expected 16-bit data (0..65535)"
+            )
+        return _grey_to_rgb((values.astype(np.uint32) >> 8).astype(np.uint8))
+    if mode == "F":
+        return _grey_to_rgb(_float_to_uint8(np.asarray(img, dtype=np.float32), label))
+    try:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except ValueError as err:
+        if "not supported" not in str(err):
+            raise
+        raise ImageDecodeError(
+            f"{label}: unsupported image mode {mode!r} (cannot convert it to RGB)"
+        ) from None
+
+
+def _float_to_uint8(values: np.ndarray, label: str) -> np.ndarray:
+    if not np.isfinite(values).all():
+        raise ImageDecodeError(f"{label}: 32-bit float pixels include NaN or infinity")
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if lo < 0 or hi > 255:
+        raise ImageDecodeError(
+            f"{label}: 32-bit float pixels range from {lo:g} to {hi:g}; expected 0..1 or 0..255"
+        )
+    scale = 255.0 if hi <= 1.0 else 1.0
+    return np.round(values * scale).clip(0, 255).astype(np.uint8)
+
+
+def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
 
 
 def _array_to_rgb(arr: np.ndarray, label: str) -> np.ndarray:
