@@ -38,6 +38,12 @@ def _folder_with_bad_files(folder: Path, images: list[Path]) -> Path:
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(3000))
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "notes.txt").write_text("not an image")
+    # Entries that are not regular files are inputs too, reported as failures (never opened).
+    (folder / "broken_link.jpg").symlink_to(folder / "gone.jpg")
+    (folder / "loop_a.jpg").symlink_to(folder / "loop_b.jpg")
+    (folder / "loop_b.jpg").symlink_to(folder / "loop_a.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "sub").mkdir()  # a folder is not searched (a glob with ** does that)
     return folder
 
 
@@ -83,9 +89,21 @@ def test_predict_folder_with_bad_files(
     assert rc == 0
     failures = json.loads((out / "failures.json").read_text())
     reasons = {Path(f["path"]).name: f["error"] for f in failures}
-    assert set(reasons) == {"truncated.jpg", "corrupt.jpg", "empty.jpg", "notes.txt"}
+    assert set(reasons) == {
+        "truncated.jpg",
+        "corrupt.jpg",
+        "empty.jpg",
+        "notes.txt",
+        "broken_link.jpg",
+        "loop_a.jpg",
+        "loop_b.jpg",
+        "pipe.jpg",
+    }
     assert "truncated" in reasons["truncated.jpg"] and "empty file" in reasons["empty.jpg"]
     assert "not a recognised image format" in reasons["notes.txt"]
+    assert "broken symbolic link" in reasons["broken_link.jpg"]
+    assert "symbolic link loop" in reasons["loop_a.jpg"] and "loop" in reasons["loop_b.jpg"]
+    assert "FIFO" in reasons["pipe.jpg"]
     results = json.loads((out / "predictions.json").read_text())
     assert results, "the random model with a raised bias detects plenty"
     assert {r["image_id"] for r in results} <= {int(p.stem) for p in images}
@@ -93,7 +111,7 @@ def test_predict_folder_with_bad_files(
     assert all(r["score"] >= 0.1 and len(r["bbox"]) == 4 for r in results)
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(p.name for p in images)
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["succeeded"], summary["failed"], summary["interrupted"]) == (4, 4, False)
+    assert (summary["succeeded"], summary["failed"], summary["interrupted"]) == (4, 8, False)
     assert set(summary["stage_ms"]) >= {"pre", "infer", "post"}
     printed = capsys.readouterr().out
     for key in ("images", "failures", "detections", "ms / image", "images / s"):

@@ -31,6 +31,23 @@ def test_folder_lists_every_visible_file_sorted(tmp_path: Path) -> None:
     assert [it.image_id for it in src.items] == [1, 2, 3]
 
 
+def test_links_and_pipes_are_inputs_never_silent_skips(tmp_path: Path, caplog) -> None:
+    import os
+
+    folder = tmp_path / "src"
+    _png(folder / "a.png")
+    (folder / "broken.jpg").symlink_to(folder / "gone.jpg")
+    (folder / "loop_a.jpg").symlink_to(folder / "loop_b.jpg")
+    (folder / "loop_b.jpg").symlink_to(folder / "loop_a.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "sub").mkdir()
+    names = ["a.png", "broken.jpg", "loop_a.jpg", "loop_b.jpg", "pipe.jpg"]
+    with caplog.at_level("INFO", logger="pgd_deploy.serve.sources"):
+        assert [it.name for it in resolve_source(folder).items] == names
+    assert "1 sub-folder(s) not searched (e.g. sub)" in caplog.text
+    assert [it.name for it in resolve_source(str(folder / "*.*")).items] == names
+
+
 def test_numeric_stems_are_image_ids_and_others_follow(tmp_path: Path) -> None:
     for name in ("000000000139.jpg", "000000000285.jpg", "broken.jpg"):
         _png(tmp_path / name)

@@ -83,19 +83,28 @@ def _numbered(paths: list[Path], names: list[str]) -> list[SourceItem]:
     return items
 
 
-def _visible(path: Path) -> bool:
-    return not path.name.startswith(".") and path.is_file()
-
-
 def _from_dir(root: Path) -> list[SourceItem]:
-    # Every visible file is an input: anything that is not an image is reported as a failure
-    # rather than silently ignored, so a run never quietly skips data.
-    paths = sorted(p for p in root.iterdir() if _visible(p))
+    # Every visible entry but a folder is an input: anything that is not a readable image (a
+    # text file, a broken symlink, a symlink loop, a FIFO) is reported as a failure when it is
+    # decoded rather than silently ignored, so a run never quietly skips data.
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    folders = [p for p in entries if p.is_dir()]
+    if folders:
+        logger.info(
+            "--source %s: %d sub-folder(s) not searched (e.g. %s); a glob such as '%s' "
+            "includes them",
+            root,
+            len(folders),
+            folders[0].name,
+            root / "**" / "*",
+        )
+    paths = [p for p in entries if not p.is_dir()]
     return _numbered(paths, [p.name for p in paths])
 
 
 def _from_glob(pattern: str) -> list[SourceItem]:
-    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    # Matches that are not folders are inputs, broken links and FIFOs included (see _from_dir).
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if not Path(p).is_dir())
     if not paths:
         return []
     common = Path(os.path.commonpath([str(p.parent) for p in paths]))
