@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from math import inf, nan
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,14 @@ def test_coco_mapping_crowd_degenerate_and_empty_images(tmp_path):
         (
             {"annotations": [{"id": 9, "image_id": 1, "category_id": 7, "bbox": [0, 0, 1]}]},
             "field 'bbox' must be",
+        ),
+        (  # NaN used to be dropped silently and Infinity stretched to the image edge
+            {"annotations": [{"id": 9, "image_id": 1, "category_id": 7, "bbox": [nan, 0, 1, 1]}]},
+            r"annotations\[0\] \(id 9\): field 'bbox' must hold finite numbers, got \[nan",
+        ),
+        (
+            {"annotations": [{"id": 4, "image_id": 1, "category_id": 7, "bbox": [0, 0, inf, 1]}]},
+            r"annotations\[0\] \(id 4\): field 'bbox' must hold finite numbers, got .*inf",
         ),
     ],
 )

@@ -2,14 +2,15 @@
 
 Category ids map to contiguous 0-based class indices (sorted by id) and back; crowd boxes are
 excluded from training targets; images without annotations are kept; degenerate boxes (zero or
-negative width/height) are dropped and counted. Every structural problem raises `ValueError`
-naming the file and the field.
+negative width/height) are dropped and counted. Every structural problem (including NaN or
+Infinity in a box) raises `ValueError` naming the file and the field.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,8 @@ def load_coco(path: str | Path, image_dir: str | Path | None = None) -> CocoAnno
             raise ValueError(f"{where}: field 'category_id' refers to unknown category {cid}")
         if len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
             raise ValueError(f"{where}: field 'bbox' must be [x, y, width, height], got {bbox}")
+        if not all(math.isfinite(v) for v in bbox):  # Python's JSON reads NaN and Infinity
+            raise ValueError(f"{where}: field 'bbox' must hold finite numbers, got {bbox}")
         if ann.get("iscrowd", 0):
             num_crowd += 1
             continue
