@@ -9,6 +9,7 @@ A checkpoint is a dict:
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,50 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, not ours or inconsistent."""
 
 
+class UnsafeFileError(ValueError):
+    """A file holds code: pickled objects that the safe loader (`weights_only=True`) refuses to
+    execute. Deliberately not a `CheckpointError`, so that code falling back to another reader
+    after a `CheckpointError` never retries such a file."""
+
+
+def _unsafe_message(path: Path, err: Exception) -> str:
+    text = str(err)
+    found = re.search(r"GLOBAL (\S+)", text)
+    if found:
+        what = f"it asks to import and call {found.group(1)}"
+    else:
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        what = detail.group(1).strip() if detail else "objects other than tensors and plain data"
+    return (
+        f"{path}: refused because the file holds code ({what}): pickled objects that the safe "
+        "loader will not execute. Only tensors and plain data are loaded; use a checkpoint "
+        "written by pgd-train or a state dict of tensors."
+    )
+
+
+def torch_load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)` with errors that name the file.
+
+    Raises:
+        UnsafeFileError: the file holds code (objects the safe loader will not execute).
+        CheckpointError: the file is missing, truncated or not a PyTorch file.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only load failed" in str(err).lower():
+            raise UnsafeFileError(_unsafe_message(path, err)) from None
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint (truncated or corrupt file?)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint (truncated or corrupt file?): {first}"
+        ) from None
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write `state` to `path` atomically: a temporary file in the same folder, then rename.
 
@@ -41,16 +86,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises:
         CheckpointError: the file is missing, truncated/corrupt, or not a pgd-deploy checkpoint.
+        UnsafeFileError: the file holds code, which is never executed.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as err:
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint (truncated or corrupt file?): {err}"
-        ) from None
+    state = torch_load_weights(path, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: not a pgd-deploy checkpoint (expected a dict with format={FORMAT!r}; "

@@ -231,3 +231,44 @@ def test_channels_last_setting_and_training(tmp_path):
     assert result.completed and result.iterations == 2
     with pytest.raises(ValueError, match="train.channels_last"):
         tiny_cfg(tmp_path / "cache", "train.channels_last='yes'")
+
+
+class _CodeInPickle:
+    """Unpickling this would run a shell command (it must never be unpickled)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_files_holding_code_are_refused_as_such_everywhere(tmp_path):
+    from pgd_deploy.checkpoint import UnsafeFileError
+    from pgd_deploy.distill.distiller import load_teacher
+    from pgd_deploy.models.backbone import build_backbone
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "pgd-deploy-checkpoint", "model": _CodeInPickle(marker)}, evil)
+    loaders = {
+        "checkpoint": lambda: load_checkpoint(evil),  # resume, eval, export and serve go here
+        "teacher": lambda: load_teacher(evil, device="cpu"),
+        "backbone weights": lambda: build_backbone(depth=18, weights=str(evil)),
+    }
+    for where, load in loaders.items():
+        with pytest.raises(UnsafeFileError) as info:
+            load()
+        message = str(info.value)
+        assert message.startswith(f"{evil}: refused because the file holds code"), where
+        assert "posix.system" in message and "will not execute" in message, where
+        assert "weights_only=False" not in message and "corrupt" not in message, where
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgd_deploy.cli", "eval", "--checkpoint", str(evil)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "refused because the file holds code" in proc.stderr
+    assert "Traceback" not in proc.stderr and "weights_only" not in proc.stderr
+    assert not marker.exists()

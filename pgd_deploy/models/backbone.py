@@ -12,6 +12,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
+from pgd_deploy.checkpoint import torch_load_weights
+
 logger = logging.getLogger(__name__)
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
@@ -90,7 +92,7 @@ def _resnet(depth: int, weights: str) -> tuple[nn.Module, bool]:
             f"model.weights: expected 'none', 'imagenet' or an existing file, got {weights!r}"
         )
     model = torchvision.models.get_model(name, weights=None, norm_layer=FrozenBN)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch_load_weights(path)  # weights_only=True; a file holding code is refused
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
