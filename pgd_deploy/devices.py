@@ -1,0 +1,89 @@
+"""Where and how training runs: the device, the torchrun process group, mixed precision, the
+memory layout and seeding (used by `trainer`; no state of their own)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from pgd_deploy import distributed as dist
+
+
+def select_device(name: str) -> torch.device:
+    """`auto` -> the local CUDA device when available (LOCAL_RANK under torchrun), else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device={name!r} but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", dist.local_rank())
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPU, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_dist():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+
+
+def cpu_has_amx() -> bool:
+    """True on CPUs with AMX bf16 tiles (Sapphire Rapids and later), where oneDNN runs bf16
+    convolutions several times faster than fp32; elsewhere CPU bf16 is slower, so it stays off."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return any("amx_bf16" in line for line in fh if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def autocast_setup(cfg_amp: str, device: torch.device):
+    """(autocast dtype or None, GradScaler or None) for `train.amp` on this device.
+
+    CUDA: `auto` = bf16 where supported, else fp16 with a grad scaler. CPU: `auto` = bf16 when the
+    CPU has AMX, else fp32; `fp16` is refused (no CPU grad scaling).
+    """
+    if cfg_amp == "off":
+        return None, None
+    if device.type == "cpu":
+        if cfg_amp == "fp16":
+            raise ValueError("train.amp='fp16' needs CUDA; use 'bf16' or 'off' on the CPU")
+        if cfg_amp == "bf16" or cpu_has_amx():
+            return torch.bfloat16, None
+        return None, None
+    if device.type != "cuda":
+        return None, None
+    if cfg_amp == "auto":
+        cfg_amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if cfg_amp == "bf16":
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def memory_format_for(setting: str, device: torch.device) -> torch.memory_format:
+    """`train.channels_last`: `auto` = channels-last on CUDA, where cuDNN runs bf16/fp16
+    convolutions in NHWC and would otherwise transpose around each one (bench/pgd_gpu.py
+    measures it); the CPU keeps the default layout."""
+    if setting == "on" or (setting == "auto" and device.type == "cuda"):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: on CUDA a few backward kernels (nearest upsampling in the FPN) have no
+        # deterministic version; they warn instead of stopping the run. CPU runs are bit-exact.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
