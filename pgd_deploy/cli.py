@@ -47,7 +47,16 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     add_override_argument(fit, "override a config key, e.g. --set train.max_iters=100 (repeatable)")
     fit.add_argument("--work-dir", help="output folder (default: train.work_dir)")
-    fit.add_argument("--resume", action="store_true", help="continue from WORK_DIR/last.pt")
+    fit.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in WORK_DIR from its last.pt (a finished run is left as it is)",
+    )
+    fit.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run WORK_DIR holds (without it, such a folder is refused)",
+    )
 
     ev = sub.add_parser("eval", help="COCO metrics of a checkpoint or of a results file")
     src = ev.add_mutually_exclusive_group(required=True)
@@ -89,7 +98,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from pgd_deploy.trainer import fit
 
     cfg = load_config(TrainJob, args.recipe, args.overrides)
-    result = fit(cfg, work_dir=args.work_dir, resume=args.resume)
+    result = fit(cfg, work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite)
     return 0 if result.completed else 1
 
 
@@ -97,15 +106,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pgd_deploy.io_utils import write_json
     from pgd_deploy.metrics import evaluate_coco, format_metrics
 
+    unreadable = ""
     if args.predictions:
         if not args.annotations:
             return _fail("--predictions needs --annotations")
         metrics = evaluate_coco(args.annotations, args.predictions)
     else:
-        from pgd_deploy.trainer import evaluate_checkpoint
+        from pgd_deploy.engine import evaluate_checkpoint
 
-        metrics = evaluate_checkpoint(args.checkpoint, args.overrides, device=args.device)
+        evaluation = evaluate_checkpoint(args.checkpoint, args.overrides, device=args.device)
+        unreadable = evaluation.describe_unreadable()
+        if not evaluation.read:
+            print(f"error: {args.checkpoint}: no metrics: validation {unreadable}", file=sys.stderr)
+            return 1
+        metrics = evaluation.metrics
     print(format_metrics(metrics))
+    if unreadable:
+        print(f"note: validation {unreadable}")
     if args.json:
         write_json(args.json, metrics)
     return 0

@@ -12,12 +12,15 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from pgd_deploy import distributed as dist
-from pgd_deploy.data.dataset import Batch, DetectionDataset, collate
+from pgd_deploy.checkpoint import load_model
+from pgd_deploy.config import TrainJob, load_config, to_dict
+from pgd_deploy.data.dataset import Batch, DetectionDataset, build_dataset, collate
 from pgd_deploy.metrics import AP_KEYS, detections_to_coco, evaluate_coco
 
 logger = logging.getLogger(__name__)
@@ -105,14 +108,23 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
 
 @dataclass
 class EpochStats:
-    """Running means of the loss terms over an epoch, plus counts."""
+    """Running means of the loss terms over an epoch, plus counts.
+
+    `failures` holds (file name, reason) of every image that could not be loaded, in order;
+    `skipped_batches` counts batches with no loadable image (no step was taken on them).
+    """
 
     sums: dict[str, float] = field(default_factory=dict)
     steps: int = 0
     images: int = 0
-    failures: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
     skipped_batches: int = 0
     seconds: float = 0.0
+
+    @property
+    def batches(self) -> int:
+        """Batches consumed so far: trained on or skipped."""
+        return self.steps + self.skipped_batches
 
     def add(self, values: dict[str, float], images: int) -> None:
         for k, v in values.items():
@@ -131,16 +143,18 @@ def train_one_epoch(
     on_step: Callable[[dict[str, float], int], bool],
 ) -> None:
     """Run `ctx` over `loader`. After each step `on_step(values, images)` is called; when it
-    returns False the epoch stops early (end of schedule). Failed images are counted in `stats`.
+    returns False the epoch stops early (end of schedule). Failed images are recorded in
+    `stats`; a batch without a loadable image is skipped (on every process, which stay in step)
+    and counted, and the epoch goes on.
     """
     ctx.model.train()
     start = time.perf_counter()
     for batch in loader:
-        stats.failures.extend(f"{f.file_name}: {f.reason}" for f in batch.failures)
+        stats.failures.extend((f.file_name, f.reason) for f in batch.failures)
         empty = torch.tensor(float(len(batch) == 0))
         if dist.is_dist():
             empty = dist.reduce_mean(empty.to(ctx.device))
-        if empty.item() > 0:  # some process has nothing left to train on in this step
+        if empty.item() > 0:  # some process has nothing to train on in this step
             stats.skipped_batches += 1
             continue
         values = train_step(ctx, batch)
@@ -155,6 +169,42 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+@dataclass
+class Evaluation:
+    """What `evaluate` measured.
+
+    Attributes:
+        metrics: COCO metrics (keys of `metrics.AP_KEYS`); empty on processes other than rank 0
+            and when no image could be read.
+        results: COCO results (rank 0: all of them; other processes: their share).
+        images: images in the dataset.
+        unreadable: (file name, reason) of the images that could not be read (all processes);
+            they count as images without detections in the metrics.
+    """
+
+    metrics: dict[str, float]
+    results: list[dict]
+    images: int
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def read(self) -> int:
+        return self.images - len(self.unreadable)
+
+    def describe_unreadable(self) -> str:
+        """One line for a summary ("" when every image was read)."""
+        if not self.unreadable:
+            return ""
+        examples = "; ".join(reason for _, reason in self.unreadable[:3])
+        more = " ..." if len(self.unreadable) > 3 else ""
+        if not self.read:
+            return f"none of the {self.images} images could be read: {examples}{more}"
+        return (
+            f"{len(self.unreadable)} of {self.images} images could not be read and count as "
+            f"images without detections: {examples}{more}"
+        )
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -163,24 +213,24 @@ def evaluate(
     device: torch.device,
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
-) -> tuple[dict[str, float], list[dict]]:
+) -> Evaluation:
     """COCO bbox metrics of `model` on `dataset` (no augmentation), sharded over processes.
 
     Images are resized as in training (shorter side `min_size`, longer at most `max_size`), padded
     to a multiple of 32 and post-processed with the shared numpy code of `pgd_deploy.runtime`.
-
-    Returns:
-        (metrics with the keys of `metrics.AP_KEYS`, COCO results list); on processes other than
-        rank 0 the metrics are empty and the results are only this process's share.
+    Unreadable images are reported in the result (and logged), never fatal; when none can be
+    read there are no metrics.
     """
     detector = unwrap(model)
     was_training = detector.training
     detector.eval()
     indices = list(range(len(dataset)))[dist.rank() :: dist.world_size()]
     results: list[dict] = []
+    unreadable: list[tuple[str, str]] = []
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     for start in range(0, len(indices), batch_size):
         batch = collate([dataset[i] for i in indices[start : start + batch_size]])
+        unreadable.extend((f.file_name, f.reason) for f in batch.failures)
         if len(batch) == 0:
             continue
         with amp:
@@ -188,13 +238,42 @@ def evaluate(
         for image_id, det in zip(batch.image_ids, dets):
             results.extend(detections_to_coco(image_id, det, dataset.coco.category_ids))
     detector.train(was_training)
-    gathered = dist.all_gather_objects(results)
-    if not dist.is_main():
-        return {}, results
-    results = [r for part in gathered for r in part]
+    gathered = dist.all_gather_objects((results, unreadable))
+    unreadable = [f for _, part in gathered for f in part]
+    out = Evaluation({}, results, len(dataset), unreadable)
+    if unreadable and dist.is_main():
+        logger.warning("%s: %s", dataset.coco.path, out.describe_unreadable())
+    if not dist.is_main() or not out.read:
+        return out
+    out.results = [r for part, _ in gathered for r in part]
     image_ids = [r.image_id for r in dataset.coco.images]
-    metrics = evaluate_coco(dataset.coco.raw, results, image_ids=image_ids)
-    return metrics, results
+    out.metrics = evaluate_coco(dataset.coco.raw, out.results, image_ids=image_ids)
+    return out
+
+
+def evaluate_checkpoint(
+    path: str | Path, overrides: Sequence[str] = (), device: str = "auto"
+) -> Evaluation:
+    """COCO metrics of a checkpoint on its validation data (`--set data.*` may point elsewhere).
+
+    Unreadable validation images are counted in the result (`Evaluation.unreadable`); when none
+    can be read its metrics are empty.
+    """
+    from pgd_deploy.devices import select_device  # torch device set-up, CUDA checks
+
+    dev = select_device(device)
+    model, cfg, state = load_model(path, dev)
+    cfg = load_config(TrainJob, None, overrides, base=to_dict(cfg))
+    val = build_dataset(cfg.data, "val", train=False)
+    if val.coco.category_ids != list(state.get("category_ids", val.coco.category_ids)):
+        raise ValueError(
+            f"{path}: trained on categories {state.get('category_ids')} but {val.coco.path} has "
+            f"{val.coco.category_ids}"
+        )
+    start = time.perf_counter()
+    evaluation = evaluate(model, val, device=dev, batch_size=cfg.train.batch_size)
+    logger.info("evaluated %d images in %.1f s", evaluation.read, time.perf_counter() - start)
+    return evaluation
 
 
 def format_epoch_summary(
@@ -225,10 +304,12 @@ def format_epoch_summary(
 __all__ = [
     "AP_KEYS",
     "EpochStats",
+    "Evaluation",
     "LossProvider",
     "NonFiniteLossError",
     "StepContext",
     "evaluate",
+    "evaluate_checkpoint",
     "format_epoch_summary",
     "train_one_epoch",
     "train_step",

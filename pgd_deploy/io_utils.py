@@ -1,14 +1,51 @@
-"""Small torch-free file helpers: atomic writes, hashing, safe output paths."""
+"""Small torch-free file helpers: atomic writes and their leftovers, hashing, safe output paths."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
+
+
+def _temp_path(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that `atomic_open` left in `folder` when its process died
+    mid-write (kill -9, power loss): `.NAME.PID.tmp` whose PID is no longer running.
+
+    Returns:
+        The removed paths.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        found = re.fullmatch(r"\.(.+)\.(\d+)\.tmp", path.name)
+        if not found or not path.is_file():
+            continue
+        pid = int(found.group(2))
+        if pid != os.getpid() and not _pid_alive(pid):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 @contextmanager
@@ -20,7 +57,7 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temp_path(path, os.getpid())
     try:
         with open(tmp, "wb") as fh:
             yield fh

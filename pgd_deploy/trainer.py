@@ -10,8 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pgd_deploy import distributed as dist
-from pgd_deploy.checkpoint import load_checkpoint, load_model, save_checkpoint
-from pgd_deploy.config import TrainJob, load_config, save_config, to_dict
+from pgd_deploy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pgd_deploy.config import TrainJob, save_config, to_dict
 from pgd_deploy.data.dataset import GroupedBatchSampler, build_dataset, collate
 from pgd_deploy.devices import (  # noqa: F401  (autocast_setup, cpu_has_amx: public here too)
     autocast_setup,
@@ -33,21 +32,23 @@ from pgd_deploy.devices import (  # noqa: F401  (autocast_setup, cpu_has_amx: pu
     seed_everything,
     select_device,
 )
-from pgd_deploy.engine import (
+from pgd_deploy.engine import (  # noqa: F401  (evaluate_checkpoint: public here too)
     EpochStats,
     LossProvider,
     NonFiniteLossError,
     StepContext,
     evaluate,
+    evaluate_checkpoint,
     format_epoch_summary,
     train_one_epoch,
     unwrap,
 )
-from pgd_deploy.io_utils import write_json
+from pgd_deploy.io_utils import remove_stale_temp_files, write_json
 from pgd_deploy.metrics import format_metrics
 from pgd_deploy.models import build_detector
 from pgd_deploy.schedule import Schedule, build_optimizer, build_scheduler
-from pgd_deploy.training_log import TrainingLog
+from pgd_deploy.training_log import TrainingLog, UnreadableImages
+from pgd_deploy.workdir import check_resumable, check_same_classes, check_start, clear_run
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +57,24 @@ LossProviderFactory = Callable[[nn.Module, torch.device], LossProvider | None]
 
 @dataclass
 class FitResult:
-    """Outcome of `fit`."""
+    """Outcome of `fit`.
+
+    Attributes:
+        completed: the run reached its last iteration (now or before, for a finished run).
+        unreadable: training images that could not be read (skipped), "file: reason".
+    """
 
     completed: bool
     work_dir: Path
     iterations: int
     metrics: dict[str, float] = field(default_factory=dict)
     message: str = ""
+    unreadable: list[str] = field(default_factory=list)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (no readable training batch in an epoch, no readable validation
+    image); the message says why."""
 
 
 def _worker_init(worker_id: int) -> None:
@@ -165,9 +177,11 @@ class Trainer:
             scaler=scaler,
             memory_format=memory_format,
         )
-        self.iteration = 0
+        self.iteration = 0  # optimisation steps taken (the schedule's clock)
         self.epoch = 0
+        self.position = 0  # batches of the current epoch consumed: trained on or skipped
         self.best_ap = -1.0
+        self.unreadable = UnreadableImages(enabled=dist.is_main())
         self.log = TrainingLog(work_dir, enabled=dist.is_main(), log_every=cfg.train.log_every)
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -181,6 +195,7 @@ class Trainer:
             "category_ids": self.train_set.coco.category_ids,
             "iteration": self.iteration,
             "epoch": self.epoch,
+            "epoch_batch": self.position,
             "metrics": metrics or {},
             "best_ap": self.best_ap,
             "optimizer": ctx.optimizer.state_dict(),
@@ -208,6 +223,10 @@ class Trainer:
             self.ctx.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
         self.epoch = int(state["epoch"])
+        # Checkpoints before "epoch_batch" existed had no skipped batches to account for.
+        self.position = int(
+            state.get("epoch_batch", self.iteration - self.epoch * len(self.sampler))
+        )
         self.best_ap = float(state.get("best_ap", -1.0))
         self.log.history = list(state.get("history", []))
         set_rng_state(state["rng"])
@@ -216,30 +235,83 @@ class Trainer:
     # ---- phases -----------------------------------------------------------------------------
 
     def run_epoch(self) -> EpochStats:
+        """Train on the rest of the current epoch (from `position`), or until the schedule ends.
+
+        A batch without a readable image is skipped: it moves `position` but not `iteration`.
+        """
         per_epoch = len(self.sampler)
         self.sampler.set_epoch(self.epoch)
-        self.sampler.skip(self.iteration - self.epoch * per_epoch)
+        start = self.position
+        self.sampler.skip(start)
         stats = EpochStats()
         every = self.cfg.train.checkpoint_every
 
+        noted = 0  # failures of `stats` already given to `self.unreadable`
+
         def on_step(values: dict[str, float], images: int) -> bool:
+            nonlocal noted
             self.iteration += 1
+            self.position = start + stats.batches
+            self.unreadable.note(stats.failures[noted:])
+            noted = len(stats.failures)
             self.log.step(self.iteration, values, images, self.ctx.optimizer.param_groups[0]["lr"])
-            if every and self.iteration % every == 0 and self.iteration % per_epoch:
-                self.save()
+            if every and self.iteration % every == 0 and self.position < per_epoch:
+                self.save()  # mid-epoch; the end of an epoch saves anyway
             return self.iteration < self.schedule.total_iters
 
         train_one_epoch(self.ctx, self.loader, stats, on_step)
+        self.position = start + stats.batches
+        self.unreadable.note(stats.failures[noted:])
+        if start == 0 and stats.steps == 0:
+            raise TrainingStopped(self._no_step_message(stats))
         return stats
 
+    def _no_step_message(self, stats: EpochStats) -> str:
+        files = self.train_set.coco.path
+        return (
+            f"epoch {self.epoch + 1}: all {stats.skipped_batches} batches were skipped because "
+            f"none of their images could be read, so the run cannot reach "
+            f"{self.schedule.total_iters} iterations (it stopped at {self.iteration}); "
+            f"{len(self.unreadable)} training image(s) of {files} are unreadable, e.g. "
+            f"{'; '.join(self.unreadable.listing()[:3])}"
+        )
+
     def evaluate(self) -> dict[str, float]:
-        metrics, _ = evaluate(
+        evaluation = evaluate(
             self.ctx.model,
             self.val_set,
             device=self.device,
             batch_size=max(1, self.cfg.train.batch_size),
             # fp32 evaluation: the metrics match `pgd-train eval` and the exported fp32 model
         )
+        if not evaluation.read:
+            self.save()  # keep the weights trained so far
+            raise TrainingStopped(
+                f"validation {self.val_set.coco.path}: {evaluation.describe_unreadable()}; the "
+                f"weights at iteration {self.iteration} are in {self.work_dir / 'last.pt'}"
+            )
+        return evaluation.metrics
+
+    def evaluate_and_save(self, last: bool) -> dict[str, float]:
+        """Evaluate when due (always after the last step) and checkpoint (best.pt on a new best
+        AP, or at the end when there was none); returns the metrics ({} when not due)."""
+        metrics: dict[str, float] = {}
+        eval_every = self.cfg.train.eval_every
+        if last or (eval_every and self.epoch % eval_every == 0):
+            metrics = self.evaluate()
+            self.log.eval(self.iteration, metrics)
+        best = bool(metrics) and metrics["AP"] > self.best_ap
+        if best:
+            self.best_ap = metrics["AP"]
+        self.save(metrics, best=best or (last and self.best_ap < 0))
+        return metrics
+
+    def end_epoch(self, stats: EpochStats) -> dict[str, float]:
+        self.epoch += 1
+        self.position = 0
+        metrics = self.evaluate_and_save(last=self.iteration >= self.schedule.total_iters)
+        lr = self.ctx.optimizer.param_groups[0]["lr"]
+        self.log.epoch_summary(format_epoch_summary(self.epoch, stats, metrics, lr), stats)
         return metrics
 
     def fit(self) -> FitResult:
@@ -250,41 +322,50 @@ class Trainer:
         metrics: dict[str, float] = {}
         try:
             while self.iteration < total:
-                stats = self.run_epoch()
-                epoch_done = self.iteration % len(self.sampler) == 0 or self.iteration >= total
-                if not epoch_done:
-                    break
-                self.epoch += 1
-                last = self.iteration >= total
-                metrics = {}
-                eval_every = self.cfg.train.eval_every
-                if last or (eval_every and self.epoch % eval_every == 0):
-                    metrics = self.evaluate()
-                    self.log.eval(self.iteration, metrics)
-                best = bool(metrics) and metrics["AP"] > self.best_ap
-                if best:
-                    self.best_ap = metrics["AP"]
-                self.save(metrics, best=best or (last and self.best_ap < 0))
-                self.log.epoch_summary(
-                    format_epoch_summary(
-                        self.epoch, stats, metrics, self.ctx.optimizer.param_groups[0]["lr"]
-                    ),
-                    stats,
+                metrics = self.end_epoch(self.run_epoch())
+            if not metrics:  # resumed after the last step but before its final evaluation
+                metrics = self.evaluate_and_save(last=True)
+        except (NonFiniteLossError, TrainingStopped) as err:
+            message = f"stopped at iteration {self.iteration}: {err}"
+            if isinstance(err, NonFiniteLossError):
+                message = (
+                    f"stopped at iteration {self.iteration + 1}: {err}. The last good checkpoint "
+                    f"is {self.work_dir / 'last.pt'}; lower train.base_lr or set train.grad_clip."
                 )
-        except NonFiniteLossError as err:
-            message = (
-                f"stopped at iteration {self.iteration + 1}: {err}. The last good checkpoint "
-                f"is {self.work_dir / 'last.pt'}; lower train.base_lr or set train.grad_clip."
-            )
             logger.error("%s", message)
             self.log.close()
-            return FitResult(False, self.work_dir, self.iteration, {}, message)
+            unreadable = self.unreadable.listing()
+            return FitResult(False, self.work_dir, self.iteration, {}, message, unreadable)
         self.log.close()
         if dist.is_main():
             write_json(self.work_dir / "metrics.json", metrics)
             self.log.plot_curves(self.work_dir / "curves.png")
             logger.info("%s", format_metrics(metrics, title=f"final metrics ({self.work_dir})"))
-        return FitResult(True, self.work_dir, self.iteration, metrics)
+            if self.unreadable:
+                logger.warning("%s", self.unreadable.summary())
+        unreadable = self.unreadable.listing()
+        return FitResult(True, self.work_dir, self.iteration, metrics, "", unreadable)
+
+    def already_finished(self, state: dict[str, Any]) -> FitResult:
+        """`fit --resume` of a run that reached its last iteration: change nothing, say so.
+
+        Results are never replaced; only a metrics.json or curves.png missing after a crash
+        in the last moments of the run is written again from the checkpoint's final metrics.
+        """
+        metrics = dict(state.get("metrics") or {})
+        if dist.is_main():
+            path = self.work_dir / "metrics.json"
+            if not path.is_file() and metrics:
+                write_json(path, metrics)
+            if not (self.work_dir / "curves.png").is_file():
+                self.log.plot_curves(self.work_dir / "curves.png")
+        message = (
+            f"{self.work_dir} holds a finished run (iteration {self.iteration} of "
+            f"{self.schedule.total_iters}): nothing to do, its results are unchanged. Train "
+            "longer with --set train.max_iters=N, or train into a new --work-dir"
+        )
+        logger.info("%s", message)
+        return FitResult(True, self.work_dir, self.iteration, metrics, message)
 
 
 def fit(
@@ -292,13 +373,22 @@ def fit(
     *,
     work_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     make_loss_provider: LossProviderFactory | None = None,
 ) -> FitResult:
     """Train `cfg` into `work_dir` (default `train.work_dir`): last.pt, best.pt, config.toml,
     metrics.json, curves.png.
 
+    A folder that already holds a run is continued with `resume` (a finished run is left as it
+    is) or replaced with `overwrite`; otherwise it is refused. Nothing is written before these
+    checks and those of a resume (same architecture, optimiser and label set) have passed.
+
     When `cfg.distill.teacher` is set and no `make_loss_provider` is given, the PGD distiller
     is plugged in (see `pgd_deploy.distill.build_distiller`).
+
+    Raises:
+        ValueError: a refused start (see `workdir.check_start`) or an incompatible resume.
+        FileNotFoundError: `resume` without a last.pt.
     """
     work_dir = Path(work_dir or cfg.train.work_dir)
     if make_loss_provider is None and cfg.distill.teacher:
@@ -307,34 +397,42 @@ def fit(
         def make_loss_provider(student: nn.Module, device: torch.device):
             return build_distiller(cfg.distill, student, device=device)
 
-    if resume and not (work_dir / "last.pt").is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {work_dir / 'last.pt'}")
+    check_start(work_dir, resume=resume, overwrite=overwrite)
+    state = load_checkpoint(work_dir / "last.pt") if resume else None
+    if state is not None:
+        check_resumable(cfg, state, work_dir / "last.pt")
     trainer = Trainer(cfg, work_dir, make_loss_provider)
+    if state is not None:
+        _resume(trainer, state)
+    if dist.is_main():
+        if overwrite:
+            clear_run(work_dir)
+        for leftover in remove_stale_temp_files(work_dir):
+            logger.info("removed %s, left by an interrupted checkpoint write", leftover)
+    if (
+        state is not None
+        and trainer.iteration >= trainer.schedule.total_iters
+        and state.get("metrics")
+    ):
+        return trainer.already_finished(state)  # (without final metrics, `fit` evaluates)
     if dist.is_main():
         work_dir.mkdir(parents=True, exist_ok=True)
         save_config(trainer.cfg, work_dir / "config.toml")
-    if resume:
-        trainer.resume()
     return trainer.fit()
 
 
-def evaluate_checkpoint(
-    path: str | Path, overrides: Sequence[str] = (), device: str = "auto"
-) -> dict[str, float]:
-    """COCO metrics of a checkpoint on its validation data (`--set data.*` may point elsewhere)."""
-    dev = select_device(device)
-    model, cfg, state = load_model(path, dev)
-    cfg = load_config(TrainJob, None, overrides, base=to_dict(cfg))
-    val = build_dataset(cfg.data, "val", train=False)
-    if val.coco.category_ids != list(state.get("category_ids", val.coco.category_ids)):
-        raise ValueError(
-            f"{path}: trained on categories {state.get('category_ids')} but {val.coco.path} has "
-            f"{val.coco.category_ids}"
-        )
-    start = time.perf_counter()
-    metrics, _ = evaluate(model, val, device=dev, batch_size=cfg.train.batch_size)
-    logger.info("evaluated %d images in %.1f s", len(val), time.perf_counter() - start)
-    return metrics
+def _resume(trainer: Trainer, state: dict[str, Any]) -> None:
+    """Restore the trainer from last.pt, with errors that name the file."""
+    path = trainer.work_dir / "last.pt"
+    coco = trainer.train_set.coco
+    check_same_classes(state, coco.category_ids, coco.path, path)
+    try:
+        trainer.resume()
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot resume from it: {first}") from None
 
 
-__all__ = ["FitResult", "evaluate_checkpoint", "fit"]
+__all__ = ["FitResult", "TrainingStopped", "evaluate_checkpoint", "fit"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,10 @@ class TrainingLog:
         if not self.enabled:
             return
         message = table
-        if stats.failures:
-            message += f"\n{len(stats.failures)} image(s) skipped: " + "; ".join(stats.failures[:5])
+        if stats.failures:  # each file is named once, when first found (Trainer)
+            message += f"\n{len(stats.failures)} unreadable image(s) skipped in this epoch"
+            if stats.skipped_batches:
+                message += f" ({stats.skipped_batches} batch(es) without a readable image)"
         if self._bar is not None:
             self._bar.write(message)
         else:
@@ -148,3 +151,29 @@ class TrainingLog:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+class UnreadableImages:
+    """Training images that could not be read: each named once, in a warning, when first found
+    (they fail again in every epoch), and counted in the summary."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.reasons: dict[str, str] = {}  # file name -> reason, in order of discovery
+
+    def note(self, failures: Sequence[tuple[str, str]]) -> None:
+        """Record (file name, reason) pairs; warn about the new ones."""
+        for name, reason in failures:
+            if name not in self.reasons:
+                self.reasons[name] = reason
+                if self.enabled:
+                    logger.warning("unreadable training image, skipped in every epoch: %s", reason)
+
+    def __len__(self) -> int:
+        return len(self.reasons)
+
+    def listing(self) -> list[str]:
+        return list(self.reasons.values())
+
+    def summary(self) -> str:
+        return f"{len(self)} unreadable training image(s) were skipped (each named when found)"

@@ -42,7 +42,7 @@ def test_flip_and_multiscale_follow_the_seed(shapes_root):
     assert len(sizes) > 3
 
 
-def test_corrupt_image_is_reported_not_fatal(shapes_root, tmp_path, caplog):
+def test_corrupt_image_is_reported_not_fatal(shapes_root, tmp_path):
     import shutil
 
     root = tmp_path / "copy"
@@ -54,8 +54,7 @@ def test_corrupt_image_is_reported_not_fatal(shapes_root, tmp_path, caplog):
     assert isinstance(item, Failure) and "000001.jpg" in item.reason
     batch = collate([ds[(0, 0)], item, ds[(2, 0)]])
     assert len(batch) == 2 and batch.images.shape == (2, 3, 64, 64)
-    assert [f.file_name for f in batch.failures] == ["000001.jpg"]
-    assert "skipping image" in caplog.text
+    assert [f.file_name for f in batch.failures] == ["000001.jpg"]  # reported by the trainer
 
 
 def test_collate_pads_to_multiple_of_32(shapes_root):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,36 +13,61 @@ import torch
 
 from pgd_deploy.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from pgd_deploy.config import TrainJob, load_config
+from pgd_deploy.data.shapes import ShapesSpec, generate_shapes
 from pgd_deploy.trainer import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_cfg(cache: Path, *extra: str) -> TrainJob:
+def tiny_overrides(cache: Path, *extra: str) -> list[str]:
     """R18 with a 64-channel FPN on 64 px synthetic images: seconds per run on a CPU."""
-    return load_config(
-        TrainJob,
-        None,
-        [
-            "model.depth=18",
-            "model.fpn_channels=64",
-            f"data.cache_dir='{cache}'",
-            "data.shapes_train=8",
-            "data.shapes_val=4",
-            "data.shapes_size=64",
-            "data.min_size=64",
-            "data.max_size=64",
-            "data.workers=0",
-            "train.batch_size=2",
-            "train.base_lr=0.01",
-            "train.base_batch=8",
-            "train.warmup_iters=2",
-            "train.device='cpu'",
-            "train.log_every=1",
-            "train.deterministic=true",
-            *extra,
-        ],
-    )
+    return [
+        "model.depth=18",
+        "model.fpn_channels=64",
+        f"data.cache_dir='{cache}'",
+        "data.shapes_train=8",
+        "data.shapes_val=4",
+        "data.shapes_size=64",
+        "data.min_size=64",
+        "data.max_size=64",
+        "data.workers=0",
+        "train.batch_size=2",
+        "train.base_lr=0.01",
+        "train.base_batch=8",
+        "train.warmup_iters=2",
+        "train.device='cpu'",
+        "train.log_every=1",
+        "train.deterministic=true",
+        *extra,
+    ]
+
+
+def tiny_cfg(cache: Path, *extra: str) -> TrainJob:
+    return load_config(TrainJob, None, tiny_overrides(cache, *extra))
+
+
+def shapes_with_unreadable(
+    folder: Path, *, train: int = 8, bad_train: tuple[str, ...] = (), bad_val: tuple[str, ...] = ()
+) -> tuple[Path, list[str]]:
+    """A synthetic dataset (64 px, 4 val images) with some images truncated; returns its root
+    and the `--set` overrides that train on it."""
+    root = generate_shapes(folder, train=train, val=4, seed=0, spec=ShapesSpec(size=64))
+    for split, names in (("train", bad_train), ("val", bad_val)):
+        for name in names:
+            truncate(root / split / name)
+    overrides = [
+        f"data.root='{root}'",
+        "data.train_images='train'",
+        "data.train_ann='annotations/train.json'",
+        "data.val_images='val'",
+        "data.val_ann='annotations/val.json'",
+    ]
+    return root, overrides
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: min(200, len(data) // 3)])
 
 
 class Interrupt:
@@ -272,3 +298,173 @@ def test_files_holding_code_are_refused_as_such_everywhere(tmp_path):
     assert proc.returncode == 2 and "refused because the file holds code" in proc.stderr
     assert "Traceback" not in proc.stderr and "weights_only" not in proc.stderr
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# unreadable images, runs that cannot finish, and work folders that already hold a run
+# --------------------------------------------------------------------------------------------
+
+BAD_TRAIN = ("000002.jpg", "000005.jpg")
+
+
+@pytest.fixture(scope="module")
+def run_with_unreadable(tmp_path_factory) -> dict:
+    """12 iterations at batch size 1 on 8 training images of which 2 are unreadable: 6 steps
+    per epoch, so the run needs two epochs."""
+    import logging
+
+    base = tmp_path_factory.mktemp("unreadable")
+    root, data = shapes_with_unreadable(base / "shapes", bad_train=BAD_TRAIN)
+    extra = [*data, "train.batch_size=1", "train.max_iters=12", "train.checkpoint_every=4"]
+    cfg = tiny_cfg(base / "cache", *extra, "train.eval_every=0")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("pgd_deploy").addHandler(handler)
+    try:
+        result = fit(cfg, work_dir=base / "run")
+    finally:
+        logging.getLogger("pgd_deploy").removeHandler(handler)
+    return {"cfg": cfg, "root": root, "base": base, "result": result, "records": records}
+
+
+def test_unreadable_training_images_never_end_training_early(run_with_unreadable):
+    result = run_with_unreadable["result"]
+    work = run_with_unreadable["base"] / "run"
+    # It used to stop after the first epoch (6 of 12 iterations) with no best.pt and
+    # metrics.json == {}, and exit 0.
+    assert result.completed and result.iterations == 12, result
+    assert load_checkpoint(work / "last.pt")["iteration"] == 12
+    assert (work / "best.pt").is_file()
+    assert set(json.loads((work / "metrics.json").read_text())) >= {"AP", "AP50"}
+    assert [u.split(":")[0].rsplit("/", 1)[-1] for u in result.unreadable] == list(BAD_TRAIN)
+    messages = [r.getMessage() for r in run_with_unreadable["records"]]
+    for name in BAD_TRAIN:  # named once, although they fail in both epochs
+        named = [m for m in messages if "unreadable training image" in m and name in m]
+        assert len(named) == 1, messages
+    assert "2 unreadable training image(s) were skipped" in " ".join(messages)
+
+
+def test_resume_after_skipped_batches_is_exact(run_with_unreadable):
+    """The resume offset counts skipped batches: an interrupted run resumed from its
+    mid-epoch checkpoint ends with the weights of the uninterrupted one."""
+    cfg, base = run_with_unreadable["cfg"], run_with_unreadable["base"]
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, work_dir=base / "b", make_loss_provider=lambda m, d: Interrupt(at=9))
+    assert load_checkpoint(base / "b" / "last.pt")["iteration"] == 8  # mid second epoch
+    resumed = fit(cfg, work_dir=base / "b", resume=True)
+    assert resumed.completed and resumed.iterations == 12
+    a, b = _weights(base / "run" / "last.pt"), _weights(base / "b" / "last.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_eval_counts_unreadable_validation_images(run_with_unreadable, tmp_path, capsys):
+    import shutil
+
+    from pgd_deploy.cli import train_main
+
+    root = shutil.copytree(run_with_unreadable["root"], tmp_path / "copy")
+    checkpoint = run_with_unreadable["base"] / "run" / "best.pt"
+    argv = ["eval", "--checkpoint", str(checkpoint), "--set", f"data.root='{root}'"]
+    val = sorted((root / "val").glob("*.jpg"))
+    truncate(val[0])
+    assert train_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "AP50" in out and "1 of 4 images could not be read" in out and val[0].name in out
+    for path in val[1:]:
+        truncate(path)
+    # It used to print AP 0.0 and exit 0.
+    assert train_main(argv) == 1
+    captured = capsys.readouterr()
+    assert "AP50" not in captured.out
+    assert "no metrics: validation none of the 4 images could be read" in captured.err
+
+
+def test_an_epoch_without_a_readable_image_fails_the_run(tmp_path):
+    from pgd_deploy.cli import train_main
+
+    names = tuple(f"{i:06d}.jpg" for i in range(4))
+    _, data = shapes_with_unreadable(tmp_path / "shapes", train=4, bad_train=names)
+    overrides = tiny_overrides(tmp_path / "cache", *data, "train.max_iters=4")
+    result = fit(load_config(TrainJob, None, overrides), work_dir=tmp_path / "run")
+    assert not result.completed and result.iterations == 0
+    assert "epoch 1: all 2 batches were skipped because none of their images" in result.message
+    assert "cannot reach 4 iterations" in result.message and len(result.unreadable) == 4
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run" / "best.pt").exists()
+    recipe = ROOT / "train" / "quickstart_student.toml"
+    argv = ["fit", "--recipe", str(recipe), "--work-dir", str(tmp_path / "cli")]
+    assert train_main([*argv, *(f"--set={o}" for o in overrides)]) == 1
+
+
+def test_unreadable_validation_stops_the_run_and_resume_finishes_it(tmp_path):
+    bad_val = tuple(f"{i:06d}.jpg" for i in range(4))
+    root, data = shapes_with_unreadable(tmp_path / "shapes", bad_val=bad_val)
+    cfg = tiny_cfg(tmp_path / "cache", *data, "train.max_iters=2")
+    kept = {name: (tmp_path / "keep" / name) for name in bad_val}
+    first = fit(cfg, work_dir=tmp_path / "run")
+    assert not first.completed and "none of the 4 images could be read" in first.message
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 2  # training kept
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    generate_shapes(tmp_path / "keep", train=8, val=4, seed=0, spec=ShapesSpec(size=64))
+    for name in kept:  # the user repairs the validation images and resumes
+        (root / "val" / name).write_bytes((tmp_path / "keep" / "val" / name).read_bytes())
+    again = fit(cfg, work_dir=tmp_path / "run", resume=True)
+    assert again.completed and again.iterations == 2 and set(again.metrics) >= {"AP"}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == again.metrics
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_work_dir_holding_a_run_is_never_silently_replaced(tmp_path, capsys):
+    from pgd_deploy.cli import train_main
+
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    first = fit(tiny_cfg(cache, "train.max_iters=2"), work_dir=run)
+    assert first.completed
+    names = ("last.pt", "best.pt", "metrics.json", "curves.png", "config.toml")
+    before = {name: (run / name).read_bytes() for name in names}
+
+    def unchanged() -> bool:
+        return {name: (run / name).read_bytes() for name in names} == before
+
+    # fit into it again: refused (it used to replace last.pt and best.pt silently)
+    with pytest.raises(ValueError, match=r"already holds a training run \(last.pt, best.pt"):
+        fit(tiny_cfg(cache, "train.max_iters=2"), work_dir=run)
+    assert unchanged()
+    recipe = str(ROOT / "train" / "quickstart_student.toml")
+    argv = ["fit", "--recipe", recipe, "--work-dir", str(run)]
+    argv += [f"--set={o}" for o in tiny_overrides(cache, "train.max_iters=2")]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "continue it with --resume, train into a new --work-dir, or replace it with" in err
+    assert unchanged()
+
+    # resume a finished run: a no-op that says so (it used to rewrite metrics.json as {});
+    # it removes what a kill -9 during a checkpoint write left behind
+    leftover = run / f".last.pt.{_dead_pid()}.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    again = fit(tiny_cfg(cache, "train.max_iters=2"), work_dir=run, resume=True)
+    assert again.completed and again.iterations == 2 and again.metrics == first.metrics
+    assert "holds a finished run (iteration 2 of 2): nothing to do" in again.message
+    assert unchanged() and not leftover.exists()
+
+    # resume with another architecture: refused before anything is written
+    assert train_main([*argv, "--resume", "--set", "model.depth=34"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "cannot resume with this configuration: model.depth is 18 in the checkpoint but 34" in err
+    )
+    assert "Traceback" not in err and unchanged()
+
+    # --overwrite replaces the run, leaving nothing of the old one
+    replaced = fit(tiny_cfg(cache, "train.max_iters=3"), work_dir=run, overwrite=True)
+    assert replaced.completed and load_checkpoint(run / "best.pt")["iteration"] == 3
+    with pytest.raises(ValueError, match="choose one"):
+        fit(tiny_cfg(cache, "train.max_iters=3"), work_dir=run, overwrite=True, resume=True)

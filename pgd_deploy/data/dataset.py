@@ -131,7 +131,8 @@ class DetectionDataset(Dataset):
         try:
             image = load_image(path)
         except ImageDecodeError as err:
-            logger.warning("skipping image %d: %s", record.image_id, err)
+            # Reported by the caller (once per file in training, with a count in evaluation).
+            logger.debug("skipping image %d: %s", record.image_id, err)
             return Failure(record.image_id, record.file_name, str(err))
         rng = np.random.default_rng(seed) if seed is not None else None
         return self._transform(image, record, rng)
