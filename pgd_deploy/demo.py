@@ -3,7 +3,9 @@
 Trains the three quickstart recipes one after the other, then measures each model and prints a
 scoreboard (AP, AP50, parameters, CPU latency per image), also written as
 `WORK_DIR/scoreboard.json`. A stage whose work folder already holds a finished run with the same
-resolved configuration is reused, so re-running the demo is cheap.
+resolved configuration is reused, so re-running the demo is cheap; an unfinished run of the same
+configuration (an interrupted demo) is continued from its last.pt, and a run of another
+configuration is replaced (the stage folders belong to the demo).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pgd_deploy.config import TrainJob, dumps_toml, load_config
 from pgd_deploy.io_utils import write_json
 from pgd_deploy.runtime.timing import measure
 from pgd_deploy.trainer import fit
+from pgd_deploy.workdir import run_files
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +47,14 @@ def _recipes_dir(recipes: str | Path | None) -> Path:
 
 def _finished(work_dir: Path, cfg: TrainJob) -> bool:
     """True when `work_dir` holds a completed run of exactly `cfg`."""
-    saved = work_dir / "config.toml"
     if not ((work_dir / "metrics.json").is_file() and (work_dir / "best.pt").is_file()):
         return False
+    return _same_config(work_dir, cfg)
+
+
+def _same_config(work_dir: Path, cfg: TrainJob) -> bool:
+    """True when `work_dir/config.toml` is `cfg` (up to the num_classes resolved from data)."""
+    saved = work_dir / "config.toml"
     try:
         previous = load_config(TrainJob, saved)
     except (ValueError, FileNotFoundError):
@@ -112,6 +120,25 @@ def format_scoreboard(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _train_stage(name: str, recipe: str, cfg: TrainJob, stage_dir: Path) -> None:
+    """Reuse a finished run of `cfg` in `stage_dir`, continue an unfinished one, else train
+    (replacing a run of another configuration)."""
+    if _finished(stage_dir, cfg):
+        logger.info("%s: reusing the finished run in %s (delete it to retrain)", name, stage_dir)
+        return
+    resume = (stage_dir / "last.pt").is_file() and _same_config(stage_dir, cfg)
+    overwrite = not resume and bool(run_files(stage_dir))
+    if resume:
+        logger.info("%s: continuing the unfinished run in %s", name, stage_dir)
+    elif overwrite:
+        logger.info("%s: replacing the run in %s (another configuration)", name, stage_dir)
+    else:
+        logger.info("%s: training %s into %s", name, recipe, stage_dir)
+    result = fit(cfg, work_dir=stage_dir, resume=resume, overwrite=overwrite)
+    if not result.completed:
+        raise RuntimeError(f"{name} training stopped: {result.message}")
+
+
 def run_demo(
     work_dir: str | Path = "runs/demo",
     *,
@@ -129,15 +156,7 @@ def run_demo(
             extra.append(f"distill.teacher='{work_dir / 'teacher' / 'best.pt'}'")
         cfg = load_config(TrainJob, folder / f"{recipe}.toml", extra)
         stage_dir = work_dir / name
-        if _finished(stage_dir, cfg):
-            logger.info(
-                "%s: reusing the finished run in %s (delete it to retrain)", name, stage_dir
-            )
-        else:
-            logger.info("%s: training %s into %s", name, recipe, stage_dir)
-            result = fit(cfg, work_dir=stage_dir)
-            if not result.completed:
-                raise RuntimeError(f"{name} training stopped: {result.message}")
+        _train_stage(name, recipe, cfg, stage_dir)
         runs.append((name, stage_dir, cfg))
     size = -(-runs[0][2].data.max_size // 32) * 32
     latencies = cpu_latencies_ms([d / "best.pt" for _, d, _ in runs], size)
