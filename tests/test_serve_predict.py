@@ -233,3 +233,37 @@ def test_interrupt_leaves_valid_json(tmp_path: Path, coco128: Path, model: Path,
     assert summary["interrupted"] and 0 < summary["processed"] < 2000
     assert {r["image_id"] for r in results} <= {int(p.stem) for p in images}
     assert json.loads((out / "failures.json").read_text()) == []
+
+
+def test_a_new_run_into_the_same_out_leaves_nothing_of_the_previous_one(
+    tmp_path: Path, coco128: Path, model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    images = coco128_images(coco128, 5)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    for image in images[:3]:
+        (first / image.name).symlink_to(image)
+    for image in images[3:]:
+        (second / image.name).symlink_to(image)
+    out = tmp_path / "out"
+    argv = ["predict", "--model", str(model), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--source", str(first), "--save-images"]) == 0
+    (out / "metrics.json").write_text("{}")  # as an earlier --eval run leaves it
+    assert sorted(p.name for p in (out / "images").iterdir()) == [p.name for p in images[:3]]
+    # It used to leave the first run's annotated images beside the second run's.
+    assert main([*argv, "--source", str(second), "--save-images"]) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == [p.name for p in images[3:]]
+    assert not (out / "metrics.json").exists()
+    assert main([*argv, "--source", str(second)]) == 0  # no --save-images: no stale images
+    assert not (out / "images").exists()
+    # A folder pgd-serve did not write is never emptied or mixed with annotated images.
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    (mine / "images" / "holiday.jpg").write_bytes(b"my photo")
+    argv = ["predict", "--model", str(model), "--out", str(mine), "--source", str(second)]
+    assert main([*argv, "--save-images", "--no-progress"]) == 2
+    assert (mine / "images" / "holiday.jpg").read_bytes() == b"my photo"
+    assert not (mine / "predictions.json").exists()
+    assert main([*argv, "--no-progress"]) == 0
+    assert (mine / "images" / "holiday.jpg").read_bytes() == b"my photo"

@@ -29,6 +29,7 @@ FAILURES_NAME = "failures.json"
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "metrics.json"
 IMAGES_DIR = "images"
+IMAGES_MARKER = ".pgd-serve-images"  # beside IMAGES_DIR: its images were written by a run
 
 
 class JsonArrayWriter:
@@ -122,12 +123,61 @@ class ImageSaver:
         self._pool.shutdown(wait=True)
 
 
+def _remove_previous_images(out_dir: Path) -> int:
+    """Delete the annotated images a previous run wrote (only when `out_dir` carries the marker:
+    an images folder pgd-serve did not write is never touched); returns how many."""
+    marker, folder = out_dir / IMAGES_MARKER, out_dir / IMAGES_DIR
+    if not marker.is_file():
+        return 0
+    old = [p for p in folder.iterdir() if p.is_file() or p.is_symlink()] if folder.is_dir() else []
+    for path in old:
+        path.unlink()
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    marker.unlink()
+    return len(old)
+
+
+def prepare_images_dir(out_dir: Path, *, save_images: bool) -> None:
+    """Leave no annotated image of a previous run in `out_dir/images`; with `save_images`,
+    claim that folder for this run's images (a marker beside it records that pgd-serve wrote
+    them, so that the next run may replace them).
+
+    Raises:
+        ValueError: `save_images` and `out_dir/images` holds files that pgd-serve did not write,
+            which this run would mix with its own; nothing has been written then.
+    """
+    folder = out_dir / IMAGES_DIR
+    ours = (out_dir / IMAGES_MARKER).is_file()
+    if save_images and not ours and folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(
+            f"{folder} holds files that pgd-serve predict did not write; choose another --out "
+            "(or empty that folder) to save annotated images"
+        )
+    removed = _remove_previous_images(out_dir)
+    if removed:
+        logger.info("removed %d annotated image(s) of the previous run in %s", removed, folder)
+    if save_images:
+        folder.mkdir(parents=True, exist_ok=True)
+        (out_dir / IMAGES_MARKER).write_text(
+            f"{IMAGES_DIR}/ holds annotated images written by pgd-serve predict; the next run "
+            "into this folder replaces them.\n"
+        )
+
+
 class RunOutputs:
-    """The files of one run, opened together and always closed together."""
+    """The files of one run, opened together and always closed together.
+
+    A previous run's outputs in `out_dir` are replaced, never mixed with this run's: its
+    annotated images are removed, and its summary and metrics until this run writes its own.
+    """
 
     def __init__(
         self, out_dir: Path, backend: Backend, save_images: bool, draw_score: float
     ) -> None:
+        prepare_images_dir(out_dir, save_images=save_images)
+        for name in (SUMMARY_NAME, METRICS_NAME):
+            (out_dir / name).unlink(missing_ok=True)
         self.results = JsonArrayWriter(out_dir / RESULTS_NAME)
         self.failures = JsonArrayWriter(out_dir / FAILURES_NAME)
         self.saver = (
