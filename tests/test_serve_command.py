@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -73,6 +74,7 @@ def test_demo_command_serves_until_ctrl_c(tmp_path_factory: pytest.TempPathFacto
     pytest.importorskip("gradio")
     model = onnx_model(tmp_path_factory, student_checkpoint(tmp_path_factory))
     port = _free_port()
+    tmpdir = tmp_path_factory.mktemp("tmpdir")  # the demo's temporary files go here
     argv = ["demo", "--teacher", str(model), "--student", str(model), "--port", str(port)]
     proc = subprocess.Popen(
         [sys.executable, "-c", TORCH_FREE_MAIN, *argv, "--set", "warmup=1"],
@@ -80,6 +82,7 @@ def test_demo_command_serves_until_ctrl_c(tmp_path_factory: pytest.TempPathFacto
         stderr=subprocess.STDOUT,
         text=True,
         preexec_fn=default_sigint,
+        env={**os.environ, "TMPDIR": str(tmpdir)},
     )
     try:
         deadline = time.monotonic() + 180
@@ -93,6 +96,7 @@ def test_demo_command_serves_until_ctrl_c(tmp_path_factory: pytest.TempPathFacto
                 time.sleep(0.5)
         assert proc.poll() is None, proc.communicate()[0]
         assert "teacher vs student" in page
+        assert len(list(tmpdir.glob("pgd-serve-examples-*"))) == 1
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=60)[0]
     finally:
@@ -100,6 +104,7 @@ def test_demo_command_serves_until_ctrl_c(tmp_path_factory: pytest.TempPathFacto
             proc.kill()
     assert proc.returncode in (0, 130), output
     assert f"127.0.0.1:{port}" in output
+    assert not list(tmpdir.glob("pgd-serve-examples-*"))  # every demo start used to leave one
 
 
 def test_shipped_config_equals_the_defaults() -> None:

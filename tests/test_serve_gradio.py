@@ -3,6 +3,7 @@ gradio_client (and, in the slow test, loaded in headless Chromium)."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import socket
 from pathlib import Path
@@ -47,10 +48,24 @@ class Counted:
         return self._infer(images)
 
 
+def _examples_folder(folder: Path) -> Path:
+    """An --examples folder as users have them: images, and files that must never be served."""
+    folder.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 60, 3), np.uint8)).save(
+        folder / "street.png"
+    )
+    (folder / "fake.jpg").write_text("not an image")  # an image suffix is not enough
+    (folder / "notes.txt").write_text("not an example")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "creds.txt").write_text("password=hunter2")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
     """The demo on a free port: teacher = PyTorch checkpoint, student = its ONNX export."""
-    from pgd_deploy.serve.gradio_app import demo_examples, serve
+    from pgd_deploy.serve.examples import DemoExamples
+    from pgd_deploy.serve.gradio_app import serve
 
     teacher = teacher_checkpoint(tmp_path_factory)
     student = onnx_model(tmp_path_factory, student_checkpoint(tmp_path_factory))
@@ -66,21 +81,24 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     models.append(DemoModel("student", student, load_backend(student)))
     app = DemoApp(*models, cfg)
     counters = [Counted(m.backend) for m in models]
-    demo = serve(app, demo_examples(), block=False)
+    examples_dir = _examples_folder(tmp_path_factory.mktemp("user") / "examples")
+    examples = DemoExamples(examples_dir, max_pixels=cfg.max_pixels)
+    demo = serve(app, examples, block=False)
     try:
-        yield demo, app, counters
+        yield demo, app, counters, examples
     finally:
         demo.close()
+        examples.close()
 
 
 def test_binds_localhost_by_default(served) -> None:
-    demo, app, _ = served
+    demo, app, _, _ = served
     assert ServeConfig().host == "127.0.0.1"
     assert demo.local_url.startswith(f"http://127.0.0.1:{app.cfg.port}")
 
 
 def test_client_detect_then_rerender(served, coco128: Path) -> None:
-    demo, app, counters = served
+    demo, app, counters, _ = served
     client = gradio_client.Client(demo.local_url, verbose=False)
     (image,) = coco128_images(coco128, 1)
     before = [c.calls for c in counters]
@@ -116,7 +134,7 @@ def test_client_detect_then_rerender(served, coco128: Path) -> None:
 
 
 def test_refused_inputs_get_clear_messages(served, tmp_path: Path) -> None:
-    demo, _, _ = served
+    demo, _, _, _ = served
     client = gradio_client.Client(demo.local_url, verbose=False)
     bomb = tmp_path / "bomb.png"
     Image.new("1", (3000, 3000)).save(bomb)  # 9 MP, a few KB on disk
@@ -133,12 +151,68 @@ def test_refused_inputs_get_clear_messages(served, tmp_path: Path) -> None:
         client.predict(gradio_client.handle_file(str(big)), SCORE, 0.6, api_name="/detect")
 
 
+def _fetch(url: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, b""
+
+
+def test_only_decoded_copies_of_the_examples_are_served(served) -> None:
+    demo, _, _, examples = served
+    base = demo.local_url.rstrip("/") + "/gradio_api/file="
+    # The --examples folder is not served: it used to be an allowed path, subfolders included.
+    for path in ("sub/creds.txt", "notes.txt", "street.png"):
+        status, body = _fetch(base + str(examples.source / path))
+        assert status in (403, 404) and b"hunter2" not in body, path
+    # Only decoded images are copied: 6 built-in ones and street.png (fake.jpg does not decode).
+    assert all(p.parent == examples.folder for p in examples.images)
+    names = sorted(p.name for p in examples.folder.iterdir())
+    assert names == sorted(p.name for p in examples.images) and len(names) == 7
+    copy = examples.folder / "example_00_street.png"
+    status, body = _fetch(base + str(copy))
+    assert status == 200
+    with Image.open(io.BytesIO(body)) as im, Image.open(examples.source / "street.png") as orig:
+        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(orig.convert("RGB")))
+
+
+def test_example_folders_are_removed_on_close_and_after_a_kill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from pgd_deploy.serve.examples import DemoExamples
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    stale = tmp_path / f"pgd-serve-examples-{killed.pid}-x1"  # its demo was killed (kill -9)
+    stale.mkdir()
+    (stale / "shapes_val_00.png").write_bytes(b"left behind")
+    running = tmp_path / f"pgd-serve-examples-{os.getpid()}-x2"  # a demo that still runs
+    running.mkdir()
+    with DemoExamples() as examples:
+        assert examples.folder.parent == tmp_path and len(examples.images) == 6
+        assert not stale.exists() and running.is_dir()
+    assert not examples.folder.exists()
+    with pytest.raises(ValueError, match="no readable images"):
+        DemoExamples(running)  # an --examples folder without images
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name]  # nothing left over
+
+
 @pytest.mark.slow
 def test_browser_renders_the_demo(served, tmp_path: Path) -> None:
     if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
         pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
     playwright = pytest.importorskip("playwright.sync_api")
-    demo, _, _ = served
+    demo, _, _, _ = served
     shot = tmp_path / "demo.png"
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(

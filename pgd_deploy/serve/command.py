@@ -89,7 +89,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def _sigterm_as_ctrl_c():
-    """`kill` / `docker stop` end a predict run like Ctrl-C: valid outputs and a summary."""
+    """`kill` / `docker stop` end a run like Ctrl-C (predict: valid outputs and a summary)."""
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
@@ -135,7 +135,14 @@ def _predict(args: argparse.Namespace, cfg: ServeConfig) -> int:
 def _demo(args: argparse.Namespace, cfg: ServeConfig) -> int:
     from pgd_deploy.serve.gradio_app import launch_demo
 
-    launch_demo(args.teacher, args.student, cfg=cfg, examples_dir=args.examples, device=args.device)
+    with _sigterm_as_ctrl_c():  # `kill` stops the server like Ctrl-C: the examples are removed
+        launch_demo(
+            args.teacher,
+            args.student,
+            cfg=cfg,
+            examples_dir=args.examples,
+            device=args.device,
+        )
     return 0
 
 

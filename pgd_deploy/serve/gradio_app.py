@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import html
 import logging
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,15 +33,10 @@ from pgd_deploy.serve.compare import (
     DemoModel,
 )
 from pgd_deploy.serve.draw import HIGHLIGHT
+from pgd_deploy.serve.examples import DemoExamples
 
 logger = logging.getLogger(__name__)
 
-EXAMPLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-MAX_EXAMPLES = 24  # from an --examples folder
-NUM_SYNTHETIC_EXAMPLES = 6
-# Seed of the built-in examples: not the default dataset seed (0), so they never duplicate the
-# validation images a user passes with --examples (e.g. `pgd-train data shapes` output).
-SYNTHETIC_EXAMPLE_SEED = 1
 # One model run at a time: a TensorRT engine has one execution context (and the GPU one stream
 # here); on CPU, ONNX Runtime and PyTorch already use every core for one request. Parallel runs
 # would only queue inside the backend and inflate the latency the demo reports.
@@ -67,36 +61,6 @@ def _import_gradio() -> Any:
     except ImportError:
         raise ImportError("the web demo needs gradio: pip install 'pgd-deploy[serve]'") from None
     return gr
-
-
-def synthetic_examples(folder: str | Path, count: int = NUM_SYNTHETIC_EXAMPLES) -> list[Path]:
-    """Write `count` built-in synthetic images (never trained on) as PNG files."""
-    from pgd_deploy.data.shapes import ShapesSpec, render_image
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        image, _ = render_image(SYNTHETIC_EXAMPLE_SEED, "val", i, ShapesSpec())
-        path = folder / f"shapes_val_{i:02d}.png"
-        image.save(path)
-        paths.append(path)
-    return paths
-
-
-def folder_examples(folder: str | Path, limit: int = MAX_EXAMPLES) -> list[Path]:
-    """Image files of an --examples folder (sorted, at most `limit`).
-
-    Raises:
-        ValueError: the folder does not exist or holds no images.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"--examples {folder}: folder not found")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXAMPLE_SUFFIXES)
-    if not paths:
-        raise ValueError(f"--examples {folder}: no images ({', '.join(EXAMPLE_SUFFIXES)})")
-    return paths[:limit]
 
 
 def comparison_html(comparison: Comparison) -> str:
@@ -318,26 +282,21 @@ def open_app(
     return DemoApp(*models, cfg or ServeConfig())
 
 
-def demo_examples(examples_dir: str | Path | None = None) -> list[Path]:
-    """The built-in synthetic samples (written to a temporary folder) plus `examples_dir`'s."""
-    examples = synthetic_examples(Path(tempfile.mkdtemp(prefix="pgd-serve-examples-")))
-    if examples_dir is not None:
-        examples += folder_examples(examples_dir)
-    return examples
-
-
-def serve(app: DemoApp, examples: Sequence[Path], *, block: bool = True) -> Any:
+def serve(app: DemoApp, examples: DemoExamples | None, *, block: bool = True) -> Any:
     """Warm the models up, build the demo and serve it on `app.cfg.host:app.cfg.port`.
 
     Args:
+        examples: the example images; their folder is the only one the server may serve files
+            from (the caller closes it after the server stopped).
         block: serve until interrupted; False returns the running gr.Blocks (tests; call its
             `close()` to stop).
     """
     gr = _import_gradio()
     cfg = app.cfg
-    app.warmup(load_image(examples[0]) if examples else np.zeros((64, 64, 3), np.uint8))
+    images = examples.images if examples is not None else []
+    app.warmup(load_image(images[0]) if images else np.zeros((64, 64, 3), np.uint8))
     logger.info("warmed up: %s; %s", *(m.describe() for m in app.models))
-    demo = build_demo(app, examples)
+    demo = build_demo(app, images)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: the demo is reachable from other machines", cfg.host)
     demo.launch(
@@ -345,7 +304,7 @@ def serve(app: DemoApp, examples: Sequence[Path], *, block: bool = True) -> Any:
         server_port=cfg.port,
         share=False,
         max_file_size=int(cfg.max_upload_mb * 1024 * 1024),
-        allowed_paths=sorted({str(Path(p).parent) for p in examples}),
+        allowed_paths=[str(examples.folder)] if examples is not None else [],
         prevent_thread_lock=not block,
         ssr_mode=False,
         theme=gr.themes.Soft(),
@@ -366,9 +325,23 @@ def launch_demo(
 ) -> Any:
     """`pgd-serve demo`: open both artifacts and serve the demo (127.0.0.1:7860 by default).
 
+    The example images (built-in ones plus decoded copies of `examples_dir`'s) live in a
+    temporary folder that is deleted when the server stops; with `block=False` it lives as long
+    as the returned gr.Blocks (its `pgd_examples`), and at most until the interpreter exits.
+
     Raises:
         ValueError: unreadable artifacts, mismatched class lists or a bad examples folder.
     """
-    examples = demo_examples(examples_dir)
-    app = open_app(teacher, student, cfg=cfg, device=device)
-    return serve(app, examples, block=block)
+    cfg = cfg or ServeConfig()
+    examples = DemoExamples(examples_dir, max_pixels=cfg.max_pixels)
+    try:
+        app = open_app(teacher, student, cfg=cfg, device=device)
+        demo = serve(app, examples, block=block)
+    except BaseException:
+        examples.close()
+        raise
+    if block:
+        examples.close()  # the server has stopped
+    else:
+        demo.pgd_examples = examples
+    return demo
