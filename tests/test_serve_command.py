@@ -112,3 +112,45 @@ def test_shipped_config_equals_the_defaults() -> None:
 
     path = Path(__file__).resolve().parents[1] / "serve" / "configs" / "default.toml"
     assert load_config(ServeConfig, path) == ServeConfig()
+
+
+def test_an_export_marked_failed_is_refused_unless_allowed(
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("onnx")
+    from PIL import Image
+
+    from pgd_deploy.export.command import main as export_main
+    from pgd_deploy.runtime.manifest import read_manifest
+
+    # A real pgd-export run whose parity gate cannot pass: the artifact is kept, marked failed.
+    flags = ["--imgsz", "128x128", "--gate-images", "2", "--batch-opt", "1", "--batch-max", "2"]
+    impossible = ["--set", "gates.fp32_box_atol=1e-12", "--set", "gates.fp32_score_atol=1e-12"]
+    ckpt = student_checkpoint(tmp_path_factory)
+    out = tmp_path / "exports"
+    argv = ["--checkpoint", str(ckpt), "--out", str(out), "--name", "strict", "--no-simplify"]
+    assert export_main([*argv, *flags, *impossible]) == 3
+    model = out / "strict.onnx"
+    assert read_manifest(model)["status"] == "failed"
+    capsys.readouterr()
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (80, 60), (90, 120, 200)).save(src / "a.png")
+    predict = ["predict", "--model", str(model), "--source", str(src), "--no-progress"]
+    # It used to be served without a word.
+    assert main([*predict, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert f"{model}: its manifest {out / 'strict.manifest.json'} says status 'failed'" in err
+    assert "parity" in err and "pass --allow-failed to serve it anyway" in err
+    assert not (tmp_path / "refused").exists()
+    with caplog.at_level("WARNING", logger="pgd_deploy.serve.artifacts"):
+        assert main([*predict, "--out", str(tmp_path / "allowed"), "--allow-failed"]) == 0
+    assert "says status 'failed'" in caplog.text and "serving it anyway" in caplog.text
+    pytest.importorskip("gradio")
+    from pgd_deploy.serve.gradio_app import open_app
+
+    with pytest.raises(ValueError, match="says status 'failed'"):
+        open_app(model, model)  # the demo refuses it too

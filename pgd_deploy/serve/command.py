@@ -26,6 +26,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--score-thresh", type=float, help="minimum score (default: predict 0.05, demo 0.3)"
     )
     p.add_argument("--nms-thresh", type=float, help="class-aware NMS IoU (default: 0.6)")
+    p.add_argument(
+        "--allow-failed",
+        action="store_true",
+        help="serve an export whose manifest says it failed its accuracy gates (with a warning)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -117,10 +122,12 @@ def _run_options(args: argparse.Namespace, cfg: ServeConfig) -> dict[str, Any]:
 
 def _predict(args: argparse.Namespace, cfg: ServeConfig) -> int:
     from pgd_deploy.runtime.backends import load_backend
+    from pgd_deploy.serve.artifacts import check_export_status
     from pgd_deploy.serve.predictor import format_summary, run_predict
     from pgd_deploy.serve.sources import resolve_source
 
     source = resolve_source(args.source, image_root=args.image_root)
+    check_export_status(args.model, allow_failed=args.allow_failed)
     backend = load_backend(args.model, device=args.device)
     with _sigterm_as_ctrl_c():
         summary = run_predict(backend, source, args.out, **_run_options(args, cfg))
@@ -142,6 +149,7 @@ def _demo(args: argparse.Namespace, cfg: ServeConfig) -> int:
             cfg=cfg,
             examples_dir=args.examples,
             device=args.device,
+            allow_failed=args.allow_failed,
         )
     return 0
 

@@ -24,6 +24,7 @@ import numpy as np
 from pgd_deploy.config import ServeConfig
 from pgd_deploy.runtime.backends import load_backend
 from pgd_deploy.runtime.preprocess import load_image
+from pgd_deploy.serve.artifacts import check_export_status
 from pgd_deploy.serve.compare import (
     AGREEMENT_IOU,
     LATENCY_HEADERS,
@@ -268,13 +269,17 @@ def open_app(
     *,
     cfg: ServeConfig | None = None,
     device: str = "auto",
+    allow_failed: bool = False,
 ) -> DemoApp:
     """Load both artifacts (any of .pt, .onnx, .plan) into a `DemoApp`.
 
     Raises:
-        ValueError: unreadable artifacts or teacher and student with different class lists.
+        ValueError: unreadable artifacts, an export whose manifest says it failed its gates
+            (unless `allow_failed`), or teacher and student with different class lists.
     """
     _import_gradio()  # fail before loading models when gradio is missing
+    for path in (teacher, student):
+        check_export_status(path, allow_failed=allow_failed)
     models = [
         DemoModel(role, path, load_backend(path, device=device))
         for role, path in (("teacher", teacher), ("student", student))
@@ -322,6 +327,7 @@ def launch_demo(
     examples_dir: str | Path | None = None,
     device: str = "auto",
     block: bool = True,
+    allow_failed: bool = False,
 ) -> Any:
     """`pgd-serve demo`: open both artifacts and serve the demo (127.0.0.1:7860 by default).
 
@@ -335,7 +341,7 @@ def launch_demo(
     cfg = cfg or ServeConfig()
     examples = DemoExamples(examples_dir, max_pixels=cfg.max_pixels)
     try:
-        app = open_app(teacher, student, cfg=cfg, device=device)
+        app = open_app(teacher, student, cfg=cfg, device=device, allow_failed=allow_failed)
         demo = serve(app, examples, block=block)
     except BaseException:
         examples.close()
