@@ -21,7 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pgd_deploy import distributed as dist
-from pgd_deploy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pgd_deploy.checkpoint import (
+    CheckpointError,
+    UnsafeFileError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pgd_deploy.config import TrainJob, save_config, to_dict
 from pgd_deploy.data.dataset import GroupedBatchSampler, build_dataset, collate
 from pgd_deploy.devices import (  # noqa: F401  (autocast_setup, cpu_has_amx: public here too)
@@ -428,7 +433,7 @@ def _resume(trainer: Trainer, state: dict[str, Any]) -> None:
     check_same_classes(state, coco.category_ids, coco.path, path)
     try:
         trainer.resume()
-    except CheckpointError:
+    except (CheckpointError, UnsafeFileError):
         raise
     except (KeyError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
