@@ -324,12 +324,12 @@ class Trainer:
         self.log.start(total, self.iteration)
         if dist.is_main():
             logger.info("%s", self.schedule.describe(self.cfg.train.batch_size * dist.world_size()))
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {}  # (on rank 0 only: the others' stay empty)
         try:
+            if self.iteration >= total:  # resumed after the last step, before its evaluation
+                metrics = self.evaluate_and_save(last=True)
             while self.iteration < total:
                 metrics = self.end_epoch(self.run_epoch())
-            if not metrics:  # resumed after the last step but before its final evaluation
-                metrics = self.evaluate_and_save(last=True)
         except (NonFiniteLossError, TrainingStopped) as err:
             message = f"stopped at iteration {self.iteration}: {err}"
             if isinstance(err, NonFiniteLossError):
