@@ -112,6 +112,12 @@ def _as_tuple(obj: Any) -> Any:
     return tuple(_as_tuple(o) for o in obj) if isinstance(obj, (list, tuple)) else obj
 
 
+def _call_if_present(obj: Any, method: str, *args: Any) -> Any:
+    """`obj.method(*args)` when `obj` has that method (a loss provider with state), else None."""
+    fn = getattr(obj, method, None)
+    return fn(*args) if callable(fn) else None
+
+
 class Trainer:
     """Holds everything `fit` sets up; one method per phase."""
 
@@ -152,6 +158,9 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             worker_init_fn=_worker_init,
             persistent_workers=False,
+            # Creating an iterator draws a seed from this generator: with the global one, a
+            # resumed run (a new iterator mid-epoch) would shift the global stream.
+            generator=torch.Generator().manual_seed(cfg.train.seed + dist.rank()),
         )
         self.schedule = Schedule.from_config(
             cfg.train, iters_per_epoch=len(self.sampler), world_size=dist.world_size()
@@ -207,6 +216,8 @@ class Trainer:
             "scheduler": ctx.scheduler.state_dict(),
             "scaler": ctx.scaler.state_dict() if ctx.scaler else {},
             "rng": rng_state(),
+            # e.g. the distiller's mask-jitter generator (`Distiller.state_dict`)
+            "loss_provider": _call_if_present(ctx.loss_provider, "state_dict") or {},
             "history": self.log.history,
         }
 
@@ -235,6 +246,8 @@ class Trainer:
         self.best_ap = float(state.get("best_ap", -1.0))
         self.log.history = list(state.get("history", []))
         set_rng_state(state["rng"])
+        if state.get("loss_provider"):
+            _call_if_present(self.ctx.loss_provider, "load_state_dict", state["loss_provider"])
         logger.info("resumed from %s at iteration %d (epoch %d)", path, self.iteration, self.epoch)
 
     # ---- phases -----------------------------------------------------------------------------
@@ -400,7 +413,9 @@ def fit(
         from pgd_deploy.distill import build_distiller
 
         def make_loss_provider(student: nn.Module, device: torch.device):
-            return build_distiller(cfg.distill, student, device=device)
+            return build_distiller(
+                cfg.distill, student, device=device, seed=cfg.train.seed, rank=dist.rank()
+            )
 
     check_start(work_dir, resume=resume, overwrite=overwrite)
     state = load_checkpoint(work_dir / "last.pt") if resume else None

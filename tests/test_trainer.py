@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,16 +73,19 @@ def truncate(path: Path) -> None:
 
 
 class Interrupt:
-    """A loss provider that contributes nothing and stops the run at a given step."""
+    """A loss provider that stops the run at call `at` (never when 0) and otherwise adds a
+    stochastic term drawn from the global torch, numpy and Python random streams, as dropout or
+    a random augmentation would: a resume that does not restore all three changes the weights."""
 
-    def __init__(self, at: int, error: type[BaseException] = KeyboardInterrupt) -> None:
+    def __init__(self, at: int = 0, error: type[BaseException] = KeyboardInterrupt) -> None:
         self.at, self.calls, self.error = at, 0, error
 
     def __call__(self, images, outputs, targets):
         self.calls += 1
         if self.calls == self.at:
             raise self.error("interrupted by the test")
-        return {}
+        noise = torch.rand(()).item() + random.random() + float(np.random.rand())
+        return {"loss_noise": outputs.cls_logits[0].mean() * noise}
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -90,12 +95,14 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_resume_is_exact(tmp_path):
     # 4 batches per epoch; 6 iterations cross an epoch boundary; the interruption is mid-epoch
     cfg = tiny_cfg(tmp_path / "cache", "train.max_iters=6", "train.checkpoint_every=3")
-    straight = fit(cfg, work_dir=tmp_path / "a")
+    straight = fit(cfg, work_dir=tmp_path / "a", make_loss_provider=lambda m, d: Interrupt())
     assert straight.completed and straight.iterations == 6
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, work_dir=tmp_path / "b", make_loss_provider=lambda m, d: Interrupt(at=4))
     assert load_checkpoint(tmp_path / "b" / "last.pt")["iteration"] == 3
-    resumed = fit(cfg, work_dir=tmp_path / "b", resume=True)
+    resumed = fit(
+        cfg, work_dir=tmp_path / "b", resume=True, make_loss_provider=lambda m, d: Interrupt()
+    )
     assert resumed.completed and resumed.iterations == 6
     a, b = _weights(tmp_path / "a" / "last.pt"), _weights(tmp_path / "b" / "last.pt")
     assert a.keys() == b.keys()
@@ -468,3 +475,77 @@ def test_a_work_dir_holding_a_run_is_never_silently_replaced(tmp_path, capsys):
     assert replaced.completed and load_checkpoint(run / "best.pt")["iteration"] == 3
     with pytest.raises(ValueError, match="choose one"):
         fit(tiny_cfg(cache, "train.max_iters=3"), work_dir=run, overwrite=True, resume=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact resume of a PGD run and of the global random streams (issue 16)
+# --------------------------------------------------------------------------------------------
+
+
+class InterruptAt:
+    """Wraps a loss provider: calls it, except that call number `at` raises KeyboardInterrupt.
+
+    Attributes (the distiller's `teacher`, `state_dict`, ...) are the wrapped provider's.
+    """
+
+    def __init__(self, inner, at: int) -> None:
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def __call__(self, images, outputs, targets):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt("interrupted by the test")
+        return self.inner(images, outputs, targets)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _teacher_checkpoint(path: Path) -> Path:
+    """A random-weight teacher with the tiny student's head (the masks only need predictions)."""
+    from pgd_deploy.config import ModelConfig, to_dict
+    from pgd_deploy.models import build_detector
+
+    torch.manual_seed(1)
+    model_cfg = ModelConfig(depth=18, fpn_channels=64, num_classes=3)
+    model = build_detector(model_cfg, num_classes=3)
+    return save_checkpoint(
+        {"model": model.state_dict(), "config": to_dict(TrainJob(model=model_cfg))}, path
+    )
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    differ = [key for key in wa if not torch.equal(wa[key], wb[key])]
+    assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
+
+
+def test_pgd_resume_with_the_default_jitter_is_exact(tmp_path):
+    """Interrupted at the 4th distillation step (mid-epoch) and resumed, a PGD run with the
+    default mask jitter ends with the weights of an uninterrupted run, bit for bit."""
+    from pgd_deploy.distill import build_distiller
+
+    teacher = _teacher_checkpoint(tmp_path / "teacher.pt")
+    cfg = tiny_cfg(
+        tmp_path / "cache",
+        "train.max_iters=6",
+        "train.checkpoint_every=3",
+        f"distill.teacher='{teacher}'",
+        "distill.teacher_depth=18",
+    )
+    assert cfg.distill.jitter == 0.05  # the default, not a test setting
+    assert fit(cfg, work_dir=tmp_path / "a").completed
+
+    def interrupted(student, device):
+        distiller = build_distiller(cfg.distill, student, device=device, seed=cfg.train.seed)
+        return InterruptAt(distiller, at=4)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, work_dir=tmp_path / "b", make_loss_provider=interrupted)
+    state = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert state["iteration"] == 3
+    assert fit(cfg, work_dir=tmp_path / "b", resume=True).completed
+    _assert_same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+    # the jitter has its own generator, saved in the checkpoint (a CPU byte tensor)
+    assert state["loss_provider"]["generator"].dtype == torch.uint8

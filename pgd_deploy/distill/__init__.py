@@ -23,6 +23,7 @@ from pgd_deploy.distill.distiller import (
     build_distiller,
     check_compatible,
     init_student_from_teacher,
+    jitter_generator,
     load_teacher,
 )
 from pgd_deploy.distill.losses import cls_distill_loss, reg_distill_loss
@@ -35,6 +36,7 @@ __all__ = [
     "check_compatible",
     "cls_distill_loss",
     "init_student_from_teacher",
+    "jitter_generator",
     "load_teacher",
     "pgw_mask",
     "quality_score",

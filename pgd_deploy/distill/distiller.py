@@ -5,6 +5,11 @@ matches the student's, optionally copies the teacher's FPN and head into the stu
 returns a `Distiller`. Calling the distiller with the batch images, the student's head outputs
 and the targets runs the teacher (eval mode, no grad), builds the masks (section 2.13) and returns
 the named KD losses `kd_cls_p3..p7`, `kd_reg_p3..p7`.
+
+The mask jitter draws from the distiller's own `torch.Generator` (`jitter_generator`), never from
+the global stream: anything else that draws from the global generator (a DataLoader creating its
+iterator, a dropout layer) cannot shift it, and its state travels in the training checkpoint
+(`Distiller.state_dict`), so an interrupted and resumed run draws the same jitter as a straight one.
 """
 
 from __future__ import annotations
@@ -32,10 +37,20 @@ __all__ = [
     "build_distiller",
     "check_compatible",
     "init_student_from_teacher",
+    "jitter_generator",
     "load_teacher",
 ]
 
 FIRST_LEVEL = 3  # loss names count FPN levels from P3
+JITTER_STREAM = 0x9E3779B9  # keeps the jitter seeds apart from the global seed (train.seed + rank)
+
+
+def jitter_generator(device: str | torch.device, *, seed: int, rank: int = 0) -> torch.Generator:
+    """The mask-jitter generator of one process: on `device` (where the masks are computed),
+    seeded from the training seed and the process rank (each rank draws its own jitter)."""
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed((seed * 1_000_003 + rank + JITTER_STREAM) % 2**63)
+    return generator
 
 
 class Distiller:
@@ -82,8 +97,37 @@ class Distiller:
         self.mask_group = mask_group
         self.jitter = jitter
         self.swap_xy = swap_xy
-        self.generator = generator
+        self.generator = generator  # None: the jitter draws from the global generator
         self._logged_groups: set[int] = set()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The jitter generator's state, for the training checkpoint ({} without a generator).
+
+        Returns:
+            {"generator": CPU ByteTensor (also for a CUDA generator), "device": "cpu" | "cuda"}.
+        """
+        if self.generator is None:
+            return {}
+        return {"generator": self.generator.get_state(), "device": self.generator.device.type}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the jitter generator saved by `state_dict` (resume).
+
+        A state saved on another device type (a CPU run resumed on a GPU, or the reverse) cannot
+        be restored: the generator keeps its seed, with a warning that the jitter stream differs.
+        """
+        if self.generator is None or "generator" not in state:
+            return
+        if state.get("device", "cpu") != self.generator.device.type:
+            logger.warning(
+                "the checkpoint's mask-jitter generator ran on %s, this run's on %s: the jitter "
+                "stream restarts from the seed (the resumed run is not bit-exact)",
+                state.get("device"),
+                self.generator.device.type,
+            )
+            return
+        # A generator state is a CPU ByteTensor; map_location may have moved it to the GPU.
+        self.generator.set_state(state["generator"].cpu())
 
     def __call__(
         self,
@@ -411,8 +455,19 @@ def build_distiller(
     *,
     device: str | torch.device,
     generator: torch.Generator | None = None,
+    seed: int = 0,
+    rank: int = 0,
 ) -> Distiller:
     """Load the teacher of `cfg`, check it against `student`, init the student, build the distiller.
+
+    Args:
+        cfg: the distillation settings.
+        student: the freshly built student (initialised from the teacher when
+            `cfg.init_student`).
+        device: where the teacher runs and the masks are computed.
+        generator: the mask-jitter generator; None = `jitter_generator(device, seed=seed,
+            rank=rank)`.
+        seed, rank: the training seed and process rank the default generator derives from.
 
     Raises:
         ValueError: no teacher configured, unreadable teacher, incompatible heads.
@@ -425,6 +480,8 @@ def build_distiller(
         init_student_from_teacher(student, teacher)
     if cfg.gfl_stride_bug:
         logger.warning("distill.gfl_stride_bug has no effect on an FCOS teacher")
+    if generator is None:
+        generator = jitter_generator(device, seed=seed, rank=rank)
     return Distiller(
         teacher=teacher,
         temperature=cfg.temperature,
