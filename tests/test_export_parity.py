@@ -1,13 +1,13 @@
-"""`parity.compare` (gate 1) and `gates.run_gates` on fake runtimes: statistics and verdicts."""
+"""`parity.compare` (gate 1) on fake runtimes: error statistics and verdicts.
+
+The gate decisions built on it (`gates.run_gates`) are tested in test_export_gates.py.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pgd_deploy.config import GatesConfig
-from pgd_deploy.export.gates import EXIT_CODES, GateReport, GateResult, run_gates
-from pgd_deploy.export.images import ImageSet
 from pgd_deploy.export.parity import compare
 from pgd_deploy.runtime.backends import Backend
 
@@ -85,106 +85,36 @@ def test_compare_rejects_bad_input_and_calls_on_batch():
         compare(FakeBackend(), short, _batches())
 
 
-def _images(n=4):
-    rng = np.random.default_rng(1)
-    arrays = [rng.integers(0, 255, size=(32, 48, 3), dtype=np.uint8) for _ in range(n)]
-    return ImageSet(source="random", arrays=arrays)
+def test_errors_below_the_reference_count_by_magnitude():
+    # a candidate 2e-3 px BELOW the reference is as far off as one above it
+    report = compare(FakeBackend(), FakeBackend(box_offset=-2e-3), _batches(), atol=1e-3)
+    boxes = report.outputs["boxes"]
+    assert boxes.max_abs == pytest.approx(2e-3, rel=1e-2)
+    assert boxes.mean_abs == pytest.approx(2e-3, rel=1e-2)
+    assert boxes.p99_abs == pytest.approx(2e-3, rel=1e-2)
+    assert boxes.mean_rel > 0 and boxes.passed is False and report.passed is False
+    mean = compare(FakeBackend(), FakeBackend(box_offset=-0.05), _batches(), atol=1e-2, stat="mean")
+    assert mean.outputs["boxes"].mean_abs == pytest.approx(0.05, rel=1e-2)
+    assert mean.outputs["boxes"].passed is False  # no rtol: the absolute mean decides
 
 
-def test_gates_pass_fp32_and_report_markdown():
-    report = run_gates(
-        FakeBackend(),
-        FakeBackend(),
-        _images(),
-        precision="fp32",
-        gates=GatesConfig(),
-        imgsz=(32, 32),
-        batch_size=2,
-        artifact="fake.onnx",
-    )
-    names = [r.name for r in report.results]
-    assert names == ["parity", "agreement", "map"]
-    assert report.passed and report.exit_code == 0
-    agreement = report.results[1]
-    assert agreement.passed and agreement.detail["agreement"] == 1.0
-    assert agreement.detail["reference_detections"] > 0  # not vacuous
-    assert report.results[2].passed is None  # no annotations: mAP skipped
-    md = report.to_markdown()
-    assert "| parity | pass |" in md and "Overall: **PASSED**" in md
+class FirstBatchOff:
+    """FakeBackend outputs, with the boxes of the first batch off by 0.5 and the others by 0.1."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, batch):
+        out = FakeBackend().infer(batch)
+        self.calls += 1
+        out["boxes"] = out["boxes"] + np.float32(0.5 if self.calls == 1 else 0.1)
+        return out
 
 
-def test_gate_failures_set_their_exit_codes():
-    shifted = FakeBackend(box_offset=3.0)  # boxes move by 3 px: parity and IoU>=0.9 both fail
-    report = run_gates(
-        FakeBackend(),
-        shifted,
-        _images(),
-        precision="fp32",
-        gates=GatesConfig(),
-        imgsz=(32, 32),
-        batch_size=2,
-    )
-    assert not report.passed and report.exit_code == EXIT_CODES["parity"]
-    assert report.results[1].passed is False
-    int8 = run_gates(
-        FakeBackend(),
-        shifted,
-        _images(),
-        precision="int8",
-        gates=GatesConfig(),
-        imgsz=(32, 32),
-        batch_size=2,
-    )
-    assert int8.results[0].passed is None and int8.results[1].passed is None  # reported only
-    assert int8.passed and int8.exit_code == 0
-
-
-def test_map_gate_is_one_sided_with_precision_tolerance(monkeypatch):
-    pytest.importorskip("pycocotools")
-    images = _images(2)
-    images.image_ids = [1, 2]
-    ref = FakeBackend()
-    dets = ref.postprocess(ref.infer(images.batches((32, 32), 2).__next__()[0]), [None, None])
-    anns = [
-        {
-            "id": i + 1,
-            "image_id": img,
-            "category_id": int(d.labels[0]) + 1,
-            "iscrowd": 0,
-            "bbox": [
-                float(d.boxes[0, 0]),
-                float(d.boxes[0, 1]),
-                float(d.boxes[0, 2] - d.boxes[0, 0]),
-                float(d.boxes[0, 3] - d.boxes[0, 1]),
-            ],
-            "area": 144.0,
-        }
-        for i, (img, d) in enumerate(zip([1, 2], dets))
-    ]
-    images.annotations = {
-        "images": [{"id": i, "width": 32, "height": 32, "file_name": f"{i}.jpg"} for i in (1, 2)],
-        "annotations": anns,
-        "categories": [{"id": k, "name": n} for k, n in ((1, "a"), (2, "b"), (3, "c"))],
-    }
-    report = run_gates(
-        ref,
-        FakeBackend(),
-        images,
-        precision="fp16",
-        gates=GatesConfig(),
-        imgsz=(32, 32),
-        batch_size=2,
-    )
-    gate = report.results[2]
-    assert gate.name == "map" and gate.passed is True
-    assert gate.detail["tolerance_ap_points"] == 0.3
-
-
-def test_report_exit_code_is_the_first_failing_gate():
-    report = GateReport("x", "fp32", 1, "here")
-    report.results = [
-        GateResult("parity", True, "", ""),
-        GateResult("agreement", False, "", ""),
-        GateResult("map", False, "", ""),
-    ]
-    assert report.exit_code == EXIT_CODES["agreement"] == 4
+def test_max_error_is_taken_over_every_batch():
+    report = compare(FakeBackend(), FirstBatchOff(), _batches(3), atol={"boxes": 0.3})
+    boxes = report.outputs["boxes"]
+    assert boxes.max_abs == pytest.approx(0.5, rel=1e-5)  # from the first of three batches
+    assert boxes.mean_abs == pytest.approx((0.5 + 0.1 + 0.1) / 3, rel=1e-5)
+    assert boxes.elements == 3 * 2 * N * 4
+    assert boxes.passed is False and report.outputs["scores"].passed is None
