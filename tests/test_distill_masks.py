@@ -144,6 +144,27 @@ def test_pgw_jitter_reproducible_and_small() -> None:
     torch.testing.assert_close(c, pgw_mask(quality, centers, gt, 10, 0.0), rtol=0, atol=0)
 
 
+def test_pgw_jitter_moves_the_fit_not_the_weighted_points() -> None:
+    """With jitter the Gaussian is fitted to the jittered centres and evaluated at the
+    un-jittered ones. Reference: numpy, given the same noise (the generator's one uniform draw
+    of shape [K, G, 2], points in top-k order)."""
+    centers = torch.tensor([[0.0, 0], [4, 0], [0, 4], [4, 4], [2, 2], [8, 8], [6, 6]])
+    quality = torch.tensor([[0.9], [0.8], [0.7], [0.6], [0.5], [0.1], [0.2]])
+    gt = torch.tensor([[-1.0, -1, 9, 9]])
+    jitter = 0.5
+    mask = pgw_mask(quality, centers, gt, 5, jitter, torch.Generator().manual_seed(7))
+    noise = torch.rand((5, 1, 2), generator=torch.Generator().manual_seed(7))[:, 0].double()
+    points = centers[:5].double().numpy()  # the top 5, in quality order
+    fit = points + (noise.numpy() * 2 - 1) * jitter
+    mean = fit.mean(axis=0)
+    inv = np.linalg.inv(np.cov(fit.T, bias=True))
+    diff = points - mean
+    expected = np.exp(-0.5 * np.einsum("ki,ij,kj->k", diff, inv, diff))
+    np.testing.assert_allclose(mask.numpy(), [*expected, 0.0, 0.0], rtol=1e-5, atol=1e-7)
+    # the jitter is not negligible here: the weights differ from the jitter-free fit
+    assert np.abs(expected - _gaussian_weights(points)).max() > 0.01
+
+
 def test_pgw_in_box_filter_after_fit() -> None:
     # Same square as the hand-computed test, but the GT leaves out the right column (x = 4):
     # those two points still shape the fit, then get weight 0.

@@ -9,17 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgd_deploy.checkpoint import save_checkpoint
+from pgd_deploy.checkpoint import load_checkpoint, save_checkpoint
 from pgd_deploy.config import DistillConfig, ModelConfig, TrainJob, to_dict
 from pgd_deploy.distill import (
     Distiller,
     background_mask,
     build_distiller,
     check_compatible,
+    cls_distill_loss,
     init_student_from_teacher,
+    jitter_generator,
     load_teacher,
     pgw_mask,
     quality_score,
+    reg_distill_loss,
 )
 from pgd_deploy.models import build_detector
 from pgd_deploy.models.fcos import flatten_levels
@@ -30,6 +33,13 @@ KD_KEYS = [f"kd_{kind}_p{level}" for kind in ("cls", "reg") for level in range(3
 def _r18(num_classes: int = 3, seed: int = 0):
     torch.manual_seed(seed)
     return build_detector(ModelConfig(depth=18), num_classes=num_classes)
+
+
+def _narrow(seed: int = 0):
+    """R18 with a 64-channel, 2-conv head: the cheap model of the tests below."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(depth=18, fpn_channels=64, head_convs=2)
+    return build_detector(cfg, num_classes=3)
 
 
 def _targets():
@@ -240,3 +250,132 @@ def test_build_distiller_inits_student(r18_checkpoint: Path) -> None:
     )
     with pytest.raises(ValueError, match="distill.teacher"):
         build_distiller(DistillConfig(), student, device="cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-level losses and the mask-jitter generator
+# --------------------------------------------------------------------------------------------
+
+
+def test_each_level_loss_uses_that_levels_taps_masks_and_weight() -> None:
+    """kd_cls_pN / kd_reg_pN are the public losses of level N's taps and masks, with level N's
+    weight (P3 the first, 1.0, P7 the last, 2.0)."""
+    teacher, student = _narrow(seed=1), _narrow(seed=2)
+    weights = (1.0, 1.25, 1.5, 1.75, 2.0)
+    distiller = Distiller(teacher=teacher, jitter=0.0, mask_group=None, level_weights=weights)
+    images = torch.randn(2, 3, 96, 96)
+    outputs = student(images)
+    kd = distiller(images, outputs, _targets())
+    teacher_outputs = distiller.teacher_forward(images)
+    fg_cls, fg_reg, bg = distiller.masks(teacher_outputs, _targets())
+    start = 0
+    for level, (h, w) in enumerate(teacher.feature_sizes(teacher_outputs)):
+        cut = slice(start, start + h * w)
+        start += h * w
+        masks = [m[:, cut].reshape(2, h, w) for m in (fg_cls, fg_reg, bg)]
+        common = {"temperature": 0.8, "delta": 0.0008}
+        cls = cls_distill_loss(
+            outputs.cls_taps[level],
+            teacher_outputs.cls_taps[level],
+            masks[0],
+            masks[2],
+            alpha=0.04,
+            beta=0.02,
+            level_weight=weights[level],
+            **common,
+        )
+        reg = reg_distill_loss(
+            outputs.reg_taps[level],
+            teacher_outputs.reg_taps[level],
+            masks[1],
+            gamma=0.064,
+            **common,
+        )
+        torch.testing.assert_close(kd[f"kd_cls_p{level + 3}"], cls, rtol=1e-6, atol=0)
+        torch.testing.assert_close(kd[f"kd_reg_p{level + 3}"], reg, rtol=1e-6, atol=0)
+    # the level weight scales the feature terms: not a no-op on these inputs
+    plain = Distiller(teacher=teacher, jitter=0.0, mask_group=None, level_weights=(1.0,) * 5)
+    plain_kd = plain(images, outputs, _targets())
+    assert plain_kd["kd_cls_p3"] == kd["kd_cls_p3"] and plain_kd["kd_cls_p7"] < kd["kd_cls_p7"]
+
+
+def _jittered_masks(distiller: Distiller) -> torch.Tensor:
+    torch.manual_seed(123)  # the global stream must not matter
+    teacher_outputs = distiller.teacher_forward(torch.ones(2, 3, 64, 64))
+    fg_cls, fg_reg, _ = distiller.masks(teacher_outputs, _targets())
+    torch.rand(10)  # nor draws from it between calls
+    return torch.stack([fg_cls, fg_reg])
+
+
+def test_jitter_generator_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    teacher = _narrow(seed=1)
+    first = Distiller(teacher=teacher, generator=jitter_generator("cpu", seed=0))
+    draw1 = _jittered_masks(first)
+    save_checkpoint({"model": {}, "config": {}, "jitter": first.state_dict()}, tmp_path / "c.pt")
+    draw2 = _jittered_masks(first)
+    assert not torch.equal(draw1, draw2)  # the stream advances: the jitter is on
+    # the same seed gives the same stream...
+    same_seed = Distiller(teacher=teacher, generator=jitter_generator("cpu", seed=0))
+    assert torch.equal(_jittered_masks(same_seed), draw1)
+    # ...and a distiller of another seed, restored from the checkpoint, continues the first one's
+    state = load_checkpoint(tmp_path / "c.pt")["jitter"]
+    assert state["device"] == "cpu" and state["generator"].dtype == torch.uint8
+    resumed = Distiller(teacher=teacher, generator=jitter_generator("cpu", seed=5))
+    resumed.load_state_dict(state)
+    assert torch.equal(_jittered_masks(resumed), draw2)
+    assert Distiller(teacher=teacher).state_dict() == {}  # no generator: nothing to save
+
+
+def test_jitter_generator_seeds_differ_by_seed_and_rank() -> None:
+    draws = {
+        (seed, rank): torch.rand(4, generator=jitter_generator("cpu", seed=seed, rank=rank))
+        for seed, rank in ((0, 0), (0, 1), (1, 0))
+    }
+    assert torch.equal(
+        draws[0, 0], torch.rand(4, generator=jitter_generator("cpu", seed=0, rank=0))
+    )
+    assert not torch.equal(draws[0, 0], draws[0, 1])
+    assert not torch.equal(draws[0, 0], draws[1, 0])
+    # not the global stream of the same seed (seed_everything uses train.seed + rank)
+    assert not torch.equal(draws[0, 0], torch.rand(4, generator=torch.Generator().manual_seed(0)))
+
+
+def test_build_distiller_gives_a_seeded_generator_on_the_device(r18_checkpoint: Path) -> None:
+    cfg = DistillConfig(teacher=str(r18_checkpoint))
+    a = build_distiller(cfg, _r18(seed=5), device="cpu", seed=7, rank=1)
+    b = build_distiller(cfg, _r18(seed=5), device="cpu", seed=7, rank=1)
+    assert a.generator is not None and a.generator.device.type == "cpu"
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    assert torch.equal(a.generator.get_state(), jitter_generator("cpu", seed=7, rank=1).get_state())
+
+
+def test_jitter_state_of_another_device_type_is_refused_with_a_warning(caplog) -> None:
+    distiller = Distiller(teacher=_narrow(seed=1), generator=jitter_generator("cpu", seed=0))
+    before = distiller.generator.get_state()
+    with caplog.at_level(logging.WARNING, logger="pgd_deploy.distill.distiller"):
+        distiller.load_state_dict(
+            {"generator": torch.zeros(16, dtype=torch.uint8), "device": "cuda"}
+        )
+    assert torch.equal(distiller.generator.get_state(), before)
+    assert "not bit-exact" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_jitter_generator_state_round_trips(tmp_path: Path) -> None:
+    """A CUDA generator's state is a CPU ByteTensor; a checkpoint loaded with map_location=cuda
+    moves it to the GPU, and restoring it must still work."""
+    teacher = _narrow(seed=1).cuda()
+    distiller = Distiller(teacher=teacher, generator=jitter_generator("cuda", seed=0))
+    state = distiller.state_dict()
+    assert state["device"] == "cuda" and state["generator"].device.type == "cpu"
+    save_checkpoint({"model": {}, "config": {}, "jitter": state}, tmp_path / "c.pt")
+    images = torch.ones(2, 3, 64, 64, device="cuda")
+    targets = [{k: v.cuda() for k, v in t.items()} for t in _targets()]
+    expected = distiller.masks(distiller.teacher_forward(images), targets)
+    restored = load_checkpoint(tmp_path / "c.pt", map_location="cuda")["jitter"]
+    other = Distiller(teacher=teacher, generator=jitter_generator("cuda", seed=99))
+    other.load_state_dict(restored)
+    got = other.masks(other.teacher_forward(images), targets)
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a, b)
