@@ -32,34 +32,152 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
+    """Random weights: no detection above the score threshold (parity and errors only)."""
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "student.pt")
 
 
-def test_export_passes_gates_on_coco128(ckpt, tmp_path, capsys):
+def test_trained_checkpoint_passes_parity_and_agreement_on_coco128(trained_run, tmp_path, capsys):
+    """Real photos through the gates, with a model whose scores are spread out (a random model's
+    near-uniform scores make the agreement gate measure tie-breaking at the max_det cut). The
+    folder has no annotations: mAP is skipped."""
     val = coco128()
-    rc = main(
+    args = ["--checkpoint", str(trained_run["checkpoint"]), "--val", str(val), "--name", "real"]
+    rc = main([*args, "--out", str(tmp_path), *FAST])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    manifest = read_manifest(tmp_path / "real.onnx")
+    assert manifest["status"] == "passed"
+    parity, agreement, gate_map = manifest["gates"]["results"]
+    assert parity["name"] == "parity" and parity["passed"] is True
+    assert agreement["passed"] is True and agreement["detail"]["agreement"] == 1.0
+    assert agreement["detail"]["reference_detections"] >= 50  # not vacuous
+    assert gate_map["passed"] is None and gate_map["value"] == "skipped"
+    assert manifest["gates"]["images"] == 4 and str(val) in manifest["gate_images"]
+    assert manifest["sha256"] and manifest["export_config"]["export"]["imgsz"] == [64, 96]
+    assert "| parity | pass |" in (tmp_path / "real.gates.md").read_text()
+    assert (tmp_path / "real.export.toml").is_file()
+    assert "wrote" in out and "Overall: **PASSED**" in out
+
+
+# --------------------------------------------------------------------------------------------
+# A checkpoint that detects (conftest `trained_run`): the gates on its real ONNX artifacts
+# --------------------------------------------------------------------------------------------
+
+
+def _export_trained(run, out: Path, *extra: str) -> int:
+    return main(
         [
             "--checkpoint",
-            str(ckpt),
+            str(run["checkpoint"]),
             "--format",
             "onnx",
             "--val",
-            str(val),
+            str(run["val_json"]),
+            "--val-images",
+            str(run["val_images"]),
+            "--imgsz",
+            "64x64",
+            "--gate-images",
+            "16",
+            "--batch-opt",
+            "4",
+            "--batch-max",
+            "8",
+            "--no-simplify",
             "--out",
-            str(tmp_path),
-            *FAST,
+            str(out),
+            "--name",
+            "model",
+            *extra,
         ]
     )
+
+
+def _degraded_export(monkeypatch, degrade) -> None:
+    """Make `pgd-export` export a degraded copy of the model (the PyTorch reference stays the
+    checkpoint): the artifact is a real ONNX model, wrong in a known way."""
+    import copy
+
+    import torch
+
+    from pgd_deploy.export import to_onnx
+
+    real_export = to_onnx.export_onnx
+
+    def export_degraded(detector, **kwargs):
+        broken = copy.deepcopy(detector)
+        with torch.no_grad():
+            degrade(broken)
+        return real_export(broken, **kwargs)
+
+    monkeypatch.setattr(to_onnx, "export_onnx", export_degraded)
+
+
+LOOSE_PARITY = ["--set", "gates.fp32_box_atol=1e9", "--set", "gates.fp32_score_atol=1e9"]
+
+
+def test_trained_checkpoint_passes_all_three_gates(trained_run, tmp_path, capsys):
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    rc = _export_trained(trained_run, tmp_path)
     out = capsys.readouterr().out
     assert rc == 0, out
-    manifest = read_manifest(tmp_path / "student_fp32.onnx")
-    assert manifest["status"] == "passed"
-    assert manifest["gates"]["results"][0]["name"] == "parity"
-    assert manifest["gates"]["images"] == 4 and str(val) in manifest["gate_images"]
-    assert manifest["sha256"] and manifest["export_config"]["export"]["imgsz"] == [64, 96]
-    assert "| parity | pass |" in (tmp_path / "student_fp32.gates.md").read_text()
-    assert (tmp_path / "student_fp32.export.toml").is_file()
-    assert "wrote" in out and "Overall: **PASSED**" in out
+    manifest = read_manifest(tmp_path / "model.onnx")
+    assert manifest["status"] == "passed" and manifest["gates"]["images"] == 16
+    parity, agreement, gate_map = manifest["gates"]["results"]
+    assert parity["passed"] is True
+    assert agreement["passed"] is True and agreement["detail"]["agreement"] == 1.0
+    assert agreement["detail"]["reference_detections"] >= 16  # matched for real, not vacuous
+    assert gate_map["passed"] is True
+    reference, exported = gate_map["detail"]["reference"], gate_map["detail"]["exported"]
+    assert reference["AP50"] > 0.1  # the model detects
+    assert exported["AP"] == pytest.approx(reference["AP"], abs=1e-4)
+    # the versions block records the libraries that produced the artifact
+    versions = manifest["versions"]
+    for name, dist in (("torch", "torch"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime")):
+        assert versions[name] == importlib.metadata.version(dist), name
+    assert versions["python"] == platform.python_version()
+    assert versions["pgd_deploy"] == importlib.metadata.version("pgd-deploy")
+    assert versions["torch_cuda"] == torch.version.cuda
+    assert "Overall: **PASSED**" in out
+
+
+def test_perturbed_box_weights_fail_the_agreement_gate(trained_run, tmp_path, monkeypatch):
+    def grow_boxes(model):  # every box side moves out by about half a stride
+        model.head.bbox_pred.bias.add_(0.5)
+
+    _degraded_export(monkeypatch, grow_boxes)
+    rc = _export_trained(trained_run, tmp_path, *LOOSE_PARITY)
+    assert rc == 4  # the agreement gate's exit code
+    assert (tmp_path / "model.onnx").is_file()  # kept, marked failed
+    manifest = read_manifest(tmp_path / "model.onnx")
+    assert manifest["status"] == "failed"
+    parity, agreement, _ = manifest["gates"]["results"]
+    assert parity["passed"] is True  # relaxed: the agreement gate must catch it
+    assert agreement["passed"] is False and agreement["detail"]["agreement"] < 0.5
+    assert agreement["detail"]["reference_detections"] >= 16
+    assert "| agreement | FAIL |" in (tmp_path / "model.gates.md").read_text()
+
+
+def test_inverted_class_scores_fail_the_map_gate(trained_run, tmp_path, monkeypatch):
+    def invert_scores(model):  # negated logits: sigmoid(-x) = 1 - sigmoid(x)
+        model.head.cls_logits.weight.neg_()
+        model.head.cls_logits.bias.neg_()
+
+    _degraded_export(monkeypatch, invert_scores)
+    agreement_off = ["--set", "gates.agreement_min_fp32=0"]  # reported only: mAP must decide
+    rc = _export_trained(trained_run, tmp_path, *LOOSE_PARITY, *agreement_off)
+    assert rc == 5  # the mAP gate's exit code
+    manifest = read_manifest(tmp_path / "model.onnx")
+    assert manifest["status"] == "failed"
+    parity, agreement, gate_map = manifest["gates"]["results"]
+    assert parity["passed"] is True and agreement["passed"] is None
+    reference, exported = gate_map["detail"]["reference"], gate_map["detail"]["exported"]
+    assert gate_map["passed"] is False and exported["AP"] < reference["AP"] - 0.02  # 2 AP points
+    assert "| map | FAIL |" in (tmp_path / "model.gates.md").read_text()
 
 
 def test_impossible_tolerance_fails_the_gate_and_marks_the_manifest(ckpt, tmp_path, capsys):
