@@ -651,3 +651,32 @@ def test_two_process_ranks_step_together_on_different_data(tmp_path):
     assert len(moved) > len(initial) // 2  # the DDP step changed the weights...
     assert any(not torch.equal(solo[n].detach(), rank0["params"][n]) for n in moved)  # ...jointly
     assert any(not torch.equal(solo[n].detach(), initial[n]) for n in initial)
+
+
+def test_pgd_train_eval_checkpoint_reproduces_the_training_metrics(trained_run, tmp_path):
+    """`pgd-train eval --checkpoint` scores a checkpoint on the validation data of its config:
+    the metrics recorded at the end of training, exactly; `--set` points it elsewhere."""
+    import json
+
+    ckpt = trained_run["checkpoint"]
+    recorded = load_checkpoint(ckpt)["metrics"]
+    assert recorded["AP50"] > 0.1  # a model that detects: the comparison is not 0 == 0
+
+    def pgd_train_eval(*extra: str) -> dict[str, float]:
+        out = tmp_path / f"metrics{len(extra)}.json"
+        cmd = [sys.executable, "-m", "pgd_deploy.cli", "eval", "--checkpoint", str(ckpt)]
+        proc = subprocess.run(
+            [*cmd, "--device", "cpu", "--json", str(out), *extra],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "AP50" in proc.stdout
+        return json.loads(out.read_text())
+
+    assert pgd_train_eval() == recorded
+    on_train = pgd_train_eval(
+        "--set", "data.val_ann='annotations/train.json'", "--set", "data.val_images='train'"
+    )
+    assert on_train["AP"] != recorded["AP"]  # 64 training images, not the 16 validation ones
