@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from serve_helpers import coco128_images, default_sigint, onnx_model, student_checkpoint
 
@@ -133,14 +132,9 @@ def test_batched_results_equal_one_image_at_a_time(
     for path in images:
         (dets,) = backend.predict([load_image(path)], score_thresh=0.05, nms_thresh=0.6)
         expected += detections_to_coco(int(path.stem), dets, backend.category_ids)
-    assert [(r["image_id"], r["category_id"]) for r in got] == [
-        (r["image_id"], r["category_id"]) for r in expected
-    ]
-    np.testing.assert_allclose(
-        [r["bbox"] + [r["score"]] for r in got],
-        [r["bbox"] + [r["score"]] for r in expected],
-        atol=0.02,
-    )
+    assert got, "the random model with a raised bias detects plenty"
+    # serve/README.md: "identical to running one image at a time", boxes and scores included
+    assert got == json.loads(json.dumps(expected))
 
 
 def test_all_inputs_failed_exits_nonzero(tmp_path: Path, model: Path) -> None:
