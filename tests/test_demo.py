@@ -1,15 +1,17 @@
-"""The quickstart job behind `make demo`: three trainings, a scoreboard, reuse on re-run."""
+"""The quickstart job behind `make demo`: a scoreboard of real APs, reuse of finished runs."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from pgd_deploy.config import TrainJob, load_config
+from pgd_deploy.config import TrainJob, load_config, save_config
 from pgd_deploy.demo import run_demo
-from pgd_deploy.trainer import fit
+from pgd_deploy.io_utils import write_json
+from pgd_deploy.trainer import evaluate_checkpoint, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,23 +28,43 @@ def _stop_at_second_step(student, device):
     return provider
 
 
-def test_demo_writes_the_scoreboard_and_reuses_finished_runs(tmp_path, caplog):
+def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(trained_run, tmp_path, caplog):
+    """The teacher stage is the session's trained checkpoint, placed as a finished run (the demo
+    reuses it instead of training); the two students train for 2 iterations on its data. Each
+    scoreboard AP must be what its checkpoint really scores, and the PGD student, which inherits
+    the detecting teacher's neck and head, must beat the baseline student."""
+    root = trained_run["root"]
     overrides = [
         "model.depth=18",
         "model.fpn_channels=64",
-        f"data.cache_dir='{tmp_path / 'cache'}'",
-        "data.shapes_train=16",
-        "data.shapes_val=4",
-        "data.shapes_size=64",
+        "model.head_convs=2",  # the trained teacher's head: PGD needs identical taps
+        f"data.root='{root}'",
+        "data.train_images='train'",
+        "data.train_ann='annotations/train.json'",
+        "data.val_images='val'",
+        "data.val_ann='annotations/val.json'",
         "data.min_size=64",
         "data.max_size=64",
+        "data.workers=0",
         "train.max_iters=2",
         "train.batch_size=2",
         "train.warmup_iters=1",
         "train.checkpoint_every=1",
     ]
     work = tmp_path / "demo"
-    rows = run_demo(work, overrides=overrides, recipes=ROOT / "train")
+    teacher_dir = work / "teacher"
+    teacher_dir.mkdir(parents=True)
+    shutil.copy(trained_run["checkpoint"], teacher_dir / "best.pt")
+    save_config(
+        load_config(TrainJob, ROOT / "train" / "quickstart_teacher.toml", overrides),
+        teacher_dir / "config.toml",
+    )
+    teacher_metrics = evaluate_checkpoint(teacher_dir / "best.pt", device="cpu")
+    write_json(teacher_dir / "metrics.json", teacher_metrics)
+
+    with caplog.at_level("INFO", logger="pgd_deploy.demo"):
+        rows = run_demo(work, overrides=overrides, recipes=ROOT / "train")
+    assert caplog.text.count("reusing the finished run") == 1  # the teacher only
     board = json.loads((work / "scoreboard.json").read_text())
     assert board == rows
     assert [r["name"] for r in board] == ["teacher", "student", "pgd"]
@@ -50,10 +72,15 @@ def test_demo_writes_the_scoreboard_and_reuses_finished_runs(tmp_path, caplog):
         assert {"name", "AP", "AP50", "params", "cpu_ms_per_image", "train_iters", "seed"} <= set(
             row
         )
-        assert 0.0 <= row["AP"] <= 1.0 and row["cpu_ms_per_image"] > 0 and row["params"] > 1e6
-    assert board[1]["train_iters"] == board[2]["train_iters"] == 2  # same budget for both students
+        real = evaluate_checkpoint(row["checkpoint"], device="cpu")
+        assert (row["AP"], row["AP50"]) == (round(real["AP"], 4), round(real["AP50"], 4)), row
+        assert row["cpu_ms_per_image"] > 0 and row["params"] > 1e6
+    teacher, student, pgd = board
+    assert teacher["AP50"] > 0.1
+    assert pgd["AP"] > student["AP"]  # inherited neck and head (P1): it detects after 2 steps
+    assert student["train_iters"] == pgd["train_iters"] == 2  # same budget for both students
     pgd_config = (work / "pgd" / "config.toml").read_text()
-    assert f'teacher = "{work / "teacher" / "best.pt"}"' in pgd_config
+    assert f'teacher = "{teacher_dir / "best.pt"}"' in pgd_config
     caplog.clear()
     with caplog.at_level("INFO", logger="pgd_deploy.demo"):
         run_demo(work, overrides=overrides, recipes=ROOT / "train")
