@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _data_paths import find_coco128
+from _data_paths import SKIP_REASON, find_coco128
 
 COCO128 = find_coco128()
 CLASSES = ["circle", "square", "triangle"]
@@ -14,7 +14,7 @@ CLASSES = ["circle", "square", "triangle"]
 def coco128(split: str = "val2017") -> Path:
     """The coco128 image folder, or skip the test when it is absent."""
     if COCO128 is None:
-        pytest.skip("coco128 images not found (set PGD_COCO128 to its folder)")
+        pytest.skip(SKIP_REASON)
     return COCO128 / "images" / split
 
 

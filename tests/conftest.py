@@ -1,20 +1,27 @@
-"""Shared fixtures: small synthetic datasets, tiny checkpoints and the coco128 location."""
+"""Shared fixtures (synthetic datasets, a trained checkpoint, the coco128 location) and the
+end-of-run report of skipped tests (`_skip_report`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import _skip_report
 import pytest
-from _data_paths import find_coco128
+from _data_paths import SKIP_REASON, find_coco128
 
 COCO128 = find_coco128()
+pytest_plugins = ("pytester",)  # tests of the skip report run small pytest sessions
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _skip_report.register(config)  # the end-of-run list of skipped tests; PGD_TEST_STRICT
 
 
 @pytest.fixture(scope="session")
 def coco128() -> Path:
     """The coco128 folder (128 train + 128 val COCO images, YOLO labels); skip when absent."""
     if COCO128 is None:
-        pytest.skip("coco128 not found (set PGD_COCO128 to its folder)")
+        pytest.skip(SKIP_REASON)
     return COCO128
 
 
