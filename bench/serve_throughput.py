@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -36,7 +37,12 @@ from pgd_deploy.runtime.preprocess import load_image
 from pgd_deploy.serve.predictor import run_predict
 from pgd_deploy.serve.sources import Source, resolve_source
 
-COCO128_VAL = "/work/shared/data/coco128/images/val2017"
+# coco128 as the tests find it: $PGD_COCO128, else shared/data/coco128 beside the repository.
+COCO128 = Path(
+    os.environ.get("PGD_COCO128")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
+)
+COCO128_VAL = COCO128 / "images" / "val2017"
 
 
 def _parse() -> argparse.Namespace:
@@ -44,7 +50,11 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--model", help="ONNX model with its manifest (skips the export)")
     p.add_argument("--checkpoint", help="checkpoint to export (default: random FCOS R18)")
     p.add_argument("--imgsz", type=int, default=640, help="export input side (default: 640)")
-    p.add_argument("--images", default=COCO128_VAL, help="image folder (default: coco128 val)")
+    p.add_argument(
+        "--images",
+        default=str(COCO128_VAL),
+        help="image folder (default: coco128 val from $PGD_COCO128 or beside the repository)",
+    )
     p.add_argument("--batch", type=int, default=8, help="images per inference call")
     p.add_argument("--workers", type=int, default=2, help="decode threads of predict")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of each mode")
@@ -120,6 +130,13 @@ def one_round(backend, source: Source, decoded: list[np.ndarray], args, out: Pat
 
 def main() -> int:
     args = _parse()
+    if not Path(args.images).exists():
+        print(
+            f"error: no images at {args.images}: pass --images, or set PGD_COCO128 to the coco128 "
+            "folder (default: shared/data/coco128 beside the repository)",
+            file=sys.stderr,
+        )
+        return 2
     with tempfile.TemporaryDirectory(prefix="pgd-serve-bench-") as tmp_name:
         tmp = Path(tmp_name)
         backend = load_backend(_onnx_model(args, tmp))
