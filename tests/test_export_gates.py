@@ -96,7 +96,9 @@ def _images(n: int = 4, annotated: bool = True) -> ImageSet:
     return images
 
 
-def _gates(reference, candidate, precision="fp32", images=None, **gates) -> GateReport:
+def _gates(
+    reference, candidate, precision="fp32", images=None, artifact="scripted", **gates
+) -> GateReport:
     return run_gates(
         reference,
         candidate,
@@ -105,7 +107,7 @@ def _gates(reference, candidate, precision="fp32", images=None, **gates) -> Gate
         gates=GatesConfig(**gates),
         imgsz=(SIZE, SIZE),
         batch_size=3,  # 4 images: a full and a partial batch
-        artifact="scripted",
+        artifact=artifact,
     )
 
 
@@ -295,3 +297,100 @@ def test_each_precision_has_its_own_map_tolerance() -> None:
         report = _gates(Scripted(), Scripted(shift=SHIFT), precision, **gates, **loose)
         assert _result(report, "map").passed is False, precision
         assert report.exit_code == EXIT_CODES["map"], precision
+
+
+# --------------------------------------------------------------------------------------------
+# What each gate runs on, and what the report says
+# --------------------------------------------------------------------------------------------
+
+
+def test_in_graph_nms_artifact_parity_on_the_dense_model_detections_from_the_artifact() -> None:
+    # The dense model matches the reference exactly, the artifact's detections are shifted:
+    # parity (dense) passes, agreement (the artifact's own detections) fails.
+    report = run_gates(
+        Scripted(),
+        Scripted(shift=SHIFT),
+        _images(),
+        precision="fp32",
+        gates=GatesConfig(),
+        imgsz=(SIZE, SIZE),
+        batch_size=3,
+        dense_candidate=Scripted(),
+    )
+    parity = _result(report, "parity")
+    assert parity.passed is True and parity.detail["outputs"]["boxes"]["max_abs"] == 0.0
+    assert _result(report, "agreement").passed is False
+    assert report.exit_code == EXIT_CODES["agreement"]
+
+
+def test_the_export_is_post_processed_with_the_references_thresholds() -> None:
+    strict = Scripted()
+    strict.postprocess_kwargs = {**strict.postprocess_kwargs, "score_thresh": 0.95}
+    report = _gates(Scripted(), strict)  # its own 0.95 threshold would drop every detection
+    assert _result(report, "agreement").detail["agreement"] == 1.0 and report.exit_code == 0
+
+
+def test_map_is_measured_on_the_gate_images_only() -> None:
+    images = _images()
+    extra = {"id": 99, "width": SIZE, "height": SIZE, "file_name": "99.png"}
+    images.annotations["images"].append(extra)  # annotated, but not among the gate images
+    images.annotations["annotations"].append(
+        {
+            "id": 999,
+            "image_id": 99,
+            "category_id": 1,
+            "bbox": [1, 1, 9, 9],
+            "area": 81,
+            "iscrowd": 0,
+        }
+    )
+    gate = _result(_gates(Scripted(), Scripted(), images=images), "map")
+    assert gate.detail["reference"]["AP"] == 1.0  # image 99's missed object does not count
+
+
+def test_report_dict_and_markdown() -> None:
+    report = _gates(Scripted(), Scripted(OBJECTS[:2]), artifact="model.onnx (ORT)", **LOOSE_PARITY)
+    data = report.to_dict()
+    assert set(data) == {"passed", "images", "image_source", "results"}
+    assert data["passed"] is False and data["images"] == 4 and data["image_source"] == "scripted"
+    assert [r["name"] for r in data["results"]] == ["parity", "agreement", "map"]
+    assert data["results"][1] == {
+        "name": "agreement",
+        "passed": False,
+        "value": "0.5000 of 16 reference detections (8 exported)",
+        "threshold": ">= 0.99 at IoU 0.9",
+        "detail": {
+            "agreement": 0.5,
+            "reverse_agreement": 1.0,
+            "reference_detections": 16,
+            "exported_detections": 8,
+            "score_thresh": 0.05,
+            "iou": 0.9,
+            "minimum": 0.99,
+        },
+    }
+    parity = data["results"][0]
+    # objects 2 and 3 missing: boxes 52 px max, 288 / 96 mean; scores 0.7 max, 1.3 / 72 mean
+    assert parity["value"] == "boxes max 5.20e+01 mean 3.00e+00, scores max 7.00e-01 mean 1.81e-02"
+    assert parity["detail"] == report.results[0].detail and parity["detail"]["passed"] is True
+    assert report.to_markdown() == "\n".join(
+        [
+            "### Gates: model.onnx (ORT) (fp32)",
+            "",
+            "4 images from scripted",
+            "",
+            "| gate | result | measured | required |",
+            "|---|---|---|---|",
+            f"| parity | pass | {parity['value']} | boxes max <= 1000, scores max <= 1000 |",
+            "| agreement | FAIL | 0.5000 of 16 reference detections (8 exported) "
+            "| >= 0.99 at IoU 0.9 |",
+            f"| map | FAIL | {data['results'][2]['value']} | drop <= 0.1 AP |",
+            "",
+            "Overall: **FAILED**",
+            "",
+        ]
+    )
+    fp16 = _result(_gates(Scripted(), Scripted(), "fp16"), "parity")
+    assert fp16.threshold == "mean abs <= 0.01 or normalised mean <= 0.01"
+    int8 = _result(_gates(Scripted(), Scripted(), "int8"), "parity")
+    assert int8.threshold == "reported only" and int8.value.startswith("boxes max 0.00e+00")

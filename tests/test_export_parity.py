@@ -118,3 +118,96 @@ def test_max_error_is_taken_over_every_batch():
     assert boxes.mean_abs == pytest.approx((0.5 + 0.1 + 0.1) / 3, rel=1e-5)
     assert boxes.elements == 3 * 2 * N * 4
     assert boxes.passed is False and report.outputs["scores"].passed is None
+
+
+class Constant:
+    """Outputs of one constant value (exactly representable errors), any batch size."""
+
+    def __init__(self, box: float, score: float = 0.0, n: int = N):
+        self.box, self.score, self.n = box, score, n
+
+    def infer(self, batch):
+        b = len(batch)
+        return {
+            "boxes": np.full((b, self.n, 4), self.box, np.float32),
+            "scores": np.full((b, self.n, C), self.score, np.float32),
+        }
+
+
+def test_normalised_mean_error_accumulates_over_batches():
+    # the candidate is 0.5 everywhere, the reference 2 then 6: errors 1.5 then 5.5
+    references = iter([Constant(2.0), Constant(6.0)])
+    report = compare(
+        lambda batch: next(references).infer(batch),
+        Constant(0.5),
+        _batches(2),
+        outputs=["boxes"],
+    )
+    boxes = report.outputs["boxes"]
+    assert boxes.mean_abs == (1.5 + 5.5) / 2
+    assert boxes.mean_rel == (1.5 + 5.5) / (2.0 + 6.0)
+
+
+def test_p99_is_a_percentile_not_the_max():
+    # 0.5% of the box elements are 1.0 off, the rest exact: p99 0, max 1
+    def cand(batch):
+        out = Constant(0.0).infer(batch)
+        out["boxes"].reshape(-1)[::200] = 1.0
+        return out
+
+    boxes = compare(Constant(0.0), cand, _batches(2)).outputs["boxes"]
+    assert boxes.max_abs == 1.0 and boxes.p99_abs == 0.0
+
+
+def test_p99_of_large_outputs_is_estimated_from_a_sample():
+    n = 60_000  # 2 images x 60000 x 4 = 480000 box elements per batch: sampled (200000 kept)
+
+    def cand(batch):
+        out = Constant(0.0, n=n).infer(batch)
+        out["boxes"].reshape(-1)[::2] = 1.0  # half the elements off by 1
+        return out
+
+    boxes = compare(Constant(0.0, n=n), cand, _batches(1)).outputs["boxes"]
+    assert boxes.elements == 480_000 and boxes.max_abs == 1.0 and boxes.p99_abs == 1.0
+    assert boxes.mean_abs == 0.5
+
+
+def test_tolerances_are_inclusive_and_per_output():
+    exact = {"boxes": 0.25, "scores": 0.5}
+    report = compare(Constant(0.0), Constant(0.25, 0.5), _batches(), atol=exact)
+    assert report.passed is True  # max error == atol passes
+    mean = compare(Constant(0.0), Constant(0.25, 0.5), _batches(), atol=exact, stat="mean")
+    assert mean.passed is True  # mean error == atol passes
+    # normalised mean error == rtol passes; rtol may differ per output
+    rel = compare(
+        Constant(2.0, 4.0),
+        Constant(2.5, 5.0),
+        _batches(),
+        atol=0.0,
+        rtol={"boxes": 0.25, "scores": 0.2},
+        stat="mean",
+    )
+    assert rel.outputs["boxes"].mean_rel == 0.25 and rel.outputs["scores"].mean_rel == 0.25
+    assert rel.outputs["boxes"].passed is True and rel.outputs["scores"].passed is False
+
+
+def test_a_missing_candidate_output_is_an_error_and_on_batch_sees_each_batch():
+    def no_scores(batch):
+        return {"boxes": Constant(0.0).infer(batch)["boxes"]}
+
+    with pytest.raises(ValueError, match="output 'scores' missing.*candidate has \\['boxes'\\]"):
+        compare(Constant(0.0), no_scores, _batches())
+    batches, seen = _batches(2), []
+    compare(Constant(0.0), Constant(0.0), batches, on_batch=lambda i, b, r, c: seen.append(b))
+    assert len(seen) == 2 and all(a is b for a, b in zip(seen, batches))
+
+
+def test_report_dict_and_summary():
+    report = compare(Constant(0.0), Constant(0.5), _batches(1), atol={"boxes": 1.0})
+    data = report.to_dict()
+    assert data["images"] == 2 and data["passed"] is True
+    assert data["outputs"]["boxes"]["max_abs"] == 0.5 and data["outputs"]["boxes"]["atol"] == 1.0
+    assert data["outputs"]["scores"]["passed"] is None
+    assert report.summary() == (
+        "boxes: max 0.5 mean 0.5 p99 0.5 (atol 1, max); scores: max 0 mean 0 p99 0"
+    )

@@ -53,6 +53,10 @@ def test_max_iters_replaces_the_epochs_and_scales_the_steps() -> None:
     assert schedule.total_iters == 300
     assert schedule.steps == (200, 275)  # epochs 8 and 11 of 12 -> 8/12 and 11/12 of 300
     assert schedule.iters_per_epoch == 7
+    single = _schedule(iters_per_epoch=7, max_iters=1)  # one iteration is a valid run
+    assert single.total_iters == 1 and single.steps == (1, 1)
+    one_epoch = _schedule(max_iters=100, epochs=1, lr_steps=(0.5,))
+    assert one_epoch.steps == (50,)
 
 
 def test_factor_warms_up_linearly_then_decays_in_steps() -> None:
@@ -73,10 +77,12 @@ def test_factor_warms_up_linearly_then_decays_in_steps() -> None:
 
 
 def test_bad_schedules_are_errors() -> None:
-    with pytest.raises(ValueError, match="no batch per epoch"):
+    with pytest.raises(ValueError, match="^the training set yields no batch per epoch$"):
         _schedule(iters_per_epoch=0)
-    with pytest.raises(ValueError, match="at least one iteration"):
+    message = "^train.epochs or train.max_iters must give at least one iteration$"
+    with pytest.raises(ValueError, match=message):
         _schedule(epochs=0)
+    assert _schedule(epochs=1, iters_per_epoch=1).total_iters == 1
 
 
 def test_describe_names_the_numbers() -> None:
@@ -102,11 +108,11 @@ def test_build_optimizer_sgd_and_adamw_over_trainable_parameters() -> None:
     (group,) = sgd.param_groups
     assert group["lr"] == 0.5 and group["momentum"] == 0.8 and group["weight_decay"] == 0.01
     assert {id(p) for p in group["params"]} == {id(p) for p in net.trained.parameters()}
-    cfg = dataclasses.replace(CFG, optimizer="adamw", momentum=0.9, weight_decay=0.05)
+    cfg = dataclasses.replace(CFG, optimizer="adamw", momentum=0.8, weight_decay=0.05)
     adamw = build_optimizer(net, cfg, 0.002)
     assert isinstance(adamw, torch.optim.AdamW)
     (group,) = adamw.param_groups
-    assert group["lr"] == 0.002 and group["betas"] == (0.9, 0.999)
+    assert group["lr"] == 0.002 and group["betas"] == (0.8, 0.999)  # momentum is beta1
     assert group["weight_decay"] == 0.05 and group["fused"]
     assert len(group["params"]) == 2
 
