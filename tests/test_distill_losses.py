@@ -324,3 +324,40 @@ def test_reg_loss_bf16_and_bad_shapes() -> None:
         reg_distill_loss(student, teacher, fg[0], temperature=0.8, gamma=1.0, delta=1.0)
     with pytest.raises(ValueError, match=r"\[N, Ch, H, W\]"):
         reg_distill_loss(student[0], teacher, fg, temperature=0.8, gamma=1.0, delta=1.0)
+
+
+def test_errors_name_the_argument_and_what_was_given() -> None:
+    student, teacher, fg, bg = _features()
+    cls = {"fg": fg, "bg": bg, **HYPER}
+    message = r"^student must have shape \[N, Ch, H, W\], got \(2, 3\)$"
+    with pytest.raises(ValueError, match=message):
+        cls_distill_loss(student[0, 0], teacher, **cls)
+    with pytest.raises(ValueError, match=r"^teacher must have shape .* got <class 'list'>$"):
+        cls_distill_loss(student, [1.0], **cls)
+    with pytest.raises(
+        ValueError, match=r"^fg must have shape \[N, H, W\] = \(4, 2, 3\), got \(2,"
+    ):
+        cls_distill_loss(student, teacher, fg[:2], bg, **HYPER)
+    with pytest.raises(ValueError, match=r"^bg must have shape .* got <class 'NoneType'>$"):
+        cls_distill_loss(student, teacher, fg, None, **HYPER)
+    with pytest.raises(
+        ValueError, match=r"^fg must have shape \[N, H, W\] = \(4, 2, 3\), got \(2,"
+    ):
+        reg_distill_loss(student, teacher, fg[:2], temperature=0.8, gamma=1.0, delta=1.0)
+    for temperature in (0.0, -1.0):
+        with pytest.raises(ValueError, match=f"^temperature must be > 0, got {temperature}$"):
+            reg_distill_loss(student, teacher, fg, temperature=temperature, gamma=1.0, delta=1.0)
+
+
+@pytest.mark.parametrize("wide", ["student", "teacher"])
+def test_either_float64_input_makes_the_loss_float64(wide: str) -> None:
+    student, teacher, fg, bg = _features()  # float64
+    if wide == "student":
+        teacher = teacher.float()
+    else:
+        student = student.float()
+    assert cls_distill_loss(student, teacher, fg, bg, **HYPER).dtype == torch.float64
+    reg = reg_distill_loss(student, teacher, fg, temperature=0.8, gamma=1.0, delta=1.0)
+    assert reg.dtype == torch.float64
+    empty = reg_distill_loss(student, teacher, fg * 0, temperature=0.8, gamma=1.0, delta=1.0)
+    assert empty.dtype == torch.float64 and empty.item() == 0.0
