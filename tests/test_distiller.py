@@ -63,13 +63,13 @@ def r18_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_full_distillation_step_updates_only_the_student(caplog) -> None:
-    teacher, student = _r18(seed=1), _r18(seed=2)
+    teacher, student = _narrow(seed=1), _narrow(seed=2)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     distiller = Distiller(teacher=teacher, generator=torch.Generator().manual_seed(0))
     teacher.train()  # e.g. an engine calling model.train() on everything: eval is re-applied
     optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.01)
-    images = torch.randn(2, 3, 128, 128)
+    images = torch.randn(2, 3, 96, 96)
 
     student.train()
     outputs = student(images)
@@ -96,9 +96,9 @@ def test_full_distillation_step_updates_only_the_student(caplog) -> None:
 
 
 def test_distiller_masks_match_the_public_functions() -> None:
-    teacher = _r18(seed=1)
+    teacher = _narrow(seed=1)
     distiller = Distiller(teacher=teacher, jitter=0.0, topk=9)
-    images = torch.randn(2, 3, 128, 128)
+    images = torch.randn(2, 3, 96, 96)
     outputs = distiller.teacher_forward(images)
     fg_cls, fg_reg, bg = distiller.masks(outputs, _targets())
     num_locations = sum(h * w for h, w in teacher.feature_sizes(outputs))
@@ -115,17 +115,17 @@ def test_distiller_masks_match_the_public_functions() -> None:
 
 
 def test_distiller_no_gt_and_student_equal_teacher() -> None:
-    teacher = _r18(seed=1)
+    teacher = _narrow(seed=1)
     distiller = Distiller(teacher=teacher, mask_group=None)
     images = torch.randn(2, 3, 64, 64)
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 2
     # Same weights: identical taps, so every term (features and attention) is zero.
-    student = _r18(seed=1).eval()  # eval: BatchNorm uses the same statistics as the teacher
+    student = _narrow(seed=1).eval()  # eval: BatchNorm uses the same statistics as the teacher
     kd = distiller(images, student(images), empty)
     assert all(v.item() == 0.0 for v in kd.values())
     # Another student, no GT: cls losses are background-only and finite, reg losses exactly 0
     # yet graph-connected.
-    student = _r18(seed=2)
+    student = _narrow(seed=2)
     kd = distiller(images, student(images), empty)
     assert all(kd[f"kd_cls_p{level}"].item() > 0 for level in range(3, 8))
     assert all(kd[f"kd_reg_p{level}"].item() == 0 for level in range(3, 8))
@@ -140,8 +140,8 @@ def test_distiller_group_size_resolution() -> None:
 
 
 def test_distiller_rejects_mismatched_taps() -> None:
-    distiller = Distiller(teacher=_r18())
-    student = _r18()
+    distiller = Distiller(teacher=_narrow())
+    student = _narrow()
     with pytest.raises(ValueError, match="cls_taps"):
         distiller(torch.randn(2, 3, 64, 64), student(torch.randn(2, 3, 96, 96)), _targets())
 
