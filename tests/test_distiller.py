@@ -379,3 +379,75 @@ def test_cuda_jitter_generator_state_round_trips(tmp_path: Path) -> None:
     got = other.masks(other.teacher_forward(images), targets)
     for a, b in zip(expected, got, strict=True):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults, argument checks and wrappers (survivors of `make mutate`)
+# --------------------------------------------------------------------------------------------
+
+
+def test_distiller_defaults_are_the_config_defaults() -> None:
+    distiller, cfg = Distiller(teacher=_narrow()), DistillConfig()
+    for name in ("temperature", "alpha", "beta", "gamma", "delta", "topk", "xi_cls", "xi_reg"):
+        assert getattr(distiller, name) == getattr(cfg, name), name
+    assert distiller.level_weights == cfg.level_weights and distiller.mask_group == cfg.mask_group
+    assert distiller.jitter == cfg.jitter == 0.05 and distiller.swap_xy is cfg.swap_xy is False
+
+
+def test_distiller_argument_checks() -> None:
+    teacher = _narrow()
+    assert Distiller(teacher=teacher, topk=1, mask_group=1).topk == 1  # the smallest valid values
+    with pytest.raises(ValueError, match="^distill.topk must be >= 1, got 0$"):
+        Distiller(teacher=teacher, topk=0)
+    with pytest.raises(ValueError, match="^distill.mask_group must be None or >= 1, got 0$"):
+        Distiller(teacher=teacher, mask_group=0)
+    with pytest.raises(ValueError, match=r"one weight per level \(5\), got \(1.0, 2.0\)$"):
+        Distiller(teacher=teacher, level_weights=(1.0, 2.0))
+    distiller = Distiller(teacher=teacher)
+    outputs = _narrow()(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"B = len\(targets\) = 2, got \(3, 64, 64\)$"):
+        distiller(torch.randn(3, 64, 64), outputs, _targets())
+    with pytest.raises(ValueError, match=r"B = len\(targets\) = 1, got \(2, 3, 64, 64\)$"):
+        distiller(torch.randn(2, 3, 64, 64), outputs, _targets()[:1])
+
+
+def test_uneven_group_is_logged_once_per_batch_size(caplog) -> None:
+    distiller = Distiller(teacher=_narrow(), mask_group=4)
+    with caplog.at_level(logging.INFO, logger="pgd_deploy.distill.distiller"):
+        assert [distiller._group_size(b) for b in (6, 6, 3, 8)] == [3, 3, 3, 4]
+    assert caplog.text.count("batch of 6 images") == 1 and caplog.text.count("batch of 3") == 1
+    assert "batch of 8" not in caplog.text  # divisible: nothing to say
+
+
+def test_load_state_dict_without_a_generator_state_changes_nothing() -> None:
+    distiller = Distiller(teacher=_narrow(), generator=jitter_generator("cpu", seed=0))
+    before = distiller.generator.get_state()
+    distiller.load_state_dict({})  # e.g. a checkpoint of a run without distillation
+    assert torch.equal(distiller.generator.get_state(), before)
+    plain = Distiller(teacher=_narrow())
+    plain.load_state_dict({"generator": before, "device": "cpu"})  # no generator: nothing to set
+    assert plain.generator is None
+
+
+def test_wrapped_models_are_unwrapped() -> None:
+    class Wrapper(torch.nn.Module):  # what DistributedDataParallel looks like from outside
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    teacher, student = _narrow(seed=1), _narrow(seed=2)
+    check_compatible(Wrapper(teacher), Wrapper(student))
+    with pytest.raises(ValueError, match="tower width: teacher 64 vs student 256"):
+        check_compatible(Wrapper(teacher), Wrapper(_r18()))
+    copied, _ = init_student_from_teacher(Wrapper(student), Wrapper(teacher))
+    assert "head.cls_logits.weight" in copied
+    assert torch.equal(student.head.cls_logits.weight, teacher.head.cls_logits.weight)
+
+
+def test_plain_state_dict_of_a_narrow_head_infers_its_width_and_depth(tmp_path: Path) -> None:
+    model = _narrow(seed=3)
+    path = tmp_path / "narrow.pt"
+    torch.save(model.state_dict(), path)
+    teacher = load_teacher(path, device="cpu", default_depth=18)
+    assert teacher.head.towers.cls_tower[0][0].out_channels == 64
+    assert len(teacher.head.towers.cls_tower) == 2 and teacher.num_classes == 3
