@@ -451,3 +451,34 @@ def test_plain_state_dict_of_a_narrow_head_infers_its_width_and_depth(tmp_path: 
     teacher = load_teacher(path, device="cpu", default_depth=18)
     assert teacher.head.towers.cls_tower[0][0].out_channels == 64
     assert len(teacher.head.towers.cls_tower) == 2 and teacher.num_classes == 3
+
+
+def test_build_distiller_passes_every_setting_on(r18_checkpoint: Path) -> None:
+    cfg = DistillConfig(
+        teacher=str(r18_checkpoint),
+        alpha=0.1,
+        beta=0.2,
+        gamma=0.3,
+        delta=0.4,
+        temperature=0.5,
+        topk=7,
+        xi_cls=0.7,
+        xi_reg=0.4,
+        level_weights=(5.0, 4.0, 3.0, 2.0, 1.0),
+        mask_group=2,
+        jitter=0.3,
+        swap_xy=True,
+    )
+    distiller = build_distiller(cfg, _r18(seed=5), device="cpu")
+    for name in ("alpha", "beta", "gamma", "delta", "temperature", "topk", "xi_cls", "xi_reg"):
+        assert getattr(distiller, name) == getattr(cfg, name), name
+    assert distiller.level_weights == cfg.level_weights and distiller.mask_group == 2
+    assert distiller.jitter == 0.3 and distiller.swap_xy is True
+
+
+def test_a_generator_state_without_its_device_is_a_cpu_state() -> None:
+    source = jitter_generator("cpu", seed=3)
+    state = source.get_state()
+    distiller = Distiller(teacher=_narrow(), generator=jitter_generator("cpu", seed=0))
+    distiller.load_state_dict({"generator": state})  # no "device" key: saved on the CPU
+    assert torch.equal(distiller.generator.get_state(), state)
