@@ -6,10 +6,11 @@ returns a `Distiller`. Calling the distiller with the batch images, the student'
 and the targets runs the teacher (eval mode, no grad), builds the masks (section 2.13) and returns
 the named KD losses `kd_cls_p3..p7`, `kd_reg_p3..p7`.
 
-The mask jitter draws from the distiller's own `torch.Generator` (`jitter_generator`), never from
-the global stream: anything else that draws from the global generator (a DataLoader creating its
-iterator, a dropout layer) cannot shift it, and its state travels in the training checkpoint
-(`Distiller.state_dict`), so an interrupted and resumed run draws the same jitter as a straight one.
+In training (`build_distiller`) the mask jitter draws from the distiller's own `torch.Generator`
+(`jitter_generator`), not from the global stream: nothing else that draws from the global
+generator (a DataLoader creating its iterator, a dropout layer) can shift it, and its state
+travels in the training checkpoint (`Distiller.state_dict`), so an interrupted and resumed run
+draws the same jitter as a straight one.
 """
 
 from __future__ import annotations
