@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint mutate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +25,19 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pgd_deploy tests bench
 
+# Mutation testing (mutmut; [tool.mutmut] in pyproject.toml): distill/, runtime/postprocess.py,
+# export/parity.py, export/gates.py and schedule.py against their own test files. Incremental:
+# results are kept in mutants/ (`make clean` starts over). One module at a time, e.g.
+#   make mutate MUTANTS='pgd_deploy.schedule.*'
+# PYTHONPATH is cleared: pointing it at the repository would import the unmutated package.
+# One OpenMP thread: mutmut forks each mutant from a process that already ran torch, and a
+# forked child deadlocks in an OpenMP pool its parent started.
+MUTANTS ?=
+MUTMUT := env -u PYTHONPATH OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) tests/_mutate.py
+mutate: $(STAMP)
+	$(MUTMUT) run $(MUTANTS)
+	$(MUTMUT) results
+	$(MUTMUT) export-cicd-stats && cat mutants/mutmut-cicd-stats.json
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache mutants
