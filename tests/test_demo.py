@@ -59,7 +59,7 @@ def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(trained_run, 
         load_config(TrainJob, ROOT / "train" / "quickstart_teacher.toml", overrides),
         teacher_dir / "config.toml",
     )
-    teacher_metrics = evaluate_checkpoint(teacher_dir / "best.pt", device="cpu")
+    teacher_metrics = evaluate_checkpoint(teacher_dir / "best.pt", device="cpu").metrics
     write_json(teacher_dir / "metrics.json", teacher_metrics)
 
     with caplog.at_level("INFO", logger="pgd_deploy.demo"):
@@ -72,7 +72,7 @@ def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(trained_run, 
         assert {"name", "AP", "AP50", "params", "cpu_ms_per_image", "train_iters", "seed"} <= set(
             row
         )
-        real = evaluate_checkpoint(row["checkpoint"], device="cpu")
+        real = evaluate_checkpoint(row["checkpoint"], device="cpu").metrics
         assert (row["AP"], row["AP50"]) == (round(real["AP"], 4), round(real["AP50"], 4)), row
         assert row["cpu_ms_per_image"] > 0 and row["params"] > 1e6
     teacher, student, pgd = board
