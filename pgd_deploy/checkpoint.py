@@ -1,9 +1,12 @@
-"""Checkpoints: atomic saving, safe loading (`weights_only=True`) and model reconstruction.
+"""Checkpoint files: atomic saving, safe loading (`weights_only=True`) and format validation.
 
 A checkpoint is a dict:
     format: "pgd-deploy-checkpoint", version: 1,
     model: state dict, config: `to_dict(TrainJob)`, classes: [names], category_ids: [ids],
     iteration, epoch, metrics (dict), and for resuming: optimizer, scheduler, scaler, rng.
+
+This module knows the file format only; `pgd_deploy.models.load_detector` builds the detector
+a checkpoint (or a plain state dict) describes.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ def torch_load_weights(path: str | Path, map_location: str | torch.device = "cpu
         CheckpointError: the file is missing, truncated or not a PyTorch file.
     """
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -81,6 +86,28 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
+def is_checkpoint(obj: Any) -> bool:
+    """Whether `obj` (a loaded file) carries this project's checkpoint tag."""
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def validate_checkpoint(obj: Any, path: str | Path = "checkpoint") -> dict[str, Any]:
+    """`obj` itself when it is a checkpoint of this project with its weights and config.
+
+    Raises:
+        CheckpointError: not a tagged pgd-deploy checkpoint, or without 'model' or 'config'.
+    """
+    if not is_checkpoint(obj):
+        raise CheckpointError(
+            f"{path}: not a pgd-deploy checkpoint (expected a dict with format={FORMAT!r}; "
+            "a plain state dict can be given to the distiller as a teacher)"
+        )
+    for key in ("model", "config"):
+        if key not in obj:
+            raise CheckpointError(f"{path}: checkpoint has no '{key}' entry")
+    return obj
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint of this project with `torch.load(weights_only=True)`.
 
@@ -88,57 +115,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         CheckpointError: the file is missing, truncated/corrupt, or not a pgd-deploy checkpoint.
         UnsafeFileError: the file holds code, which is never executed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    state = torch_load_weights(path, map_location)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path}: not a pgd-deploy checkpoint (expected a dict with format={FORMAT!r}; "
-            "a plain state dict can be given to the distiller as a teacher)"
-        )
-    for key in ("model", "config"):
-        if key not in state:
-            raise CheckpointError(f"{path}: checkpoint has no '{key}' entry")
-    return state
+    return validate_checkpoint(torch_load_weights(path, map_location), path)
 
 
 def checkpoint_config(state: dict[str, Any], path: str | Path = "checkpoint") -> TrainJob:
-    """The training config stored in a checkpoint."""
+    """The training config stored in a checkpoint.
+
+    Raises:
+        CheckpointError: the stored config is not a valid `TrainJob` (the message names the key).
+    """
     try:
         return from_dict(TrainJob, state["config"], source=f"{path} [config]")
     except ValueError as err:
         raise CheckpointError(str(err)) from None
-
-
-def build_from_checkpoint(state: dict[str, Any], path: str | Path = "checkpoint"):
-    """Rebuild the detector stored in a loaded checkpoint, weights loaded, in eval mode."""
-    from pgd_deploy.models import build_detector
-
-    cfg = checkpoint_config(state, path)
-    classes = state.get("classes") or []
-    num_classes = cfg.model.num_classes or len(classes)
-    model_cfg = cfg.model
-    if model_cfg.weights not in ("none", ""):
-        # The checkpoint holds every weight; never re-download or re-read backbone weights.
-        import dataclasses
-
-        model_cfg = dataclasses.replace(model_cfg, weights="none")
-    model = build_detector(model_cfg, num_classes=num_classes)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise CheckpointError(
-            f"{path}: weights do not match the architecture in its config "
-            f"(depth {cfg.model.depth}, head {cfg.model.head}, {num_classes} classes): "
-            f"{' '.join(first[:3])}"
-        ) from None
-    return model.eval()
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(detector in eval mode on `device`, TrainJob, checkpoint dict) from a checkpoint file."""
-    state = load_checkpoint(path)
-    model = build_from_checkpoint(state, path).to(device)
-    return model, checkpoint_config(state, path), state

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pgd_deploy.checkpoint import load_model
 from pgd_deploy.config import TrainJob, dumps_toml, load_config
 from pgd_deploy.io_utils import write_json
+from pgd_deploy.models import load_detector
 from pgd_deploy.runtime.timing import measure
 from pgd_deploy.trainer import fit
 from pgd_deploy.workdir import run_files
@@ -75,7 +75,7 @@ def cpu_latencies_ms(checkpoints: Sequence[Path], size: int, *, rounds: int = 8)
     The models are timed round-robin (a few runs each per round) so that machine noise hits all
     of them alike; the ratios between them are what the scoreboard is for.
     """
-    models = [load_model(path, "cpu")[0] for path in checkpoints]
+    models = [load_detector(path, device="cpu").detector for path in checkpoints]
     images = torch.randn(1, 3, size, size)
     samples: list[list[float]] = [[] for _ in models]
     for model in models:  # warm-up
@@ -91,7 +91,8 @@ def score(name: str, work_dir: Path, cfg: TrainJob, latency_ms: float) -> dict[s
     import json
 
     metrics = json.loads((work_dir / "metrics.json").read_text())
-    model, _, state = load_model(work_dir / "best.pt", "cpu")
+    loaded = load_detector(work_dir / "best.pt", device="cpu")
+    model, state = loaded.detector, loaded.checkpoint
     return {
         "name": name,
         "AP": round(metrics.get("AP", 0.0), 4),

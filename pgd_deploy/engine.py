@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from pgd_deploy import distributed as dist
-from pgd_deploy.checkpoint import load_model
 from pgd_deploy.config import TrainJob, load_config, to_dict
 from pgd_deploy.data.dataset import Batch, DetectionDataset, build_dataset, collate
 from pgd_deploy.metrics import AP_KEYS, detections_to_coco, evaluate_coco
+from pgd_deploy.models import load_detector
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +262,9 @@ def evaluate_checkpoint(
     from pgd_deploy.devices import select_device  # torch device set-up, CUDA checks
 
     dev = select_device(device)
-    model, cfg, state = load_model(path, dev)
-    cfg = load_config(TrainJob, None, overrides, base=to_dict(cfg))
+    loaded = load_detector(path, device=dev)
+    model, state = loaded.detector, loaded.checkpoint
+    cfg = load_config(TrainJob, None, overrides, base=to_dict(loaded.config))
     val = build_dataset(cfg.data, "val", train=False)
     if val.coco.category_ids != list(state.get("category_ids", val.coco.category_ids)):
         raise ValueError(

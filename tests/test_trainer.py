@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from pgd_deploy.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from pgd_deploy.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pgd_deploy.config import TrainJob, load_config
 from pgd_deploy.data.shapes import ShapesSpec, generate_shapes
+from pgd_deploy.models import load_detector
 from pgd_deploy.trainer import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +199,8 @@ def test_two_process_ddp_on_cpu(tmp_path):
         cmd += ["--set", item]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    model, cfg, state = load_model(work / "last.pt")
+    loaded = load_detector(work / "last.pt", device="cpu")
+    state, cfg = loaded.checkpoint, loaded.config
     assert state["iteration"] == 3 and cfg.model.depth == 18
     assert state["config"]["train"]["batch_size"] == 2
     assert sorted(p.name for p in work.glob("*.pt")) == ["best.pt", "last.pt"]  # rank 0 only

@@ -18,16 +18,10 @@ The five functions below are the public contract of pgd_method.md section 0.
 
 from __future__ import annotations
 
-from pgd_deploy.distill.distiller import (
-    Distiller,
-    build_distiller,
-    check_compatible,
-    init_student_from_teacher,
-    jitter_generator,
-    load_teacher,
-)
+from pgd_deploy.distill.distiller import Distiller, build_distiller, jitter_generator
 from pgd_deploy.distill.losses import cls_distill_loss, reg_distill_loss
 from pgd_deploy.distill.masks import background_mask, pgw_mask, quality_score
+from pgd_deploy.distill.teacher import check_compatible, init_student_from_teacher, load_teacher
 
 __all__ = [
     "Distiller",

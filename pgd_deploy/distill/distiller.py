@@ -1,10 +1,10 @@
 """The PGD distiller: frozen teacher, prediction-guided masks and the 10 per-level KD losses.
 
 `build_distiller(cfg, student, device=...)` loads the teacher checkpoint, checks that its head
-matches the student's, optionally copies the teacher's FPN and head into the student (P1) and
-returns a `Distiller`. Calling the distiller with the batch images, the student's head outputs
-and the targets runs the teacher (eval mode, no grad), builds the masks (section 2.13) and returns
-the named KD losses `kd_cls_p3..p7`, `kd_reg_p3..p7`.
+matches the student's, optionally copies the teacher's FPN and head into the student (P1; all
+three in `distill.teacher`) and returns a `Distiller`. Calling the distiller with the batch
+images, the student's head outputs and the targets runs the teacher (eval mode, no grad), builds
+the masks (section 2.13) and returns the named KD losses `kd_cls_p3..p7`, `kd_reg_p3..p7`.
 
 In training (`build_distiller`) the mask jitter draws from the distiller's own `torch.Generator`
 (`jitter_generator`), not from the global stream: nothing else that draws from the global
@@ -15,32 +15,28 @@ draws the same jitter as a straight one.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from pgd_deploy.checkpoint import CheckpointError, load_checkpoint
-from pgd_deploy.config import DistillConfig, ModelConfig, TrainJob, from_dict
+from pgd_deploy.config import DistillConfig
 from pgd_deploy.distill.losses import cls_distill_loss, reg_distill_loss
 from pgd_deploy.distill.masks import batch_masks
-from pgd_deploy.models import DenseDetector, HeadOutputs, build_detector
+from pgd_deploy.distill.teacher import (
+    check_compatible,
+    freeze,
+    init_student_from_teacher,
+    load_teacher,
+)
+from pgd_deploy.models import DenseDetector, HeadOutputs
 from pgd_deploy.models.fcos import flatten_levels
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "Distiller",
-    "build_distiller",
-    "check_compatible",
-    "init_student_from_teacher",
-    "jitter_generator",
-    "load_teacher",
-]
+__all__ = ["Distiller", "build_distiller", "jitter_generator"]
 
 FIRST_LEVEL = 3  # loss names count FPN levels from P3
 JITTER_STREAM = 0x9E3779B9  # keeps the jitter seeds apart from the global seed (train.seed + rank)
@@ -261,193 +257,6 @@ def _check_taps(student: HeadOutputs, teacher: HeadOutputs) -> None:
                     f"{tuple(t.shape)}; both must see the same batch tensor and share the head "
                     "layout"
                 )
-
-
-# --------------------------------------------------------------------------------------------
-# Teacher loading, compatibility, student initialisation
-# --------------------------------------------------------------------------------------------
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """eval() and requires_grad=False on every parameter; returns `model`."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def _read_checkpoint(path: Path) -> Any:
-    """A project checkpoint through `pgd_deploy.checkpoint`, else whatever `torch.load` reads."""
-    try:
-        return load_checkpoint(path, map_location="cpu")
-    except CheckpointError:
-        # Not a format-tagged project checkpoint (a plain state dict, an untagged
-        # {"model", "config"} dict) or an unreadable file: read it here, with our own errors.
-        pass
-    if not path.is_file():
-        raise ValueError(f"teacher checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickle garbage, unsupported objects...
-        raise ValueError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-            f"{type(err).__name__}: {err}"
-        ) from None
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and bool(obj)
-        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
-    )
-
-
-def _parse_checkpoint(
-    ckpt: Any, path: Path, default_depth: int
-) -> tuple[Mapping[str, Tensor], ModelConfig, int]:
-    """(state dict, model config, num_classes) of a project checkpoint or a plain state dict."""
-    if isinstance(ckpt, Mapping) and _is_state_dict(ckpt.get("model")):
-        state = ckpt["model"]
-        config = ckpt.get("config")
-        if isinstance(config, Mapping):
-            try:
-                model_cfg = from_dict(TrainJob, config, source=str(path)).model
-            except ValueError as err:
-                raise ValueError(f"{path}: invalid config in checkpoint: {err}") from None
-        else:
-            model_cfg = ModelConfig(depth=default_depth)
-    elif _is_state_dict(ckpt):
-        state = ckpt
-        model_cfg = ModelConfig(depth=default_depth)
-    else:
-        raise ValueError(
-            f"{path}: not a detector checkpoint (expected a dict with 'model' and 'config', or a "
-            f"plain state dict; got a {type(ckpt).__name__})"
-        )
-    cls_weight = state.get("head.cls_logits.weight")  # [C, channels, 3, 3]
-    if cls_weight is None:
-        raise ValueError(f"{path}: no 'head.cls_logits.weight': not an FCOS detector checkpoint")
-    num_classes = model_cfg.num_classes
-    if num_classes <= 0 and isinstance(ckpt.get("classes"), Sequence):
-        num_classes = len(ckpt["classes"])
-    if num_classes <= 0:
-        num_classes = int(cls_weight.shape[0])
-    if state is ckpt:
-        # No config: take the head width and tower depth from the weights, not the defaults.
-        convs = sum(
-            1 for k in state if k.startswith("head.towers.cls_tower.") and k.endswith(".0.weight")
-        )
-        model_cfg = dataclasses.replace(
-            model_cfg, fpn_channels=int(cls_weight.shape[1]), head_convs=max(convs, 1)
-        )
-    return state, model_cfg, num_classes
-
-
-def load_teacher(
-    path: str | Path, *, device: str | torch.device, default_depth: int = 101
-) -> DenseDetector:
-    """Load a frozen teacher detector (eval mode, requires_grad=False) onto `device`.
-
-    Args:
-        path: a checkpoint of this project ({"model": state dict, "config": TrainJob dict, ...})
-            or a plain state dict of a `DenseDetector`.
-        device: where the teacher runs.
-        default_depth: ResNet depth when the file carries no config.
-
-    Raises:
-        ValueError: the file is missing, truncated, not a checkpoint, or its weights do not fit
-            the detector its config (or `default_depth`) describes; the message names the file.
-    """
-    path = Path(path)
-    state, model_cfg, num_classes = _parse_checkpoint(_read_checkpoint(path), path, default_depth)
-    # The weights come from the checkpoint: never download or read a backbone init.
-    model_cfg = dataclasses.replace(model_cfg, weights="none")
-    teacher = build_detector(model_cfg, num_classes)
-    try:
-        missing, unexpected = teacher.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{path}: weights do not fit an FCOS R{model_cfg.depth} with {num_classes} classes "
-            f"(wrong distill.teacher_depth?): {err}"
-        ) from None
-    # Frozen-BN checkpoints carry no num_batches_tracked; everything else must match.
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: weights do not fit an FCOS R{model_cfg.depth} with {num_classes} classes "
-            f"(wrong distill.teacher_depth?): missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    logger.info("teacher: FCOS R%d, %d classes, from %s", model_cfg.depth, num_classes, path)
-    return freeze(teacher.to(device))
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The detector inside a DistributedDataParallel / DataParallel wrapper."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
-def _head_layout(model: nn.Module) -> dict[str, Any]:
-    model = _unwrap(model)
-    head = getattr(model, "head", None)
-    towers = getattr(head, "towers", None)
-    cls_tower = getattr(towers, "cls_tower", ())
-    reg_tower = getattr(towers, "reg_tower", ())
-    return {
-        "head type": type(head).__name__,
-        "classes": getattr(model, "num_classes", None),
-        "cls tower depth": len(cls_tower),
-        "reg tower depth": len(reg_tower),
-        "tower width": cls_tower[0][0].out_channels if len(cls_tower) else None,
-        "strides": tuple(getattr(model, "strides", ())),
-    }
-
-
-def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
-    """Raise ValueError unless teacher and student heads share the layout the taps need.
-
-    Compared: head type, number of classes, tower depths, tower width and FPN strides.
-    """
-    t_layout, s_layout = _head_layout(teacher), _head_layout(student)
-    diffs = [
-        f"{key}: teacher {t_layout[key]} vs student {s_layout[key]}"
-        for key in t_layout
-        if t_layout[key] != s_layout[key]
-    ]
-    if diffs:
-        raise ValueError(
-            "teacher and student heads differ (PGD needs identical tap shapes): " + "; ".join(diffs)
-        )
-
-
-@torch.no_grad()
-def init_student_from_teacher(
-    student: nn.Module, teacher: nn.Module
-) -> tuple[list[str], list[str]]:
-    """Copy the teacher's FPN and head into the student where the shapes match (P1).
-
-    Every teacher state-dict tensor whose name does not start with `backbone.body.` is copied
-    into the student tensor of the same name and shape; the others (e.g. FPN laterals when the
-    backbone widths differ) keep their initialisation.
-
-    Returns:
-        (copied names, skipped names).
-    """
-    student_state = _unwrap(student).state_dict()
-    copied, skipped = [], []
-    for name, tensor in _unwrap(teacher).state_dict().items():
-        if name.startswith("backbone.body."):
-            continue
-        target = student_state.get(name)
-        if target is None or target.shape != tensor.shape:
-            skipped.append(name)
-            continue
-        target.copy_(tensor)
-        copied.append(name)
-    logger.info("student init from teacher: %d tensors copied", len(copied))
-    if skipped:
-        logger.info("student init from teacher: kept student init for %s", ", ".join(skipped))
-    return copied, skipped
 
 
 def build_distiller(

@@ -47,19 +47,18 @@ def load_source(path: str | Path, device: str = "cpu") -> SourceModel:
         CheckpointError: a missing, truncated or foreign file, or weights that do not match the
             architecture in the checkpoint's config (the message names the file).
     """
-    from pgd_deploy.checkpoint import load_model
+    from pgd_deploy.models import load_detector
 
     path = Path(path)
-    detector, cfg, state = load_model(path, device)
-    classes = list(state.get("classes") or [str(i) for i in range(detector.num_classes)])
-    category_ids = list(state.get("category_ids") or range(1, len(classes) + 1))
+    loaded = load_detector(path, device=device)
+    state = loaded.checkpoint
     meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler", "rng")}
     return SourceModel(
-        detector=detector,
+        detector=loaded.detector,
         path=path,
         sha256=file_sha256(path),
-        config=cfg,
+        config=loaded.config,
         state=meta,
-        class_names=classes,
-        category_ids=[int(c) for c in category_ids],
+        class_names=loaded.class_names,
+        category_ids=loaded.category_ids,
     )

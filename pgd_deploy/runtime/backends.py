@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pgd_deploy.runtime.contract import check_io_contract, check_metadata, check_output_shapes
+from pgd_deploy.labels import class_labels
 from pgd_deploy.runtime.manifest import read_manifest
 from pgd_deploy.runtime.postprocess import postprocess_batch
 from pgd_deploy.runtime.preprocess import ImageTransform, preprocess
@@ -54,10 +55,9 @@ class Backend:
 
     def __init__(self, meta: dict[str, Any]) -> None:
         self.input_size: tuple[int, int] = (int(meta["imgsz"][0]), int(meta["imgsz"][1]))
-        self.class_names: list[str] = list(meta.get("class_names", []))
-        self.category_ids: list[int] = list(
-            meta.get("category_ids") or range(1, len(self.class_names) + 1)
-        )
+        names, ids = class_labels(0, meta.get("class_names"), meta.get("category_ids"))
+        self.class_names: list[str] = names
+        self.category_ids: list[int] = ids
         self.level_sizes: list[int] | None = meta.get("level_sizes")
         post = meta.get("postprocess", {})
         self.postprocess_kwargs = {
@@ -119,14 +119,15 @@ class TorchBackend(Backend):
         self, path: str | Path, *, device: str = "auto", input_size: Sequence[int] | None = None
     ) -> None:
         torch = _import_torch()
-        from pgd_deploy.checkpoint import load_model
+        from pgd_deploy.models import load_detector
 
         dev = _torch_device(torch, device)
-        model, cfg, state = load_model(path, dev)
+        loaded = load_detector(path, device=dev)
         if input_size is None:
-            input_size = (_round32(cfg.data.min_size), _round32(cfg.data.max_size))
-        classes = state.get("classes") or [str(i) for i in range(model.num_classes)]
-        self._setup(torch, model, dev, input_size, classes, state.get("category_ids"))
+            data = loaded.config.data
+            input_size = (_round32(data.min_size), _round32(data.max_size))
+        names, ids = loaded.class_names, loaded.category_ids
+        self._setup(torch, loaded.detector, dev, input_size, names, ids)
         self.path = Path(path)
 
     @classmethod
@@ -142,7 +143,8 @@ class TorchBackend(Backend):
         torch = _import_torch()
         self = cls.__new__(cls)
         device = next(detector.parameters()).device
-        self._setup(torch, detector.eval(), device, input_size, list(class_names), category_ids)
+        names, ids = class_labels(detector.num_classes, class_names, category_ids)
+        self._setup(torch, detector.eval(), device, input_size, names, ids)
         self.path = None
         return self
 
@@ -153,7 +155,7 @@ class TorchBackend(Backend):
         device: Any,
         input_size: Sequence[int],
         classes: list[str],
-        category_ids: Sequence[int] | None,
+        category_ids: list[int],
     ) -> None:
         self.torch, self.model, self.device = torch, model, torch.device(device)
         with torch.no_grad():
@@ -161,7 +163,7 @@ class TorchBackend(Backend):
         meta = {
             "imgsz": list(input_size),
             "class_names": classes,
-            "category_ids": list(category_ids or range(1, len(classes) + 1)),
+            "category_ids": category_ids,
             "level_sizes": model.level_sizes(probe),
             "postprocess": dict(model.postprocess_kwargs),
         }

@@ -214,8 +214,9 @@ def run_predict(
     Raises:
         ValueError: `evaluate` with a source that cannot be evaluated.
     """
-    # An artifact without dataset category ids gets label + 1 (the COCO-style convention).
-    category_ids = backend.category_ids or list(range(1, len(backend.class_names) + 1))
+    # The backend filled in missing ids (`labels.class_labels`). Without any class list, the
+    # same label + 1 convention, for any label.
+    category_ids = backend.category_ids
     if evaluate:
         check_evaluable(source, category_ids)
     category_ids = category_ids or range(1, 1 << 31)
