@@ -1,4 +1,6 @@
-"""Tests of pgd_deploy.distill.masks: quality score, PGW mask and background mask."""
+"""Tests of pgd_deploy.distill.masks (and the batched mask_ops behind it): quality score, PGW
+mask and background mask, per image and per batch, against hand computations and against a plain
+loop rendering of pgd_method.md sections 2.4-2.7 (`_reference_masks`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from pgd_deploy.distill import background_mask, pgw_mask, quality_score
-from pgd_deploy.distill.masks import batch_masks, pgw_masks, quality_scores
+from pgd_deploy.distill.masks import batch_masks
 
 
 def _sigmoid(x: float) -> float:
@@ -23,6 +25,47 @@ def _gaussian_weights(points: np.ndarray) -> np.ndarray:
     inv = np.linalg.inv(cov)
     diff = points - mean
     return np.exp(-0.5 * np.einsum("ki,ij,kj->k", diff, inv, diff))
+
+
+def _iou(box: np.ndarray, gt: np.ndarray) -> float:
+    width = max(0.0, min(box[2], gt[2]) - max(box[0], gt[0]))
+    height = max(0.0, min(box[3], gt[3]) - max(box[1], gt[1]))
+    area = max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+    gt_area = max(0.0, gt[2] - gt[0]) * max(0.0, gt[3] - gt[1])
+    return width * height / (area + gt_area - width * height)
+
+
+def _strictly_inside(point: np.ndarray, gt: np.ndarray, swap_xy: bool) -> bool:
+    x, y = (point[1], point[0]) if swap_xy else (point[0], point[1])
+    return bool(gt[0] < x < gt[2] and gt[1] < y < gt[3])
+
+
+def _reference_masks(logits, pred, centers, gts, labels, xis, k, swap_xy=False):
+    """The masks of sections 2.4-2.7 written as a plain loop, image by image, GT by GT, location
+    by location, in numpy float64 (no jitter): the reference the batched code is checked
+    against. Returns (masks [M, B, A], background [B, A])."""
+    logits, pred, centers = (t.double().numpy() for t in (logits, pred, centers))
+    batch, num_points, _ = logits.shape
+    masks, background = np.zeros((len(xis), batch, num_points)), np.ones((batch, num_points))
+    for b in range(batch):
+        for gt, label in zip(gts[b].double().numpy(), labels[b].tolist(), strict=True):
+            inside = [_strictly_inside(centers[a], gt, swap_xy) for a in range(num_points)]
+            background[b, inside] = 0.0
+            for m, xi in enumerate(xis):
+                quality = np.array(
+                    [
+                        _sigmoid(logits[b, a, label]) ** (1 - xi) * _iou(pred[b, a], gt) ** xi
+                        for a in range(num_points)
+                    ]
+                )
+                order = np.argsort(-quality, kind="stable")
+                top = order[: min(k, num_points)]
+                if len(order) > len(top):  # a tie at the cut would make the top-k ambiguous
+                    assert quality[top[-1]] > quality[order[len(top)]]
+                for a, weight in zip(top, _gaussian_weights(centers[top]), strict=True):
+                    if inside[a]:
+                        masks[m, b, a] = max(masks[m, b, a], weight)
+    return masks, background
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,27 +390,8 @@ def test_background_mask_bad_shapes() -> None:
         background_mask(torch.zeros(4, 2), torch.zeros(4))
 
 
-def test_joint_helpers_match_single_calls() -> None:
-    torch.manual_seed(4)
-    centers = torch.rand(90, 2) * 60
-    logits = torch.randn(90, 5)
-    xy = torch.rand(90, 2) * 50
-    pred = torch.cat([xy, xy + 5 + torch.rand(90, 2) * 20], dim=1)
-    gt = torch.tensor([[0.0, 0, 30, 30], [20, 10, 60, 50], [5, 25, 45, 60]])
-    labels = torch.tensor([4, 0, 2])
-    q_cls, q_reg = quality_scores(logits, pred, gt, labels, (0.8, 0.6))
-    torch.testing.assert_close(q_cls, quality_score(logits, pred, gt, labels, 0.8))
-    torch.testing.assert_close(q_reg, quality_score(logits, pred, gt, labels, 0.6))
-    m_cls, m_reg = pgw_masks((q_cls, q_reg), centers, gt, 10, 0.0, swap_xy=True)
-    torch.testing.assert_close(m_cls, pgw_mask(q_cls, centers, gt, 10, 0.0, swap_xy=True))
-    torch.testing.assert_close(m_reg, pgw_mask(q_reg, centers, gt, 10, 0.0, swap_xy=True))
-    assert not torch.equal(m_cls, m_reg)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("swap_xy", [False, True])
-def test_batch_masks_match_the_per_image_functions(dtype: torch.dtype, swap_xy: bool) -> None:
-    # Images with 3, 0 and 1 GTs: the batched path pads to 3 and must ignore the padding.
+def _random_batch(dtype: torch.dtype):
+    """3 images with 3, 0 and 1 GTs (the batched code pads to 3 and must ignore the padding)."""
     torch.manual_seed(5)
     centers = (torch.rand(120, 2) * 64).to(dtype)
     logits = torch.randn(3, 120, 4, dtype=dtype)
@@ -379,19 +403,41 @@ def test_batch_masks_match_the_per_image_functions(dtype: torch.dtype, swap_xy: 
         torch.tensor([[10.0, 10, 40, 50]], dtype=dtype),
     ]
     labels = [torch.tensor([3, 0, 2]), torch.zeros(0, dtype=torch.long), torch.tensor([1])]
+    return logits, pred, centers, gts, labels
+
+
+def _tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("swap_xy", [False, True])
+def test_batch_masks_match_the_plain_loop_reference(dtype: torch.dtype, swap_xy: bool) -> None:
+    logits, pred, centers, gts, labels = _random_batch(dtype)
     (m_cls, m_reg), bg = batch_masks(
         logits, pred, centers, gts, labels, (0.8, 0.6), 7, 0.0, swap_xy=swap_xy
     )
     assert m_cls.shape == m_reg.shape == bg.shape == (3, 120) and bg.dtype == dtype
-    for i in range(3):
-        q_cls, q_reg = quality_scores(logits[i], pred[i], gts[i], labels[i], (0.8, 0.6))
-        for q, mask in ((q_cls, m_cls), (q_reg, m_reg)):
-            torch.testing.assert_close(
-                mask[i], pgw_mask(q, centers, gts[i], 7, 0.0, swap_xy=swap_xy)
-            )
-        torch.testing.assert_close(bg[i], background_mask(centers, gts[i], swap_xy=swap_xy))
+    ref_masks, ref_bg = _reference_masks(logits, pred, centers, gts, labels, (0.8, 0.6), 7, swap_xy)
+    np.testing.assert_allclose(m_cls.numpy(), ref_masks[0], **_tolerance(dtype))
+    np.testing.assert_allclose(m_reg.numpy(), ref_masks[1], **_tolerance(dtype))
+    np.testing.assert_array_equal(bg.numpy(), ref_bg)
     assert not m_cls[1].any() and bool((bg[1] == 1).all())  # the image without GT
-    assert int((m_cls[0] > 0).sum()) <= 7 * 3 and (m_cls[2] > 0).any()
+    assert 0 < int((m_cls[0] > 0).sum()) <= 7 * 3 and (m_cls[2] > 0).any()
+    assert not torch.equal(m_cls, m_reg) and (bg == 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_per_image_functions_match_the_plain_loop_reference(dtype: torch.dtype) -> None:
+    logits, pred, centers, gts, labels = _random_batch(dtype)
+    ref_masks, ref_bg = _reference_masks(logits, pred, centers, gts, labels, (0.8, 0.6), 7)
+    for i in range(3):
+        for xi, ref in zip((0.8, 0.6), ref_masks, strict=True):
+            q = quality_score(logits[i], pred[i], gts[i], labels[i], xi)
+            assert q.shape == (120, len(gts[i])) and q.dtype == dtype
+            mask = pgw_mask(q, centers, gts[i], 7, 0.0)
+            np.testing.assert_allclose(mask.numpy(), ref[i], **_tolerance(dtype))
+        np.testing.assert_array_equal(background_mask(centers, gts[i]).numpy(), ref_bg[i])
 
 
 def test_batch_masks_jitter_and_errors() -> None:
@@ -444,7 +490,7 @@ def test_pgw_single_location_and_defaults() -> None:
         default, pgw_mask(quality, centers, gt, 3, 0.0)
     )
     tall = torch.tensor([[0.0, 0, 4, 20]])  # (9, 1) is outside, its transpose (1, 9) inside
-    assert pgw_masks((quality,), centers, tall, 3, 0.0)[0][2] == 0
+    assert pgw_mask(quality, centers, tall, 3, 0.0)[2] == 0
     logits = torch.full((1, 3, 1), 3.0)
     boxes = torch.tensor([[[0.0, 0, 4, 20]] * 3])
     (mask,), bg = batch_masks(logits, boxes, centers, [tall], [torch.tensor([0])], (1.0,), 3, 0.0)
