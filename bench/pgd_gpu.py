@@ -39,6 +39,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from pgd_deploy.config import ModelConfig
 from pgd_deploy.distill import Distiller
+from pgd_deploy.engine import weighted_sum
 from pgd_deploy.models import build_detector
 from pgd_deploy.models.backbone import FrozenBN
 
@@ -115,7 +116,7 @@ def run_setup(
             losses = student.loss(outputs, targets)
             if pgd:
                 losses.update(distiller(images, outputs, targets))
-            loss = sum(losses.values())
+            loss = weighted_sum(losses, distiller.loss_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

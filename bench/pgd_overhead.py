@@ -24,6 +24,7 @@ import torch
 
 from pgd_deploy.config import ModelConfig
 from pgd_deploy.distill import Distiller
+from pgd_deploy.engine import weighted_sum
 from pgd_deploy.models import build_detector
 
 NUM_CLASSES = 80
@@ -80,7 +81,7 @@ def run(
     def step_pgd() -> None:
         outputs = student(images)
         losses = {**student.loss(outputs, targets), **distiller(images, outputs, targets)}
-        loss = sum(losses.values())
+        loss = weighted_sum(losses, distiller.loss_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,7 +1,9 @@
 """The training step loop and evaluation (DETR's `train_one_epoch` / `evaluate` shape).
 
 Knows nothing about distillation: extra losses come from an optional `loss_provider` callable
-`(images, outputs, targets) -> dict[str, Tensor]`, added to the detector's own losses.
+`(images, outputs, targets) -> dict[str, Tensor]`, added to the detector's own losses. Every loss
+term arrives unweighted; `StepContext.loss_weights` (one plain dict, see `combine_weights`) is the
+only place a weight is applied, so the logged values are the terms themselves.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,7 @@ class StepContext:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
-    loss_weights: dict[str, float] = field(default_factory=dict)
+    loss_weights: dict[str, float] = field(default_factory=dict)  # by loss name; 1.0 if absent
     loss_provider: LossProvider | None = None
     grad_clip: float = 0.0
     autocast_dtype: torch.dtype | None = None
@@ -48,9 +50,21 @@ class StepContext:
     memory_format: torch.memory_format = torch.contiguous_format  # of the model and the images
 
 
-def weighted_sum(losses: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+def weighted_sum(losses: dict[str, Tensor], weights: Mapping[str, float]) -> Tensor:
     """Sum of `losses`, each multiplied by `weights.get(name, 1.0)`."""
     return sum(v * weights.get(k, 1.0) for k, v in losses.items())
+
+
+def combine_weights(*weights: Mapping[str, float]) -> dict[str, float]:
+    """One weight per loss name: the product of its weights in `weights` (absent = 1.0).
+
+    E.g. a loss provider's own weights (the PGD alpha, beta, ...) and `train.loss_weights`.
+    """
+    combined: dict[str, float] = {}
+    for mapping in weights:
+        for name, weight in mapping.items():
+            combined[name] = combined.get(name, 1.0) * float(weight)
+    return combined
 
 
 def train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
@@ -309,6 +323,7 @@ __all__ = [
     "LossProvider",
     "NonFiniteLossError",
     "StepContext",
+    "combine_weights",
     "evaluate",
     "evaluate_checkpoint",
     "format_epoch_summary",

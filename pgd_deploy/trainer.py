@@ -3,6 +3,8 @@
 One CPU, one GPU, or many GPUs/nodes under `torchrun` (DistributedDataParallel, rank-0-only
 logging and checkpointing). Distillation plugs in through `make_loss_provider`, called once with
 the freshly built student before it is wrapped for DDP (so it may initialise it from a teacher).
+A provider may carry `loss_weights` (a plain dict by loss name, e.g. `Distiller.loss_weights`):
+the engine applies them, multiplied by `train.loss_weights`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from pgd_deploy.engine import (  # noqa: F401  (evaluate_checkpoint: public here
     LossProvider,
     NonFiniteLossError,
     StepContext,
+    combine_weights,
     evaluate,
     evaluate_checkpoint,
     format_epoch_summary,
@@ -184,7 +187,10 @@ class Trainer:
             optimizer=optimizer,
             scheduler=build_scheduler(optimizer, self.schedule),
             device=self.device,
-            loss_weights=dict(cfg.train.loss_weights),
+            # The provider's weights (e.g. the distiller's), times train.loss_weights.
+            loss_weights=combine_weights(
+                getattr(provider, "loss_weights", {}), cfg.train.loss_weights
+            ),
             loss_provider=provider,
             grad_clip=cfg.train.grad_clip,
             autocast_dtype=amp_dtype,

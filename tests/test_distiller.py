@@ -6,6 +6,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,14 +18,22 @@ from pgd_deploy.distill import (
     build_distiller,
     cls_distill_loss,
     jitter_generator,
+    kd_loss_weights,
+    kd_term_names,
     pgw_mask,
     quality_score,
     reg_distill_loss,
 )
+from pgd_deploy.engine import weighted_sum
 from pgd_deploy.models import build_detector
 from pgd_deploy.models.fcos import flatten_levels
 
-KD_KEYS = [f"kd_{kind}_p{level}" for kind in ("cls", "reg") for level in range(3, 8)]
+KD_KEYS = [
+    f"kd_{term}_p{level}"
+    for level in range(3, 8)
+    for term in ("cls_fg", "cls_bg", "cls_att", "reg_feat", "reg_att")
+]
+LEVELS = range(3, 8)
 
 
 def _r18(num_classes: int = 3, seed: int = 0):
@@ -73,15 +82,16 @@ def test_full_distillation_step_updates_only_the_student(caplog) -> None:
     with caplog.at_level(logging.INFO, logger="pgd_deploy.distill.distiller"):
         kd = distiller(images, outputs, _targets())
     losses = {**student.loss(outputs, _targets()), **kd}
-    total = sum(losses.values())
+    total = weighted_sum(losses, distiller.loss_weights)
     optimizer.zero_grad()
     total.backward()
     optimizer.step()
 
     assert list(kd) == KD_KEYS
     assert all(torch.isfinite(v) and v.dim() == 0 for v in kd.values())
-    assert all(kd[f"kd_cls_p{level}"].item() > 0 for level in range(3, 8))  # bg everywhere
-    assert kd["kd_reg_p3"].item() > 0  # the top-K of these boxes includes P3 locations
+    assert all(kd[f"kd_cls_bg_p{level}"].item() > 0 for level in LEVELS)  # bg everywhere
+    assert all(kd[f"kd_cls_att_p{level}"].item() > 0 for level in LEVELS)
+    assert kd["kd_cls_fg_p3"].item() > 0 and kd["kd_reg_feat_p3"].item() > 0  # top-K on P3
     assert "groups of 2" in caplog.text  # batch 2, mask_group 4 -> groups of 2, logged
     assert not teacher.training
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
@@ -124,8 +134,9 @@ def test_distiller_no_gt_and_student_equal_teacher() -> None:
     # yet graph-connected.
     student = _narrow(seed=2)
     kd = distiller(images, student(images), empty)
-    assert all(kd[f"kd_cls_p{level}"].item() > 0 for level in range(3, 8))
-    assert all(kd[f"kd_reg_p{level}"].item() == 0 for level in range(3, 8))
+    assert all(kd[f"kd_cls_bg_p{level}"].item() > 0 for level in LEVELS)
+    assert all(kd[f"kd_cls_fg_p{level}"].item() == 0 for level in LEVELS)
+    assert all(kd[f"kd_reg_{t}_p{level}"].item() == 0 for level in LEVELS for t in ("feat", "att"))
     sum(kd.values()).backward()
     assert student.head.towers.cls_tower[0][0].weight.grad is not None
 
@@ -165,46 +176,130 @@ def test_build_distiller_inits_student(r18_checkpoint: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_each_level_loss_uses_that_levels_taps_masks_and_weight() -> None:
-    """kd_cls_pN / kd_reg_pN are the public losses of level N's taps and masks, with level N's
-    weight (P3 the first, 1.0, P7 the last, 2.0)."""
+def _level_inputs(distiller: Distiller, teacher_outputs, student_outputs, level: int):
+    """(student cls tap, teacher cls tap, cls mask, bg mask, student reg tap, teacher reg tap,
+    reg mask) of one level, cut from the distiller's [B, A] masks by hand."""
+    fg_cls, fg_reg, bg = distiller.masks(teacher_outputs, _targets())
+    sizes = distiller.teacher.feature_sizes(teacher_outputs)
+    start = sum(h * w for h, w in sizes[:level])
+    h, w = sizes[level]
+    cls_mask, reg_mask, bg_mask = (
+        m[:, start : start + h * w].reshape(-1, h, w) for m in (fg_cls, fg_reg, bg)
+    )
+    return (
+        student_outputs.cls_taps[level],
+        teacher_outputs.cls_taps[level],
+        cls_mask,
+        bg_mask,
+        student_outputs.reg_taps[level],
+        teacher_outputs.reg_taps[level],
+        reg_mask,
+    )
+
+
+def test_weighted_terms_are_the_public_losses_level_by_level() -> None:
+    """Weighted by `kd_loss_weights`, the five terms of level N add up to cls_distill_loss +
+    reg_distill_loss of level N's taps and masks, with level N's weight (P3 the first, P7 the
+    last): the engine's total is the old total, and no level weight is applied to another level."""
+    cfg = DistillConfig(alpha=0.04, beta=0.02, gamma=0.064, delta=0.0008)
     teacher, student = _narrow(seed=1), _narrow(seed=2)
-    weights = (1.0, 1.25, 1.5, 1.75, 2.0)
-    distiller = Distiller(teacher=teacher, jitter=0.0, mask_group=None, level_weights=weights)
+    weights = kd_loss_weights(cfg, 5)
+    distiller = Distiller(teacher=teacher, loss_weights=weights, jitter=0.0, mask_group=None)
     images = torch.randn(2, 3, 96, 96)
     outputs = student(images)
     kd = distiller(images, outputs, _targets())
     teacher_outputs = distiller.teacher_forward(images)
-    fg_cls, fg_reg, bg = distiller.masks(teacher_outputs, _targets())
-    start = 0
-    for level, (h, w) in enumerate(teacher.feature_sizes(teacher_outputs)):
-        cut = slice(start, start + h * w)
-        start += h * w
-        masks = [m[:, cut].reshape(2, h, w) for m in (fg_cls, fg_reg, bg)]
-        common = {"temperature": 0.8, "delta": 0.0008}
+    expected = []
+    for level in range(5):
+        s_cls, t_cls, cls_mask, bg_mask, s_reg, t_reg, reg_mask = _level_inputs(
+            distiller, teacher_outputs, outputs, level
+        )
+        common = {"temperature": cfg.temperature, "delta": cfg.delta}
         cls = cls_distill_loss(
-            outputs.cls_taps[level],
-            teacher_outputs.cls_taps[level],
-            masks[0],
-            masks[2],
-            alpha=0.04,
-            beta=0.02,
-            level_weight=weights[level],
+            s_cls,
+            t_cls,
+            cls_mask,
+            bg_mask,
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            level_weight=cfg.level_weights[level],
             **common,
         )
-        reg = reg_distill_loss(
-            outputs.reg_taps[level],
-            teacher_outputs.reg_taps[level],
-            masks[1],
-            gamma=0.064,
-            **common,
-        )
-        torch.testing.assert_close(kd[f"kd_cls_p{level + 3}"], cls, rtol=1e-6, atol=0)
-        torch.testing.assert_close(kd[f"kd_reg_p{level + 3}"], reg, rtol=1e-6, atol=0)
-    # the level weight scales the feature terms: not a no-op on these inputs
-    plain = Distiller(teacher=teacher, jitter=0.0, mask_group=None, level_weights=(1.0,) * 5)
-    plain_kd = plain(images, outputs, _targets())
-    assert plain_kd["kd_cls_p3"] == kd["kd_cls_p3"] and plain_kd["kd_cls_p7"] < kd["kd_cls_p7"]
+        reg = reg_distill_loss(s_reg, t_reg, reg_mask, gamma=cfg.gamma, **common)
+        name = f"p{level + 3}"
+        level_terms = {k: v for k, v in kd.items() if k.endswith(name)}
+        torch.testing.assert_close(weighted_sum(level_terms, weights), cls + reg, rtol=1e-6, atol=0)
+        expected.append(cls + reg)
+    torch.testing.assert_close(weighted_sum(kd, weights), sum(expected), rtol=1e-6, atol=0)
+    assert kd["kd_cls_fg_p7"] > 0 and kd["kd_cls_bg_p7"] > 0  # P7's weight 2.0 is exercised
+
+
+def test_weighted_terms_give_the_public_losses_gradients_bit_for_bit() -> None:
+    """The engine's weights (float32-rounded products) reproduce the gradients the public
+    float32 losses give, exactly: training is unchanged by moving the weights to the engine."""
+    cfg = DistillConfig()
+    teacher = _narrow(seed=1)
+    distiller = Distiller(
+        teacher=teacher, loss_weights=kd_loss_weights(cfg, 5), jitter=0.0, mask_group=2
+    )
+    images = torch.randn(2, 3, 64, 64)
+    teacher_outputs = distiller.teacher_forward(images)
+    grads = []
+    for use_terms in (True, False):
+        student = _narrow(seed=2)
+        outputs = student(images)
+        if use_terms:
+            total = weighted_sum(distiller(images, outputs, _targets()), distiller.loss_weights)
+        else:
+            total = 0
+            for level in range(5):
+                s_cls, t_cls, cls_mask, bg_mask, s_reg, t_reg, reg_mask = _level_inputs(
+                    distiller, teacher_outputs, outputs, level
+                )
+                total = total + cls_distill_loss(
+                    s_cls,
+                    t_cls,
+                    cls_mask,
+                    bg_mask,
+                    temperature=cfg.temperature,
+                    alpha=cfg.alpha,
+                    beta=cfg.beta,
+                    delta=cfg.delta,
+                    level_weight=cfg.level_weights[level],
+                    mask_group=2,
+                )
+                total = total + reg_distill_loss(
+                    s_reg,
+                    t_reg,
+                    reg_mask,
+                    temperature=cfg.temperature,
+                    gamma=cfg.gamma,
+                    delta=cfg.delta,
+                )
+        total.backward()
+        grads.append([p.grad.clone() for p in student.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_kd_loss_weights_put_each_weight_on_its_own_term() -> None:
+    cfg = DistillConfig(
+        alpha=2.0, beta=3.0, gamma=5.0, delta=7.0, level_weights=(1.0, 10.0, 100.0, 1e3, 1e4)
+    )
+    weights = kd_loss_weights(cfg, 5)
+    assert list(weights) == kd_term_names(5) == KD_KEYS
+    for level, level_weight in zip(LEVELS, cfg.level_weights, strict=True):
+        assert weights[f"kd_cls_fg_p{level}"] == level_weight * 2.0
+        assert weights[f"kd_cls_bg_p{level}"] == level_weight * 3.0
+        assert weights[f"kd_cls_att_p{level}"] == 7.0
+        assert weights[f"kd_reg_feat_p{level}"] == 5.0
+        assert weights[f"kd_reg_att_p{level}"] == 7.0
+    # float32 rounding of the product, as the float32 loss computes lambda_l * (alpha * L)
+    assert kd_loss_weights(DistillConfig(), 5)["kd_cls_fg_p4"] == float(
+        np.float32(1.25) * np.float32(0.04)
+    )
+    with pytest.raises(ValueError, match=r"one weight per level \(5\), got \(1.0, 2.0\)$"):
+        kd_loss_weights(DistillConfig(level_weights=(1.0, 2.0)), 5)
 
 
 def _jittered_masks(distiller: Distiller) -> torch.Tensor:
@@ -296,9 +391,10 @@ def test_cuda_jitter_generator_state_round_trips(tmp_path: Path) -> None:
 
 def test_distiller_defaults_are_the_config_defaults() -> None:
     distiller, cfg = Distiller(teacher=_narrow()), DistillConfig()
-    for name in ("temperature", "alpha", "beta", "gamma", "delta", "topk", "xi_cls", "xi_reg"):
+    for name in ("temperature", "topk", "xi_cls", "xi_reg"):
         assert getattr(distiller, name) == getattr(cfg, name), name
-    assert distiller.level_weights == cfg.level_weights and distiller.mask_group == cfg.mask_group
+    assert distiller.loss_weights == kd_loss_weights(cfg, 5)
+    assert distiller.mask_group == cfg.mask_group
     assert distiller.jitter == cfg.jitter == 0.05 and distiller.swap_xy is cfg.swap_xy is False
 
 
@@ -309,8 +405,11 @@ def test_distiller_argument_checks() -> None:
         Distiller(teacher=teacher, topk=0)
     with pytest.raises(ValueError, match="^distill.mask_group must be None or >= 1, got 0$"):
         Distiller(teacher=teacher, mask_group=0)
-    with pytest.raises(ValueError, match=r"one weight per level \(5\), got \(1.0, 2.0\)$"):
-        Distiller(teacher=teacher, level_weights=(1.0, 2.0))
+    four_levels = kd_loss_weights(DistillConfig(level_weights=(1.0, 2.0, 3.0, 4.0)))
+    with pytest.raises(ValueError, match=r"missing \['kd_cls_fg_p7', .*\], unexpected \[\]$"):
+        Distiller(teacher=teacher, loss_weights=four_levels)
+    with pytest.raises(ValueError, match=r"levels: missing \[\], unexpected \['kd_x'\]$"):
+        Distiller(teacher=teacher, loss_weights={**kd_loss_weights(DistillConfig()), "kd_x": 1})
     distiller = Distiller(teacher=teacher)
     outputs = _narrow()(torch.randn(2, 3, 64, 64))
     with pytest.raises(ValueError, match=r"B = len\(targets\) = 2, got \(3, 64, 64\)$"):

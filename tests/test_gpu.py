@@ -18,10 +18,12 @@ from pgd_deploy.distill import (
     Distiller,
     background_mask,
     cls_distill_loss,
+    kd_term_names,
     pgw_mask,
     quality_score,
     reg_distill_loss,
 )
+from pgd_deploy.engine import weighted_sum
 from pgd_deploy.models import build_detector
 from pgd_deploy.runtime.backends import TorchBackend
 from pgd_deploy.trainer import fit
@@ -32,7 +34,7 @@ pytestmark = [
 ]
 
 CUDA = torch.device("cuda")
-KD_KEYS = [f"kd_{kind}_p{level}" for kind in ("cls", "reg") for level in range(3, 8)]
+KD_KEYS = kd_term_names(5)
 
 
 def _case(dtype: torch.dtype, seed: int, points: int = 400, gts: int = 5, classes: int = 4):
@@ -129,13 +131,13 @@ def test_distillation_step_on_cuda_under_bf16() -> None:
         outputs = student(images)
         kd = distiller(images, outputs, targets)
         losses = {**student.loss(outputs, targets), **kd}
-    total = sum(losses.values())
+    total = weighted_sum(losses, distiller.loss_weights)
     optimizer.zero_grad()
     total.backward()
     optimizer.step()
     assert list(kd) == KD_KEYS
     assert all(v.device.type == "cuda" and bool(torch.isfinite(v)) for v in kd.values())
-    assert kd["kd_reg_p3"].item() > 0
+    assert kd["kd_reg_feat_p3"].item() > 0
     assert all(p.grad is None for p in teacher.parameters())
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(bool(torch.isfinite(gr).all()) for gr in grads)
@@ -199,4 +201,4 @@ def test_pgd_training_on_cuda_channels_last(tmp_path) -> None:
     assert result.completed and set(result.metrics) >= {"AP", "AP50"}
     history = load_checkpoint(tmp_path / "pgd" / "last.pt")["history"]
     logged = {key for row in history for key in row}
-    assert {"kd_cls_p3", "kd_reg_p3"} <= logged  # the KD terms were trained and logged
+    assert set(KD_KEYS) <= logged  # the KD terms were trained and logged

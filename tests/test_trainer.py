@@ -132,6 +132,29 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_provider_weights_times_train_weights_are_applied_once_and_logged_unweighted(tmp_path):
+    """A loss provider's `loss_weights` (as the distiller's) and train.loss_weights multiply; the
+    engine applies the product once; the log keeps every term unweighted, plus the total."""
+
+    class Weighted:
+        loss_weights = {"loss_extra": 3.0}
+
+        def __call__(self, images, outputs, targets):
+            return {"loss_extra": outputs.cls_logits[0].sum() * 0 + 1.5}
+
+    cfg = tiny_cfg(
+        tmp_path / "cache",
+        "train.max_iters=1",
+        "train.loss_weights={loss_extra = 2.0, loss_cls = 0.5}",
+    )
+    result = fit(cfg, work_dir=tmp_path / "run", make_loss_provider=lambda m, d: Weighted())
+    assert result.completed
+    row = load_checkpoint(tmp_path / "run" / "last.pt")["history"][0]
+    assert row["loss_extra"] == 1.5  # unweighted
+    expected = 0.5 * row["loss_cls"] + row["loss_box"] + row["loss_ctr"] + 6.0 * 1.5
+    assert row["loss"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)

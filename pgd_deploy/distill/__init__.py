@@ -18,7 +18,13 @@ The five functions below are the public contract of pgd_method.md section 0.
 
 from __future__ import annotations
 
-from pgd_deploy.distill.distiller import Distiller, build_distiller, jitter_generator
+from pgd_deploy.distill.distiller import (
+    Distiller,
+    build_distiller,
+    jitter_generator,
+    kd_loss_weights,
+    kd_term_names,
+)
 from pgd_deploy.distill.losses import cls_distill_loss, reg_distill_loss
 from pgd_deploy.distill.masks import background_mask, pgw_mask, quality_score
 from pgd_deploy.distill.teacher import check_compatible, init_student_from_teacher, load_teacher
@@ -31,6 +37,8 @@ __all__ = [
     "cls_distill_loss",
     "init_student_from_teacher",
     "jitter_generator",
+    "kd_loss_weights",
+    "kd_term_names",
     "load_teacher",
     "pgw_mask",
     "quality_score",

@@ -1,10 +1,14 @@
-"""The PGD distiller: frozen teacher, prediction-guided masks and the 10 per-level KD losses.
+"""The PGD distiller: frozen teacher, prediction-guided masks and the per-level KD loss terms.
 
 `build_distiller(cfg, student, device=...)` loads the teacher checkpoint, checks that its head
 matches the student's, optionally copies the teacher's FPN and head into the student (P1; all
 three in `distill.teacher`) and returns a `Distiller`. Calling the distiller with the batch
 images, the student's head outputs and the targets runs the teacher (eval mode, no grad), builds
-the masks (section 2.13) and returns the named KD losses `kd_cls_p3..p7`, `kd_reg_p3..p7`.
+the masks (section 2.13) and returns the unweighted KD terms of every level, five per level:
+`kd_cls_fg_pN`, `kd_cls_bg_pN`, `kd_cls_att_pN`, `kd_reg_feat_pN`, `kd_reg_att_pN` (N = 3..7).
+Their weights (alpha, beta, gamma, delta and the level weights, sections 2.8-2.10) are the plain
+dict `Distiller.loss_weights`, built from the config by `kd_loss_weights`; the engine applies
+them, with `train.loss_weights`, in one place.
 
 In training (`build_distiller`) the mask jitter draws from the distiller's own `torch.Generator`
 (`jitter_generator`), not from the global stream: nothing else that draws from the global
@@ -19,11 +23,12 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from pgd_deploy.config import DistillConfig
-from pgd_deploy.distill.losses import cls_distill_loss, reg_distill_loss
+from pgd_deploy.distill.losses import cls_distill_terms, reg_distill_terms
 from pgd_deploy.distill.masks import batch_masks
 from pgd_deploy.distill.teacher import (
     check_compatible,
@@ -36,10 +41,65 @@ from pgd_deploy.models.fcos import flatten_levels
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Distiller", "build_distiller", "jitter_generator"]
+__all__ = ["Distiller", "build_distiller", "jitter_generator", "kd_loss_weights", "kd_term_names"]
 
 FIRST_LEVEL = 3  # loss names count FPN levels from P3
 JITTER_STREAM = 0x9E3779B9  # keeps the jitter seeds apart from the global seed (train.seed + rank)
+
+
+def kd_term_names(num_levels: int) -> list[str]:
+    """The distiller's loss names, in the order it returns them: level by level from P3,
+    kd_cls_fg, kd_cls_bg, kd_cls_att, kd_reg_feat, kd_reg_att."""
+    return [
+        f"kd_{term}_p{level + FIRST_LEVEL}"
+        for level in range(num_levels)
+        for term in ("cls_fg", "cls_bg", "cls_att", "reg_feat", "reg_att")
+    ]
+
+
+def kd_loss_weights(cfg: DistillConfig, num_levels: int | None = None) -> dict[str, float]:
+    """The weight of every KD term, from the config (sections 2.8-2.10).
+
+    Level l (weight lambda_l of `cfg.level_weights`): kd_cls_fg = lambda_l * alpha,
+    kd_cls_bg = lambda_l * beta, kd_cls_att = delta, kd_reg_feat = gamma, kd_reg_att = delta;
+    so the weighted sum of a level's terms is `cls_distill_loss + reg_distill_loss` of it.
+    The products are rounded as the float32 losses round lambda_l * (alpha * L_fg), so that
+    a float32 training step gets exactly the gradients of those losses (`_float32_product`).
+
+    Args:
+        cfg: the distillation settings.
+        num_levels: the teacher's FPN levels, checked against `cfg.level_weights` when given.
+
+    Raises:
+        ValueError: `cfg.level_weights` does not hold one weight per level.
+    """
+    if num_levels is not None and len(cfg.level_weights) != num_levels:
+        raise ValueError(
+            f"distill.level_weights needs one weight per level ({num_levels}), "
+            f"got {tuple(cfg.level_weights)}"
+        )
+    weights = {}
+    for level, level_weight in enumerate(cfg.level_weights):
+        name = f"p{level + FIRST_LEVEL}"
+        weights[f"kd_cls_fg_{name}"] = _float32_product(level_weight, cfg.alpha)
+        weights[f"kd_cls_bg_{name}"] = _float32_product(level_weight, cfg.beta)
+        weights[f"kd_cls_att_{name}"] = cfg.delta
+        weights[f"kd_reg_feat_{name}"] = cfg.gamma
+        weights[f"kd_reg_att_{name}"] = cfg.delta
+    return weights
+
+
+def _float32_product(a: float, b: float) -> float:
+    """a * b with both factors and the product rounded to float32.
+
+    `cls_distill_loss` computes lambda_l * (alpha * L) in float32, so L receives the gradient
+    float32(float32(lambda_l) * float32(alpha)). The float64 product, rounded once, can differ
+    from it in the last bit, and training amplifies that into visibly different weights (a
+    20-step run moved them by 0.3 % in norm). Rounded like the loss, the engine's weights give
+    the same gradients bit for bit, so runs are unchanged by the move of the weights out of the
+    loss. (gamma and delta need nothing: the loss multiplies by them alone, as the engine does.)
+    """
+    return float(np.float32(a) * np.float32(b))
 
 
 def jitter_generator(device: str | torch.device, *, seed: int, rank: int = 0) -> torch.Generator:
@@ -51,26 +111,22 @@ def jitter_generator(device: str | torch.device, *, seed: int, rank: int = 0) ->
 
 
 class Distiller:
-    """PGD losses of a student against a frozen teacher (no parameters of its own).
+    """Unweighted PGD loss terms of a student against a frozen teacher (no parameters).
 
     Call: `distiller(images [B, 3, H, W], student_outputs, targets) -> dict[str, Tensor]` with
-    keys `kd_cls_p3..kd_cls_p7` and `kd_reg_p3..kd_reg_p7`. The hyperparameters (alpha, beta,
-    gamma, delta, level weights) are applied inside each loss; the engine sums the dict as is.
+    the keys `kd_term_names(levels)`. `loss_weights` holds one weight per key (DETR's
+    `weight_dict`): the engine multiplies each term by its weight; the distiller never does.
     """
 
     def __init__(
         self,
         *,
         teacher: DenseDetector,
+        loss_weights: Mapping[str, float] | None = None,
         temperature: float = 0.8,
-        alpha: float = 0.04,
-        beta: float = 0.02,
-        gamma: float = 0.064,
-        delta: float = 0.0008,
         topk: int = 30,
         xi_cls: float = 0.8,
         xi_reg: float = 0.6,
-        level_weights: Sequence[float] = (1.0, 1.25, 1.5, 1.75, 2.0),
         mask_group: int | None = 4,
         jitter: float = 0.05,
         swap_xy: bool = False,
@@ -80,17 +136,21 @@ class Distiller:
             raise ValueError(f"distill.topk must be >= 1, got {topk}")
         if mask_group is not None and mask_group < 1:
             raise ValueError(f"distill.mask_group must be None or >= 1, got {mask_group}")
-        if len(level_weights) != len(teacher.strides):
+        names = kd_term_names(len(teacher.strides))
+        if loss_weights is None:  # the config's defaults
+            loss_weights = kd_loss_weights(DistillConfig(), len(teacher.strides))
+        if set(loss_weights) != set(names):
+            missing = [k for k in names if k not in loss_weights]
+            unexpected = [k for k in loss_weights if k not in names]
             raise ValueError(
-                f"distill.level_weights needs one weight per level ({len(teacher.strides)}), "
-                f"got {tuple(level_weights)}"
+                f"loss_weights needs one weight per KD term of the {len(teacher.strides)} "
+                f"levels: missing {missing}, unexpected {unexpected}"
             )
         self.teacher = freeze(teacher)
+        self.loss_weights = {name: float(loss_weights[name]) for name in names}
         self.temperature = temperature
-        self.alpha, self.beta, self.gamma, self.delta = alpha, beta, gamma, delta
         self.topk = topk
         self.xi_cls, self.xi_reg = xi_cls, xi_reg
-        self.level_weights = tuple(float(w) for w in level_weights)
         self.mask_group = mask_group
         self.jitter = jitter
         self.swap_xy = swap_xy
@@ -132,7 +192,7 @@ class Distiller:
         student_outputs: HeadOutputs,
         targets: Sequence[Mapping[str, Tensor]],
     ) -> dict[str, Tensor]:
-        """KD losses of one batch.
+        """Unweighted KD terms of one batch.
 
         Args:
             images: [B, 3, H, W] the exact batch tensor the student saw.
@@ -140,7 +200,8 @@ class Distiller:
             targets: B dicts with "boxes" [G, 4] xyxy px and "labels" [G] int64.
 
         Returns:
-            {"kd_cls_p3": scalar, ..., "kd_reg_p7": scalar}, fp32.
+            {"kd_cls_fg_p3": scalar, ..., "kd_reg_att_p7": scalar} in `kd_term_names` order:
+            the terms of `cls_distill_terms` and `reg_distill_terms` of each level, fp32.
 
         Raises:
             ValueError: batch size or tap shapes differ between images, targets, student, teacher.
@@ -164,32 +225,23 @@ class Distiller:
         )
         for level, (cls_mask, reg_mask, bg_mask) in enumerate(levels):  # [B, H_l, W_l] each
             name = f"p{level + FIRST_LEVEL}"
-            losses[f"kd_cls_{name}"] = cls_distill_loss(
+            cls_terms = cls_distill_terms(
                 student_outputs.cls_taps[level],
                 teacher_outputs.cls_taps[level],
                 cls_mask,
                 bg_mask,
                 temperature=self.temperature,
-                alpha=self.alpha,
-                beta=self.beta,
-                delta=self.delta,
-                level_weight=self.level_weights[level],
                 mask_group=group,
             )
-            losses[f"kd_reg_{name}"] = reg_distill_loss(
+            reg_terms = reg_distill_terms(
                 student_outputs.reg_taps[level],
                 teacher_outputs.reg_taps[level],
                 reg_mask,
                 temperature=self.temperature,
-                gamma=self.gamma,
-                delta=self.delta,
             )
-        order = [
-            f"kd_{kind}_p{level + FIRST_LEVEL}"
-            for kind in ("cls", "reg")
-            for level in range(len(sizes))
-        ]
-        return {key: losses[key] for key in order}
+            losses.update({f"kd_cls_{term}_{name}": v for term, v in cls_terms.items()})
+            losses.update({f"kd_reg_{term}_{name}": v for term, v in reg_terms.items()})
+        return losses
 
     def teacher_forward(self, images: Tensor) -> HeadOutputs:
         """Teacher head outputs in eval mode without gradient (P11)."""
@@ -280,7 +332,8 @@ def build_distiller(
         seed, rank: the training seed and process rank the default generator derives from.
 
     Raises:
-        ValueError: no teacher configured, unreadable teacher, incompatible heads.
+        ValueError: no teacher configured, unreadable teacher, incompatible heads, or not one
+            level weight per teacher level.
     """
     if not cfg.teacher:
         raise ValueError("distill.teacher is empty: no teacher checkpoint to distil from")
@@ -294,15 +347,11 @@ def build_distiller(
         generator = jitter_generator(device, seed=seed, rank=rank)
     return Distiller(
         teacher=teacher,
+        loss_weights=kd_loss_weights(cfg, len(teacher.strides)),
         temperature=cfg.temperature,
-        alpha=cfg.alpha,
-        beta=cfg.beta,
-        gamma=cfg.gamma,
-        delta=cfg.delta,
         topk=cfg.topk,
         xi_cls=cfg.xi_cls,
         xi_reg=cfg.xi_reg,
-        level_weights=cfg.level_weights,
         mask_group=cfg.mask_group,
         jitter=cfg.jitter,
         swap_xy=cfg.swap_xy,

@@ -1,6 +1,9 @@
 """PGD feature-imitation losses of one FPN level (pgd_method.md sections 2.8 and 2.9).
 
-Pure functions: student and teacher tap features of one level plus the masks in, a scalar out.
+Pure functions: student and teacher tap features of one level plus the masks in, scalars out.
+`cls_distill_terms` and `reg_distill_terms` return the unweighted terms (what the distiller
+reports and the engine weighs); `cls_distill_loss` and `reg_distill_loss`, the public contract,
+are their weighted sums.
 Everything is computed in fp32 (float64 stays float64) whatever the input precision, and the
 teacher features and masks are detached here, so no gradient can reach the teacher. The student
 attention maps are not detached: the attention-transfer term trains them towards the teacher's.
@@ -18,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 EPS = 1e-10  # clamp of the nonzero-count normalisation
 
-__all__ = ["cls_distill_loss", "reg_distill_loss"]
+__all__ = ["cls_distill_loss", "cls_distill_terms", "reg_distill_loss", "reg_distill_terms"]
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -77,22 +80,17 @@ def _group_sum(x: Tensor, group: int) -> Tensor:
     return x.reshape(n // group, group, h, w).sum(dim=1)
 
 
-def cls_distill_loss(
+def cls_distill_terms(
     student: Tensor,
     teacher: Tensor,
     fg: Tensor,
     bg: Tensor,
     *,
     temperature: float,
-    alpha: float,
-    beta: float,
-    delta: float,
-    level_weight: float,
     mask_group: int | None = None,
-) -> Tensor:
-    """Classification-tower PGD loss of one level (section 2.8).
+) -> dict[str, Tensor]:
+    """Unweighted terms of the classification-tower PGD loss of one level (section 2.8).
 
-    L = level_weight * alpha * L_fg + level_weight * beta * L_bg + delta * L_att, where
     L_fg = 1/N sum_n sum_{c,h,w} fg_hat[n,h,w] * A_sp^T[n,h,w] * A_ch^T[n,c,h,w] * (F^S - F^T)^2
     with fg_hat = fg / max(#nonzero(fg[n]), 1e-10) (L_bg likewise with bg), and
     L_att = sum|A_ch^S - A_ch^T| / (N*H*W) + sum|A_sp^S - A_sp^T| / N.
@@ -103,16 +101,12 @@ def cls_distill_loss(
         fg: [N, H, W] PGW cls mask (raw weights; count-normalised here).
         bg: [N, H, W] background mask (0/1; count-normalised here).
         temperature: softmax temperature T of the spatial and channel attention.
-        alpha: foreground weight.
-        beta: background weight.
-        delta: attention-transfer weight (not multiplied by `level_weight`).
-        level_weight: lambda_l of this level, multiplies the fg and bg terms only.
         mask_group: None = each image uses its own masks (the intended form); n = the official
             cross-image broadcast within consecutive groups of n images, averaged over the groups
             (pitfall P2). N must be divisible by n.
 
     Returns:
-        Scalar loss, fp32 (float64 for float64 inputs).
+        {"fg": L_fg, "bg": L_bg, "att": L_att}, scalars, fp32 (float64 for float64 inputs).
 
     Raises:
         ValueError: wrong shapes, temperature <= 0, a bad `mask_group`.
@@ -152,7 +146,88 @@ def cls_distill_loss(
     loss_att = (channel_s - channel_t).abs().sum() / (n * h * w) + (
         spatial_s - spatial_t
     ).abs().sum() / n
-    return level_weight * (alpha * loss_fg + beta * loss_bg) + delta * loss_att
+    return {"fg": loss_fg, "bg": loss_bg, "att": loss_att}
+
+
+def cls_distill_loss(
+    student: Tensor,
+    teacher: Tensor,
+    fg: Tensor,
+    bg: Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    delta: float,
+    level_weight: float,
+    mask_group: int | None = None,
+) -> Tensor:
+    """Classification-tower PGD loss of one level (section 2.8).
+
+    L = level_weight * alpha * L_fg + level_weight * beta * L_bg + delta * L_att, with the terms
+    of `cls_distill_terms`.
+
+    Args:
+        student, teacher, fg, bg, temperature, mask_group: as in `cls_distill_terms`.
+        alpha: foreground weight.
+        beta: background weight.
+        delta: attention-transfer weight (not multiplied by `level_weight`).
+        level_weight: lambda_l of this level, multiplies the fg and bg terms only.
+
+    Returns:
+        Scalar loss, fp32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: wrong shapes, temperature <= 0, a bad `mask_group`.
+    """
+    terms = cls_distill_terms(
+        student, teacher, fg, bg, temperature=temperature, mask_group=mask_group
+    )
+    return level_weight * (alpha * terms["fg"] + beta * terms["bg"]) + delta * terms["att"]
+
+
+def reg_distill_terms(
+    student: Tensor, teacher: Tensor, fg: Tensor, *, temperature: float
+) -> dict[str, Tensor]:
+    """Unweighted terms of the regression-tower PGD loss of one level (section 2.9).
+
+    Over the set P of locations of the whole batch where fg != 0, with per-pixel channel
+    attention a = Ch * softmax_c(|F| / T):
+    L_feat = 1/|P| sum_p fg(p) * mean_c a^T_pc (F^S_pc - F^T_pc)^2,
+    L_att = 1/|P| sum_p sum_c |a^S_pc - a^T_pc|.
+    Both exactly 0 (still connected to the student graph) when P is empty.
+
+    Args:
+        student: [N, Ch, H, W] student tap features (gradient flows into them).
+        teacher: [N, Ch, H, W] teacher tap features (detached here).
+        fg: [N, H, W] raw PGW reg weights (not normalised).
+        temperature: channel-attention softmax temperature T.
+
+    Returns:
+        {"feat": L_feat, "att": L_att}, scalars, fp32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: wrong shapes or temperature <= 0.
+    """
+    _check_features(student, teacher)
+    _check_mask(fg, "fg", student)
+    _check_temperature(temperature)
+    dtype = _compute_dtype(student, teacher)
+    fg = fg.detach()
+    batch_idx, row_idx, col_idx = torch.nonzero(fg, as_tuple=True)  # P locations each
+    if batch_idx.numel() == 0:
+        zero = student.to(dtype).sum() * 0.0
+        return {"feat": zero, "att": zero}
+    # Advanced indexing with the channel slice in the middle puts P first: [P, Ch].
+    student_p = student[batch_idx, :, row_idx, col_idx].to(dtype)
+    teacher_p = teacher.detach()[batch_idx, :, row_idx, col_idx].to(dtype)
+    weight = fg[batch_idx, row_idx, col_idx].to(dtype)  # [P]
+    channel_t = channel_attention(teacher_p, temperature)  # [P, Ch]
+    channel_s = channel_attention(student_p, temperature)
+    num = batch_idx.numel()
+    loss_feat = ((channel_t * (student_p - teacher_p).square()).mean(dim=1) * weight).sum() / num
+    loss_att = (channel_s - channel_t).abs().sum() / num
+    return {"feat": loss_feat, "att": loss_att}
 
 
 def reg_distill_loss(
@@ -166,17 +241,11 @@ def reg_distill_loss(
 ) -> Tensor:
     """Regression-tower PGD loss of one level (section 2.9).
 
-    Over the set P of locations of the whole batch where fg != 0, with per-pixel channel
-    attention a = Ch * softmax_c(|F| / T):
-    L = gamma * 1/|P| sum_p fg(p) * mean_c a^T_pc (F^S_pc - F^T_pc)^2
-        + delta * 1/|P| sum_p sum_c |a^S_pc - a^T_pc|.
-    Exactly 0 (still connected to the student graph) when P is empty.
+    L = gamma * L_feat + delta * L_att, with the terms of `reg_distill_terms`; exactly 0 (still
+    connected to the student graph) when fg has no nonzero location.
 
     Args:
-        student: [N, Ch, H, W] student tap features (gradient flows into them).
-        teacher: [N, Ch, H, W] teacher tap features (detached here).
-        fg: [N, H, W] raw PGW reg weights (not normalised).
-        temperature: channel-attention softmax temperature T.
+        student, teacher, fg, temperature: as in `reg_distill_terms`.
         gamma: feature-imitation weight.
         delta: attention-transfer weight.
 
@@ -186,21 +255,5 @@ def reg_distill_loss(
     Raises:
         ValueError: wrong shapes or temperature <= 0.
     """
-    _check_features(student, teacher)
-    _check_mask(fg, "fg", student)
-    _check_temperature(temperature)
-    dtype = _compute_dtype(student, teacher)
-    fg = fg.detach()
-    batch_idx, row_idx, col_idx = torch.nonzero(fg, as_tuple=True)  # P locations each
-    if batch_idx.numel() == 0:
-        return student.to(dtype).sum() * 0.0
-    # Advanced indexing with the channel slice in the middle puts P first: [P, Ch].
-    student_p = student[batch_idx, :, row_idx, col_idx].to(dtype)
-    teacher_p = teacher.detach()[batch_idx, :, row_idx, col_idx].to(dtype)
-    weight = fg[batch_idx, row_idx, col_idx].to(dtype)  # [P]
-    channel_t = channel_attention(teacher_p, temperature)  # [P, Ch]
-    channel_s = channel_attention(student_p, temperature)
-    num = batch_idx.numel()
-    loss_feat = ((channel_t * (student_p - teacher_p).square()).mean(dim=1) * weight).sum() / num
-    loss_att = (channel_s - channel_t).abs().sum() / num
-    return gamma * loss_feat + delta * loss_att
+    terms = reg_distill_terms(student, teacher, fg, temperature=temperature)
+    return gamma * terms["feat"] + delta * terms["att"]
