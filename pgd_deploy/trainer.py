@@ -53,7 +53,7 @@ from pgd_deploy.engine import (  # noqa: F401  (evaluate_checkpoint: public here
 )
 from pgd_deploy.io_utils import remove_stale_temp_files, write_json
 from pgd_deploy.metrics import format_metrics
-from pgd_deploy.models import build_detector, load_detector
+from pgd_deploy.models import build_detector
 from pgd_deploy.schedule import Schedule, build_optimizer, build_scheduler
 from pgd_deploy.training_log import TrainingLog, UnreadableImages
 from pgd_deploy.workdir import check_resumable, check_same_classes, check_start, clear_run

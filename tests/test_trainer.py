@@ -303,7 +303,7 @@ class _CodeInPickle:
 
 def test_files_holding_code_are_refused_as_such_everywhere(tmp_path):
     from pgd_deploy.checkpoint import UnsafeFileError
-    from pgd_deploy.distill.distiller import load_teacher
+    from pgd_deploy.distill.teacher import load_teacher
     from pgd_deploy.models.backbone import build_backbone
 
     marker = tmp_path / "pwned"

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from pgd_deploy.runtime.contract import check_io_contract, check_metadata, check_output_shapes
 from pgd_deploy.labels import class_labels
+from pgd_deploy.runtime.contract import check_io_contract, check_metadata, check_output_shapes
 from pgd_deploy.runtime.manifest import read_manifest
 from pgd_deploy.runtime.postprocess import postprocess_batch
 from pgd_deploy.runtime.preprocess import ImageTransform, preprocess
