@@ -6,7 +6,9 @@ A checkpoint is a dict:
     iteration, epoch, metrics (dict), and for resuming: optimizer, scheduler, scaler, rng.
 
 This module knows the file format only; `pgd_deploy.models.load_detector` builds the detector
-a checkpoint (or a plain state dict) describes.
+a checkpoint (or a plain state dict) describes. A quantization-aware checkpoint also has `qat`
+(`pgd_deploy.qat.checkpoint_entry`): its model is rebuilt with folded BatchNorm and int8 fake
+quantizers before the weights are loaded.
 """
 
 from __future__ import annotations

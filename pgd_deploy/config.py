@@ -124,6 +124,14 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class QatConfig:
+    """Quantization-aware fine-tuning of a trained student with int8 fake quantization (qat.py)."""
+
+    init: str = ""  # trained fp32 student checkpoint to fine-tune; "" = no QAT
+    calib_images: int = 64  # training images (no augmentation) that calibrate the int8 ranges
+
+
+@dataclass(frozen=True)
 class TrainJob:
     """Everything `pgd-train fit` needs."""
 
@@ -131,6 +139,7 @@ class TrainJob:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    qat: QatConfig = field(default_factory=QatConfig)
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,10 @@ class ExportConfig:
 
     format: Literal["onnx", "tensorrt", "triton"] = "onnx"  # artifact to produce
     precision: Literal["fp32", "fp16", "int8"] = "fp32"  # numeric precision of the artifact
+    # int8 Q/DQ rules: "cpu" = uint8 activations for ONNX Runtime's x86 kernels, "tensorrt" =
+    # symmetric int8 (zero point 0; the only choice for a plan); "auto" = tensorrt when a plan is
+    # built, else cpu
+    int8_target: Literal["auto", "cpu", "tensorrt"] = "auto"
     imgsz: tuple[int, ...] = (800, 1344)  # (H, W) fixed letterbox input size
     batch_min: int = 1  # optimisation profile: smallest batch
     batch_opt: int = 8  # optimisation profile: batch tuned for
@@ -165,6 +178,7 @@ class ExportConfig:
     val: str = ""  # gate images: COCO JSON or dataset root (+ mAP gate), or a plain image folder
     val_images: str = ""  # image folder of a --val JSON ("" = beside the JSON or ../images)
     calib_data: str = ""  # int8 calibration image folder ("" = the checkpoint's training images)
+    fp32_reference: str = ""  # QAT checkpoint: fp32 model of agreement/mAP ("" = its qat.init)
     trt_version_compatible: bool = False  # TensorRT VERSION_COMPATIBLE (lean runtime in the plan)
     device: str = "auto"  # device for the PyTorch reference ("auto", "cpu", "cuda")
 
@@ -184,6 +198,9 @@ class GatesConfig:
     map_tolerance_fp32: float = 0.1  # allowed AP drop (points) vs PyTorch, fp32
     map_tolerance_fp16: float = 0.3  # allowed AP drop (points) vs PyTorch, fp16
     map_tolerance_int8: float = 1.0  # allowed AP drop (points) vs PyTorch, int8
+    # QAT int8 parity, layer by layer (export/README.md): the fraction of a quantized conv's int8
+    # outputs that land more than half a step from the fake quant's on the same input (float ties)
+    qat_layer_mismatch: float = 1e-3
 
 
 @dataclass(frozen=True)

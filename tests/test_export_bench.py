@@ -9,8 +9,10 @@ import pytest
 from pgd_deploy.export.bench import BenchRow, format_table, parse_targets, plot_speed_accuracy
 
 
-def _row(model, runtime, p50, ap=None, batch=1):
-    return BenchRow(model, runtime, "fp32", 10.0, batch, p50, p50, p50, 1000 / p50, None, ap)
+def _row(model, runtime, p50, ap=None, batch=1, precision="fp32", target=""):
+    return BenchRow(
+        model, runtime, precision, 10.0, batch, p50, p50, p50, 1000 / p50, None, ap, "", target
+    )
 
 
 def test_table_has_the_issue_columns_and_ratios():
@@ -21,14 +23,16 @@ def test_table_has_the_issue_columns_and_ratios():
         _row("student", "onnxruntime (CPU)", 10.0),
         _row("teacher", "torch (CPU)", 40.0),
         _row("teacher", "onnxruntime (CPU)", 30.0),
+        _row("student", "onnxruntime (CPU)", 5.0, precision="int8", target="cpu"),
     ]
     _fill_ratios(rows)
-    assert [r.ratio for r in rows] == [1.0, 0.5, 1.0, 0.75]
+    assert [r.ratio for r in rows] == [1.0, 0.5, 1.0, 0.75, 0.25]
     table = format_table(rows)
     assert table.splitlines()[0].startswith(
-        "| model | runtime | precision | MB | batch | p50 ms | p99 ms | img/s | ratio"
+        "| model | runtime | precision | int8 target | MB | batch | p50 ms | p99 ms | img/s | ratio"
     )
-    assert "| student | onnxruntime (CPU) | fp32 | 10.0 | 1 | 10.00 |" in table
+    assert "| student | onnxruntime (CPU) | fp32 | - | 10.0 | 1 | 10.00 |" in table
+    assert "| student | onnxruntime (CPU) | int8 | cpu | 10.0 | 1 | 5.00 |" in table
     assert "0.50x" in table and " AP |" not in table
 
 

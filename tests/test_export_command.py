@@ -237,6 +237,20 @@ def test_missing_checkpoint(tmp_path, capsys):
         (["--set", "export.gate_images=0"], "--gate-images"),
         (["--set", "export.nope=1"], "unknown config key 'export.nope'"),
         (["--set", "gates.fp32_box_atol=big"], "gates.fp32_box_atol"),
+        (["--precision", "int8", "--int8-target", "cpu", "--format", "tensorrt"], "zero point 0"),
+        (
+            [
+                "--precision",
+                "int8",
+                "--int8-target",
+                "cpu",
+                "--format",
+                "triton",
+                "--set",
+                "export.triton_source='tensorrt'",
+            ],
+            "--int8-target cpu with a Triton plan",
+        ),
     ],
 )
 def test_profile_validation_names_the_flag(ckpt, tmp_path, capsys, flags, message):
@@ -244,6 +258,25 @@ def test_profile_validation_names_the_flag(ckpt, tmp_path, capsys, flags, messag
     args = [*base, "--imgsz", "64x96", *flags]
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides, target",
+    [
+        ({"format": "onnx"}, "cpu"),
+        ({"format": "triton"}, "cpu"),
+        ({"format": "onnx", "int8_target": "tensorrt"}, "tensorrt"),
+        ({"format": "tensorrt"}, "tensorrt"),
+        ({"format": "triton", "triton_source": "tensorrt"}, "tensorrt"),
+        ({"format": "tensorrt", "int8_target": "tensorrt"}, "tensorrt"),
+    ],
+)
+def test_int8_target_defaults_to_cpu_and_plans_get_tensorrt(overrides, target):
+    from pgd_deploy.config import ExportConfig
+    from pgd_deploy.export.pipeline import resolve_int8_target
+
+    assert resolve_int8_target(ExportConfig(precision="int8", **overrides)) == target
+    assert resolve_int8_target(ExportConfig(precision="fp16", **overrides)) is None
 
 
 def test_bad_imgsz_text_is_an_argparse_error(capsys):

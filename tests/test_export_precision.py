@@ -90,30 +90,41 @@ def test_fp16_artifact_keeps_io_and_decode_tail_in_fp32_and_passes_its_gate(trai
                     assert to != FP16, f"{node.name} reads an fp16 cast of {name}"
 
 
-def test_int8_artifact_is_qdq_calibrated_on_training_images_and_reported(ckpt, tmp_path):
+@pytest.mark.parametrize("target", ["tensorrt", "cpu"])
+def test_int8_artifact_is_qdq_calibrated_on_training_images_and_reported(ckpt, tmp_path, target):
     calib = coco128("train2017")
-    result = run_export(ckpt, _job(tmp_path, "int8", calib_images=4, calib_data=str(calib)))
+    job = _job(tmp_path, "int8", calib_images=4, calib_data=str(calib), int8_target=target)
+    result = run_export(ckpt, job)
     path = tmp_path / "student_int8.onnx"
     manifest = read_manifest(path)
     parity, agreement, _ = manifest["gates"]["results"]
     assert parity["passed"] is None and "max" in parity["value"]  # int8: reported only
     assert agreement["passed"] is None and agreement["detail"]["reference_detections"] > 0
     assert result.exit_code == 0 and manifest["status"] == "passed"
+    assert manifest["int8_target"] == target and manifest["recipe"]["int8_target"] == target
     recipe = manifest["recipe"]
     assert recipe["calib_images"] == 4 and recipe["calib_source"] == str(calib)
-    assert recipe["activations"].startswith("int8 symmetric")
+    assert recipe["scales"] == "calibrated (post-training)"
     model = onnx.load(str(path))
     ops = [n.op_type for n in model.graph.node]
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
-    # TensorRT rules: zero points are 0 (symmetric) and weights per channel.
     inits = {i.name: i for i in model.graph.initializer}
+    producers = _producers(model)
+    zero_points = {}  # (quantized tensor is a weight, dtype) -> values, over every Q and DQ
     for node in model.graph.node:
-        if node.op_type == "QuantizeLinear" and len(node.input) > 2:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             zp = onnx.numpy_helper.to_array(inits[node.input[2]])
-            assert not zp.any()
+            key = (node.input[0] in inits, zp.dtype.name)
+            zero_points.setdefault(key, set()).update(zp.reshape(-1).tolist())
+    if target == "tensorrt":  # TensorRT rules: int8 and zero point 0 everywhere
+        assert zero_points == {(True, "int8"): {0}, (False, "int8"): {0}}
+        assert recipe["activations"].startswith("int8 symmetric")
+    else:  # U8S8: uint8 activations (calibrated zero points), symmetric int8 weights
+        assert set(zero_points) == {(True, "int8"), (False, "uint8")}
+        assert zero_points[True, "int8"] == {0}
+        assert recipe["op_types"] == ["Conv"] and recipe["activations"].startswith("uint8")
     # The decode tail and the predictors stay float: no Q/DQ on their inputs.
     excluded = set(recipe["fp32_nodes"])
-    producers = _producers(model)
     for node in model.graph.node:
         if node.name in excluded:
             assert all(

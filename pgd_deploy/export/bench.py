@@ -44,6 +44,7 @@ class BenchRow:
     ratio: float | None = None  # p50 / PyTorch eager p50 of the same model and batch
     ap: float | None = None  # COCO AP (points) on --val, when given
     path: str = ""
+    int8_target: str = ""  # "cpu" / "tensorrt" for int8 artifacts (their manifest), else ""
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ def run_bench(
                     None,
                     aps[i],
                     path,
+                    str(backend.meta.get("int8_target") or ""),
                 )
             )
     _fill_ratios(rows)
@@ -243,17 +245,18 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     """The benchmark as one markdown table."""
     show_ap = any(r.ap is not None for r in rows)
     head = (
-        "| model | runtime | precision | MB | batch | p50 ms | p99 ms | img/s "
+        "| model | runtime | precision | int8 target | MB | batch | p50 ms | p99 ms | img/s "
         "| ratio to PyTorch eager |"
     )
-    sep = "|---|---|---|---:|---:|---:|---:|---:|---:|"
+    sep = "|---|---|---|---|---:|---:|---:|---:|---:|---:|"
     if show_ap:
         head, sep = head + " AP |", sep + "---:|"
     lines = [head, sep]
     for r in rows:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
         line = (
-            f"| {r.model} | {r.runtime} | {r.precision} | {r.size_mb:.1f} | {r.batch} | "
+            f"| {r.model} | {r.runtime} | {r.precision} | {r.int8_target or '-'} | "
+            f"{r.size_mb:.1f} | {r.batch} | "
             f"{r.p50:.2f} | {r.p99:.2f} | {r.img_s:.1f} | {ratio} |"
         )
         if show_ap:

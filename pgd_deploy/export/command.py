@@ -22,6 +22,7 @@ from pgd_deploy.config import add_override_argument
 EXPORT_FLAGS = {  # CLI flag (argparse dest) -> ExportConfig key
     "format": "format",
     "precision": "precision",
+    "int8_target": "int8_target",
     "imgsz": "imgsz",
     "batch_min": "batch_min",
     "batch_opt": "batch_opt",
@@ -80,6 +81,12 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="export profile TOML, e.g. export/tensorrt_fp16.toml")
     p.add_argument("--format", choices=["onnx", "tensorrt", "triton"])
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"])
+    p.add_argument(
+        "--int8-target",
+        choices=["auto", "cpu", "tensorrt"],
+        help="int8 Q/DQ rules: cpu = uint8 activations (ONNX Runtime on x86), tensorrt = "
+        "symmetric int8 (plans, Triton plans); auto (default) = tensorrt when a plan is built",
+    )
     p.add_argument("--imgsz", type=parse_imgsz, help="fixed input HxW, multiples of 32")
     for flag in ("batch-min", "batch-opt", "batch-max"):
         p.add_argument(f"--{flag}", type=int, help="optimisation profile batch")

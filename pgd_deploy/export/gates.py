@@ -2,13 +2,17 @@
 
 1. parity: tensor parity against PyTorch on real letterboxed images (`parity.compare`): fp32
    elementwise (boxes atol 1e-3 px, scores 1e-4), fp16 mean error (<= 1e-2 absolute or
-   normalised), int8 reported only.
+   normalised), int8 reported only. A quantization-aware (QAT) int8 export is compared with its
+   own fake-quant model in PyTorch, end to end (reported) and layer by layer (gated,
+   `qat_export.layerwise_parity`).
 2. agreement: label-free detection agreement after NMS: the fraction of PyTorch detections above
    the score threshold matched by the export with the same class and IoU >= 0.9. For an
    in-graph NMS artifact the PyTorch side selects its NMS candidates as the graph does (the same
    pre-NMS top-k, `same_candidates`); tensor parity then runs on its dense twin.
 3. map: with `--val` annotations, COCO AP of the export >= PyTorch AP - tolerance (AP points),
    one-sided as in mmdeploy, same evaluator, same images.
+For a QAT export, agreement and mAP compare with the fp32 student it was fine-tuned from
+(`fp32_reference`): what int8 costs against the model one would deploy otherwise.
 Each gate has its own exit code (`EXIT_CODES`); the first failing gate decides the exit status.
 """
 
@@ -49,6 +53,7 @@ class GateReport:
     images: int
     image_source: str
     results: list[GateResult] = field(default_factory=list)
+    references: dict[str, str] = field(default_factory=dict)  # gate(s) -> what they compare with
 
     @property
     def passed(self) -> bool:
@@ -67,6 +72,7 @@ class GateReport:
             "images": self.images,
             "image_source": self.image_source,
             "results": [asdict(r) for r in self.results],
+            "references": dict(self.references),
         }
 
     def to_markdown(self) -> str:
@@ -75,6 +81,7 @@ class GateReport:
             f"### Gates: {self.artifact} ({self.precision})",
             "",
             f"{self.images} images from {self.image_source}",
+            *(f"{gate}: against {what}" for gate, what in self.references.items()),
             "",
             "| gate | result | measured | required |",
             "|---|---|---|---|",
@@ -103,6 +110,8 @@ def _parity_result(report: ParityReport) -> GateResult:
         threshold = "reported only"
     elif first.stat == "max":
         threshold = ", ".join(f"{o.name} max <= {o.atol:g}" for o in outs)
+    elif first.rtol is None:
+        threshold = ", ".join(f"{o.name} mean <= {o.atol:g}" for o in outs)
     else:
         threshold = f"mean abs <= {first.atol:g} or normalised mean <= {first.rtol:g}"
     return GateResult("parity", report.passed, value, threshold, report.to_dict())
@@ -220,11 +229,13 @@ def run_gates(
     batch_size: int,
     dense_candidate: Any | None = None,
     artifact: str = "",
+    fp32_reference: Any | None = None,
 ) -> GateReport:
     """Run the three gates in one pass over the images.
 
     Args:
-        reference: the PyTorch backend (ground truth).
+        reference: the PyTorch backend of the exported model (tensor parity; also agreement and
+            mAP unless `fp32_reference` is given).
         candidate: the exported artifact's backend (its own post-processing or in-graph NMS).
         images: gate images (with annotations for the mAP gate).
         precision: "fp32", "fp16" or "int8" (selects the tolerances).
@@ -234,6 +245,8 @@ def run_gates(
         dense_candidate: for in-graph NMS artifacts, the same model before NMS (tensor parity
             needs the dense outputs); None when `candidate` itself is dense.
         artifact: the artifact name for the report.
+        fp32_reference: a QAT export's fp32 student: agreement and mAP compare with it, while
+            `reference` is the fake-quant model (tensor parity, reported end to end).
     """
     dense = _dense(candidate, dense_candidate, artifact)
     items = list(images.batches(imgsz, batch_size))
@@ -241,10 +254,13 @@ def run_gates(
     cand_dets: list[Detections] = []
     post = reference.postprocess_kwargs
     ref_post = same_candidates(candidate)
+    accurate = fp32_reference or reference
 
     def collect(i: int, batch: np.ndarray, ref_out: Any, dense_out: Any) -> None:
         transforms = items[i][1]
-        ref_dets.extend(reference.postprocess(ref_out, transforms, **ref_post))
+        if fp32_reference is not None:
+            ref_out = fp32_reference.infer(batch)
+        ref_dets.extend(accurate.postprocess(ref_out, transforms, **ref_post))
         out = dense_out if candidate is dense else candidate.infer(batch)
         cand_dets.extend(candidate.postprocess(out, transforms, **post))
 
@@ -262,6 +278,11 @@ def run_gates(
     )
     agreement.detail["reference_postprocess"] = {**post, **ref_post}
     report.results.append(agreement)
+    if fp32_reference is not None:
+        report.references = {
+            "parity": "the fake-quant model in PyTorch",
+            "agreement, map": f"the fp32 model {getattr(accurate, 'path', None) or ''}".strip(),
+        }
     report.results.append(
         _map_result(
             images, ref_dets, cand_dets, reference.category_ids, map_tolerance(precision, gates)

@@ -1,7 +1,8 @@
 """The end-to-end export behind `pgd-export`: checkpoint -> artifact(s) -> gates -> manifest.
 
 Steps: validate the profile; load the checkpoint; export the dense fp32 ONNX (legacy exporter,
-opset 17, onnxslim); convert its precision (fp16 / int8 Q/DQ, CPU); append in-graph NMS when
+opset 17, onnxslim); convert its precision (fp16 / int8 Q/DQ for the int8 target, CPU; a
+quantization-aware checkpoint exports its learned scales, `qat_export.py`); append in-graph NMS when
 asked; write the ONNX with its manifest; run the three gates with ONNX Runtime against PyTorch;
 for `--format tensorrt` build the strongly typed plan from that ONNX and gate it too
 (`plan.py`); for `--format triton` write the model repository. A failing gate keeps the
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pgd_deploy.config import ExportConfig, ExportJob, save_config, to_dict
+from pgd_deploy.export import qat_export
 from pgd_deploy.export.deploy_model import check_imgsz
 from pgd_deploy.export.gates import GateReport, run_gates
 from pgd_deploy.export.manifest import STATUS_FAILED, STATUS_PASSED
@@ -76,6 +78,7 @@ def validate_export_config(cfg: ExportConfig) -> tuple[tuple[int, int], Any]:
         )
     if cfg.precision == "int8" and cfg.calib_images < 1:
         raise ValueError(f"--calib-images: expected >= 1 for int8, got {cfg.calib_images}")
+    resolve_int8_target(cfg)
     if cfg.nms == "onnx":
         validate_nms(cfg.max_det, cfg.conf, cfg.iou, cfg.nms_topk)
     if wants_plan(cfg):
@@ -91,6 +94,26 @@ def validate_export_config(cfg: ExportConfig) -> tuple[tuple[int, int], Any]:
     if cfg.triton_instances < 1:
         raise ValueError(f"export.triton_instances: expected >= 1, got {cfg.triton_instances}")
     return imgsz, profile
+
+
+def resolve_int8_target(cfg: ExportConfig) -> str | None:
+    """The int8 target of this export ("cpu" or "tensorrt"), None unless int8.
+
+    Raises:
+        ValueError: `--int8-target cpu` for an export that builds a TensorRT plan.
+    """
+    if cfg.precision != "int8":
+        return None
+    if not wants_plan(cfg):
+        return "cpu" if cfg.int8_target == "auto" else cfg.int8_target
+    if cfg.int8_target == "cpu":
+        what = "--format tensorrt" if cfg.format == "tensorrt" else "a Triton plan"
+        raise ValueError(
+            f"--int8-target cpu with {what}: TensorRT's explicit quantization needs symmetric int8 "
+            "activations (zero point 0), the cpu target has uint8 ones; use --int8-target "
+            "tensorrt (the default for plans)"
+        )
+    return "tensorrt"
 
 
 def wants_plan(cfg: ExportConfig) -> bool:
@@ -122,6 +145,8 @@ class ExportContext:
     gate_batch: int
     level_sizes: list[int]
     tmp: Path  # scratch folder of this export (the dense twin of an NMS artifact lives here)
+    int8_target: str | None = None  # "cpu" / "tensorrt" for int8, else None
+    fp32_reference: Any = None  # QAT checkpoint: the fp32 student's backend (agreement, mAP)
 
 
 def _prepare(checkpoint: str | Path, job: ExportJob, tmp: Path) -> ExportContext:
@@ -140,10 +165,14 @@ def _prepare(checkpoint: str | Path, job: ExportJob, tmp: Path) -> ExportContext
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     src = load_source(checkpoint, device)
+    qat_export.check_qat_export(src, cfg.precision)
     if cfg.nms == "onnx":  # the reference post-processing uses the in-graph thresholds
         src.detector.postprocess_kwargs.update(
             score_thresh=cfg.conf, nms_thresh=cfg.iou, max_det=cfg.max_det
         )
+    fp32 = None
+    if qat_export.is_qat(src):
+        fp32 = qat_export.fp32_reference(src, cfg.fp32_reference, device, imgsz)
     reference = TorchBackend.from_detector(
         src.detector,
         input_size=imgsz,
@@ -157,7 +186,20 @@ def _prepare(checkpoint: str | Path, job: ExportJob, tmp: Path) -> ExportContext
     name = default_name(checkpoint, cfg)
     level_sizes = list(reference.level_sizes)
     return ExportContext(
-        job, cfg, src, imgsz, profile, name, out, images, reference, gate_batch, level_sizes, tmp
+        job,
+        cfg,
+        src,
+        imgsz,
+        profile,
+        name,
+        out,
+        images,
+        reference,
+        gate_batch,
+        level_sizes,
+        tmp,
+        int8_target=resolve_int8_target(cfg),
+        fp32_reference=fp32,
     )
 
 
@@ -167,13 +209,20 @@ def _convert(ctx: ExportContext, dense: Any) -> tuple[Any, dict[str, Any]]:
     cfg = ctx.cfg
     if cfg.precision == "fp16":
         return precision.convert_fp16(dense)
+    if cfg.precision == "int8" and ctx.fp32_reference is not None:
+        path = ctx.fp32_reference.path
+        return qat_export.learned_int8(dense, ctx.src, ctx.int8_target, path)
     if cfg.precision == "int8":
         from pgd_deploy.export.images import calibration_images
 
         calib = calibration_images(cfg, ctx.src.config.data, cfg.calib_images)
         batches = (b for b, _ in calib.batches(ctx.imgsz, CALIB_BATCH))
         return precision.quantize_int8(
-            dense, batches, method=cfg.calib_method, calib_source=calib.source
+            dense,
+            batches,
+            method=cfg.calib_method,
+            calib_source=calib.source,
+            target=ctx.int8_target,
         )
     return dense, {"precision": "fp32", "tool": "torch.onnx.export (no conversion)"}
 
@@ -242,10 +291,11 @@ def _gate_onnx(ctx: ExportContext, onnx_path: Path, manifest: dict[str, Any]) ->
     from pgd_deploy.runtime.backends import OrtBackend
 
     candidate = OrtBackend(onnx_path, device="cpu")
-    dense_backend = None
+    dense_backend, dense_path = None, onnx_path
     if ctx.cfg.nms == "onnx":  # tensor parity needs the outputs before NMS: the dense twin
-        dense_backend = OrtBackend(ctx.tmp / "dense.onnx", device="cpu")
-    return run_gates(
+        dense_path = ctx.tmp / "dense.onnx"
+        dense_backend = OrtBackend(dense_path, device="cpu")
+    report = run_gates(
         ctx.reference,
         candidate,
         ctx.images,
@@ -255,7 +305,12 @@ def _gate_onnx(ctx: ExportContext, onnx_path: Path, manifest: dict[str, Any]) ->
         batch_size=ctx.gate_batch,
         dense_candidate=dense_backend,
         artifact=f"{onnx_path.name} (ONNX Runtime {candidate.provider})",
+        fp32_reference=ctx.fp32_reference,
     )
+    if ctx.fp32_reference is not None:  # QAT: tensor parity layer by layer
+        batch = next(iter(ctx.images.batches(ctx.imgsz, ctx.gate_batch)))[0]
+        qat_export.gate_layerwise(report, ctx.src.detector, dense_path, batch, ctx.job.gates)
+    return report
 
 
 def _export_onnx_artifact(ctx: ExportContext, result: ExportResult) -> tuple[Path, dict[str, Any]]:
@@ -274,6 +329,8 @@ def _export_onnx_artifact(ctx: ExportContext, result: ExportResult) -> tuple[Pat
     )
     if ctx.cfg.nms == "onnx":
         manifest["postprocess"] = dict(ctx.reference.postprocess_kwargs)
+    if ctx.int8_target is not None:
+        manifest["int8_target"] = ctx.int8_target
     manifest["gate_images"] = ctx.images.source
     manifest["export_config"] = to_dict(ctx.job)
     if ctx.cfg.nms == "onnx":  # the dense twin: gated with the artifact (and built with a plan)

@@ -104,6 +104,7 @@ def export_plan(
         batch_size=ctx.gate_batch,
         dense_candidate=dense,
         artifact=f"{plan.name} (TensorRT {info['version']}, {info['gpu']})",
+        fp32_reference=ctx.fp32_reference,
     )
     extra = {"parity_on": DENSE_TWIN} if dense is not None else {}
     finish_manifest(plan, manifest, report, f"tensorrt {info['version']}", extra)

@@ -4,10 +4,13 @@ TensorRT 11 only builds strongly typed networks, so precision lives in the ONNX 
 - fp16: `onnxconverter_common.float16.convert_float_to_float16` with `keep_io_types=True`
   (float32 in and out) and the "fp32 islands" blocked: the decode tail (box decoding, the final
   sigmoids and the score product; mmdetection#6564, ultralytics#24668) stays in float32.
-- int8: `onnxruntime.quantization.quantize_static` in QDQ format with TensorRT's rules: symmetric
-  int8 activations and weights (zero point 0), per-channel weights, float bias, only Conv and
-  Add quantized, calibrated on training images; the decode tail and the head's final predictor
-  convolutions (which feed probabilities and box distances) stay in float32.
+- int8 (post-training): `onnxruntime.quantization.quantize_static` in QDQ format, per-channel
+  symmetric int8 weights, float bias, calibrated on training images, with the rules of the int8
+  target (`qdq.py`): `tensorrt` = symmetric int8 activations (zero point 0), Conv and Add
+  quantized (TensorRT fuses Q/DQ around residual adds); `cpu` = uint8 activations, Conv quantized
+  (inputs and outputs), the U8S8 form ONNX Runtime's x86 kernels run. The decode tail and the
+  head's final predictor convolutions (which feed probabilities and box distances) stay float32.
+  A quantization-aware checkpoint is not calibrated here: `pipeline` exports its learned scales.
 The same strongly typed ONNX goes to TensorRT 10 and 11, and is gated here with ONNX Runtime.
 """
 
@@ -28,7 +31,10 @@ from pgd_deploy.export.deploy_model import INPUT_NAME
 logger = logging.getLogger(__name__)
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-INT8_OP_TYPES = ("Conv", "Add")  # TensorRT fuses Q/DQ around conv inputs and residual adds
+INT8_OP_TYPES = {  # quantized ops per int8 target (export/README.md has the measurements)
+    "tensorrt": ("Conv", "Add"),  # TensorRT fuses Q/DQ around conv inputs and residual adds
+    "cpu": ("Conv",),  # as fast as Conv+Add in ONNX Runtime, and what QAT can match exactly
+}
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 FP16_FP32_OPS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization")
 
@@ -194,8 +200,9 @@ def _quantize_static(
     method: str,
     per_channel: bool,
     excluded: list[str],
+    target: str,
 ) -> Any:
-    """ONNX Runtime's static QDQ quantizer with TensorRT's explicit-quantization rules."""
+    """ONNX Runtime's static QDQ quantizer with the rules of the int8 `target`."""
     calib_method = {
         "minmax": quant.CalibrationMethod.MinMax,
         "entropy": quant.CalibrationMethod.Entropy,
@@ -208,16 +215,18 @@ def _quantize_static(
             out,
             calibration_data_reader=reader,
             quant_format=quant.QuantFormat.QDQ,
-            op_types_to_quantize=list(INT8_OP_TYPES),
+            op_types_to_quantize=list(INT8_OP_TYPES[target]),
             per_channel=per_channel,
             reduce_range=False,
-            activation_type=quant.QuantType.QInt8,
+            activation_type=_ACTIVATIONS[target](quant),
             weight_type=quant.QuantType.QInt8,
             nodes_to_exclude=excluded,
             calibrate_method=calib_method,
             calibration_providers=_calibration_providers(),
             extra_options={
-                "ActivationSymmetric": True,  # TensorRT: zero point 0
+                # TensorRT: zero point 0. cpu: the calibrated uint8 range (same speed as
+                # zero point 128, and twice the resolution for the non-negative ReLU outputs)
+                "ActivationSymmetric": target == "tensorrt",
                 "WeightSymmetric": True,
                 "QuantizeBias": False,  # TensorRT keeps bias in float
                 # No CalibMaxIntermediateOutputs: in onnxruntime 1.32 the MinMax calibrator
@@ -228,6 +237,13 @@ def _quantize_static(
             },
         )
         return onnx.load(str(out))
+
+
+_ACTIVATIONS = {
+    "tensorrt": lambda quant: quant.QuantType.QInt8,
+    "cpu": lambda quant: quant.QuantType.QUInt8,
+}
+_ACTIVATION_TEXT = {"tensorrt": "int8 symmetric per-tensor", "cpu": "uint8 per-tensor"}
 
 
 def _calibration_providers() -> list[str]:
@@ -260,40 +276,49 @@ def quantize_int8(
     method: str = "minmax",
     per_channel: bool = True,
     calib_source: str = "",
+    target: str = "tensorrt",
 ) -> tuple[Any, dict[str, Any]]:
-    """Static int8 Q/DQ quantization for TensorRT explicit quantization.
+    """Static (post-training) int8 Q/DQ quantization with the rules of an int8 target.
 
     Args:
-        model: the float32 dense-contract ModelProto.
+        model: the float32 dense-contract ModelProto (left unchanged: `quantize_static` gets a
+            fresh copy, as it fails on a ModelProto it has seen before in the same process).
         calib_batches: float32 [b, 3, H, W] letterboxed training images.
         method: "minmax", "entropy" or "percentile" (ORT calibrators).
         per_channel: per-output-channel weight scales (TensorRT supports them on Conv weights).
         calib_source: where the calibration images came from (recorded).
+        target: "tensorrt" (symmetric int8, zero point 0) or "cpu" (U8S8), see `qdq.py`.
 
     Returns:
         (the quantized ModelProto, the precision recipe for the manifest).
 
     Raises:
-        ValueError: an unknown calibration method or no calibration data.
+        ValueError: an unknown calibration method or target, or no calibration data.
     """
     onnx = _require("onnx")
     quant = _require("onnxruntime.quantization")
     if method not in CALIB_METHODS:
         raise ValueError(f"export.calib_method: expected one of {CALIB_METHODS}, got {method!r}")
+    if target not in INT8_OP_TYPES:
+        raise ValueError(
+            f"export.int8_target: expected one of {tuple(INT8_OP_TYPES)}, got {target!r}"
+        )
     model = name_nodes(onnx.shape_inference.infer_shapes(model))
     islands = find_fp32_islands(model)
     excluded = [*islands.tail, *islands.predictors]
     reader = _Reader(calib_batches)
-    quantized = _quantize_static(quant, onnx, model, reader, method, per_channel, excluded)
+    quantized = _quantize_static(quant, onnx, model, reader, method, per_channel, excluded, target)
     if reader.images == 0:
         raise ValueError("int8 calibration: no calibration images were given")
     recipe = {
         "precision": "int8",
         "tool": "onnxruntime.quantization.quantize_static (QDQ)",
-        "activations": "int8 symmetric per-tensor",
+        "int8_target": target,
+        "scales": "calibrated (post-training)",
+        "activations": _ACTIVATION_TEXT[target],
         "weights": "int8 symmetric " + ("per-channel" if per_channel else "per-tensor"),
         "bias": "float32",
-        "op_types": list(INT8_OP_TYPES),
+        "op_types": list(INT8_OP_TYPES[target]),
         "calib_method": method,
         "calib_images": reader.images,
         "calib_source": calib_source,

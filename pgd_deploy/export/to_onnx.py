@@ -199,6 +199,7 @@ METADATA_KEYS = (
     "preprocess",
     "postprocess",
     "nms",
+    "int8_target",
 )
 
 

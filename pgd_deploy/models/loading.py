@@ -89,6 +89,13 @@ def load_detector(
     # The file holds every weight: never download or read a backbone initialisation.
     model_cfg = dataclasses.replace(config.model, weights="none")
     detector = build_detector(model_cfg, num_classes=num_classes)
+    if stored.get("qat"):  # folded BatchNorm and int8 fake quantizers before the weights
+        from pgd_deploy.qat import restore_fake_quant
+
+        try:
+            restore_fake_quant(detector, stored["qat"], source=str(path))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
     _load_weights(detector, weights, path, model_cfg, num_classes, inferred=inferred)
     names, ids = class_labels(num_classes, stored.get("classes"), stored.get("category_ids"))
     return LoadedDetector(
