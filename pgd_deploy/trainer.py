@@ -170,6 +170,10 @@ class Trainer:
         )
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
         model = build_detector(cfg.model).to(self.device)
+        if cfg.qat.init:  # quantization-aware fine-tune: the trained student, fake-quantized
+            from pgd_deploy.qat import prepare_student
+
+            prepare_student(model, cfg, self.device)
         provider = make_loss_provider(model, self.device) if make_loss_provider else None
         memory_format = memory_format_for(cfg.train.channels_last, self.device)
         model.to(memory_format=memory_format)
@@ -208,7 +212,13 @@ class Trainer:
 
     def state(self, metrics: dict[str, float] | None = None) -> dict[str, Any]:
         ctx = self.ctx
+        qat = {}
+        if self.cfg.qat.init:  # what rebuilds the fake quantizers (plain data, weights_only)
+            from pgd_deploy.qat import checkpoint_entry
+
+            qat = {"qat": checkpoint_entry(unwrap(ctx.model), self.cfg.qat.init)}
         return {
+            **qat,
             "model": unwrap(ctx.model).state_dict(),
             "config": to_dict(self.cfg),
             "classes": self.train_set.coco.class_names,
@@ -306,7 +316,8 @@ class Trainer:
             self.val_set,
             device=self.device,
             batch_size=max(1, self.cfg.train.batch_size),
-            # fp32 evaluation: the metrics match `pgd-train eval` and the exported fp32 model
+            # no autocast: the metrics match `pgd-train eval` and the exported model (for a QAT
+            # run, the fake-quant model its int8 export reproduces)
         )
         if not evaluation.read:
             self.save()  # keep the weights trained so far

@@ -57,8 +57,8 @@ def check_resumable(cfg: TrainJob, state: dict[str, Any], path: Path) -> None:
     """A resume must rebuild the model and the optimiser that `state` (last.pt) was saved from.
 
     Raises:
-        CheckpointError: an architecture field (`model.depth`, ...) or `train.optimizer`
-            differs; the message names each field with both values.
+        CheckpointError: an architecture field (`model.depth`, ...), `train.optimizer` or
+            whether `qat.init` is set differs; the message names each field with both values.
     """
     saved = checkpoint_config(state, path)
     diffs = []
@@ -68,6 +68,11 @@ def check_resumable(cfg: TrainJob, state: dict[str, Any], path: Path) -> None:
             continue  # taken from the data: compared with the checkpoint's category ids
         if old != new:
             diffs.append(f"model.{key} is {old!r} in the checkpoint but {new!r} now")
+    if bool(state.get("qat")) != bool(cfg.qat.init):
+        diffs.append(
+            "the checkpoint is " + ("" if state.get("qat") else "not ") + "a quantization-aware "
+            f"run but qat.init is {cfg.qat.init!r} now"
+        )
     if saved.train.optimizer != cfg.train.optimizer:
         diffs.append(
             f"train.optimizer is {saved.train.optimizer!r} in the checkpoint but "

@@ -67,7 +67,14 @@ def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(trained_run, 
     assert caplog.text.count("reusing the finished run") == 1  # the teacher only
     board = json.loads((work / "scoreboard.json").read_text())
     assert board == rows
-    assert [r["name"] for r in board] == ["teacher", "student", "pgd"]
+    assert [r["name"] for r in board] == ["teacher", "student", "pgd", "pgd-int8"]
+    int8 = board[3]  # the QAT PGD student, exported (cpu target) and run by ONNX Runtime
+    assert int8["runtime"] == "onnxruntime int8 (cpu target)" and int8["gates"] == "passed"
+    assert int8["base_iters"] == 2 and 0.0 <= int8["agreement_with_fp32"] <= 1.0
+    assert Path(int8["checkpoint"]).suffix == ".onnx"
+    manifest = json.loads((work / "pgd-int8" / "pgd-int8.manifest.json").read_text())
+    assert manifest["int8_target"] == "cpu" and manifest["recipe"]["scales"].startswith("learned")
+    assert manifest["recipe"]["fp32_reference"] == str(work / "pgd" / "best.pt")
     for row in board:
         assert {"name", "AP", "AP50", "params", "cpu_ms_per_image", "train_iters", "seed"} <= set(
             row
@@ -84,7 +91,8 @@ def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(trained_run, 
     caplog.clear()
     with caplog.at_level("INFO", logger="pgd_deploy.demo"):
         run_demo(work, overrides=overrides, recipes=ROOT / "train")
-    assert caplog.text.count("reusing the finished run") == 3
+    assert caplog.text.count("reusing the finished run") == 4
+    assert "pgd-int8: reusing the export" in caplog.text
 
     # A demo stopped while training the student leaves an unfinished run in its stage folder:
     # the next demo continues it (fit would refuse to train over it).
@@ -100,6 +108,6 @@ def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(trained_run, 
     caplog.clear()
     with caplog.at_level("INFO", logger="pgd_deploy.demo"):
         rows = run_demo(work, overrides=overrides, recipes=ROOT / "train")
-    assert caplog.text.count("reusing the finished run") == 2
+    assert caplog.text.count("reusing the finished run") == 3
     assert "student: continuing the unfinished run" in caplog.text
     assert rows[1]["train_iters"] == 2 and (work / "student" / "metrics.json").is_file()
