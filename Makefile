@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[train,export,serve,dev]'
+	$(PY) -m pip install --quiet -e '.[train,export,qat,serve,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

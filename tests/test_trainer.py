@@ -237,6 +237,8 @@ def test_quickstart_recipes_parse_and_smoke_run(tmp_path):
         "fcos_r101_3x_ms_coco",
         "fcos_r50_1x_coco",
         "pgd_fcos_r101_r50_1x_coco",
+        "quickstart_qat",
+        "qat_pgd_fcos_r50_coco",
     ):
         load_config(TrainJob, ROOT / "train" / f"{name}.toml")
     cfg = load_config(

@@ -123,6 +123,8 @@ class TorchBackend(Backend):
 
         dev = _torch_device(torch, device)
         loaded = load_detector(path, device=dev)
+        if loaded.checkpoint.get("qat"):  # a quantization-aware checkpoint runs its fake quant
+            self.precision = "int8 fake quant"
         if input_size is None:
             data = loaded.config.data
             input_size = (_round32(data.min_size), _round32(data.max_size))
