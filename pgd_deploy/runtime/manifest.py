@@ -12,6 +12,7 @@ Keys every manifest has (the export stage adds more: versions, gates, provenance
     preprocess: {"letterbox": "top-left", "mean", "std", "pad_value": 0.0, "color": "RGB"}
     postprocess: {"score_thresh", "nms_thresh", "topk_candidates", "max_det"}
     nms: {"mode": "none" | "onnx", "max_det", "conf", "iou"}
+    int8_target: "cpu" | "tensorrt" (int8 artifacts only: the Q/DQ rules, see export/qdq.py)
 Added by `pgd-export` (see `pgd_deploy.export.manifest`): sha256 (of the artifact), recipe
 (precision conversion, fp32 nodes, calibration set), source (checkpoint path, sha256, training
 config, metrics), versions, gates (results of the three gates), export_config; plans also carry
