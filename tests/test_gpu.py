@@ -202,3 +202,38 @@ def test_pgd_training_on_cuda_channels_last(tmp_path) -> None:
     history = load_checkpoint(tmp_path / "pgd" / "last.pt")["history"]
     logged = {key for row in history for key in row}
     assert set(KD_KEYS) <= logged  # the KD terms were trained and logged
+
+
+def test_quantization_aware_pgd_on_cuda(tmp_path) -> None:
+    """QAT-PGD on the GPU (channels-last, as `auto` picks on CUDA), then the checkpoint's fake
+    quantization on the GPU against the CPU. modelopt may build its CUDA extension on first use."""
+    pytest.importorskip("modelopt.torch.quantization")
+    student = fit(
+        tiny_cfg(tmp_path / "cache", "train.device='cuda'", "train.max_iters=2"),
+        work_dir=tmp_path / "fp32",
+    )
+    assert student.completed
+    init = tmp_path / "fp32" / "last.pt"
+    cfg = tiny_cfg(
+        tmp_path / "cache",
+        "train.device='cuda'",
+        "train.amp='off'",
+        "train.max_iters=3",
+        f"distill.teacher='{init}'",
+        "distill.init_student=false",
+        f"qat.init='{init}'",
+        "qat.calib_images=4",
+    )
+    result = fit(cfg, work_dir=tmp_path / "qat")
+    assert result.completed, result.message
+    state = load_checkpoint(tmp_path / "qat" / "last.pt")
+    assert state["qat"]["init"] == str(init)
+    assert any(k.endswith("output_quantizer._amax") for k in state["model"])
+    cpu = TorchBackend(tmp_path / "qat" / "last.pt", device="cpu")
+    gpu = TorchBackend(tmp_path / "qat" / "last.pt", device="cuda")
+    assert cpu.precision == gpu.precision == "int8 fake quant"
+    batch = np.random.default_rng(0).normal(size=(2, 3, *cpu.input_size)).astype(np.float32)
+    a, b = cpu.infer(batch), gpu.infer(batch)
+    # Quantized networks amplify float differences (export/README.md): close on average only.
+    assert np.abs(b["scores"] - a["scores"]).mean() < 1e-2
+    assert np.abs(b["boxes"] - a["boxes"]).mean() < 2.0
