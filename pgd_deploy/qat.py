@@ -19,8 +19,11 @@ strings, so `torch.load(weights_only=True)` reads it) plus the `qat.init` it sta
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,18 @@ def require_modelopt() -> tuple[Any, Any]:
             "pip install 'pgd-deploy[qat]'"
         ) from None
     return mtq, mto
+
+
+@contextlib.contextmanager
+def _quiet_modelopt() -> Iterator[None]:
+    """modelopt prints ("Inserted N quantizers") and warns that the parameter-free max pool's
+    (disabled) quantizers have no device; keep both out of the CLI's output, in the debug log."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Could not identify the device")
+        yield
+    if out.getvalue().strip():
+        logger.debug("modelopt: %s", out.getvalue().strip())
 
 
 def fold_batchnorm(model: nn.Module) -> int:
@@ -121,7 +136,8 @@ def insert_fake_quant(model: nn.Module, calib_batches: Iterable[Tensor]) -> nn.M
 
     was_training = model.training
     model.eval()
-    mtq.quantize(model, quant_config(), forward_loop)
+    with _quiet_modelopt():
+        mtq.quantize(model, quant_config(), forward_loop)
     model.train(was_training)
     if seen == 0:
         raise ValueError("qat: no calibration images (qat.calib_images must be >= 1)")
@@ -181,7 +197,8 @@ def restore_fake_quant(model: nn.Module, entry: dict[str, Any], source: str = "c
         )
     if entry.get("batchnorm_folded"):
         fold_batchnorm(model)
-    mto.restore_from_modelopt_state(model, entry["modelopt_state"])
+    with _quiet_modelopt():
+        mto.restore_from_modelopt_state(model, entry["modelopt_state"])
 
 
 def calibration_batches(cfg: Any, device: torch.device) -> Iterator[Tensor]:
