@@ -84,9 +84,11 @@ def _train_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--size", type=int, default=128, help="image side, px")
     shapes.add_argument("--seed", type=int, default=0, help="generator seed")
 
-    demo = sub.add_parser("demo", help="the quickstart: teacher, student, PGD student, scoreboard")
+    demo = sub.add_parser(
+        "demo", help="the quickstart: teacher, student, PGD student, int8 PGD student, scoreboard"
+    )
     demo.add_argument("--work-dir", default="runs/demo", help="output folder")
-    add_override_argument(demo, "override keys of all three quickstart recipes")
+    add_override_argument(demo, "override keys of all four quickstart recipes")
     demo.add_argument(
         "--recipes", default=None, help="folder holding the quickstart_*.toml recipes"
     )
