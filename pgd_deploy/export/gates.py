@@ -81,7 +81,7 @@ class GateReport:
             f"### Gates: {self.artifact} ({self.precision})",
             "",
             f"{self.images} images from {self.image_source}",
-            *(f"{gate}: against {what}" for gate, what in self.references.items()),
+            *(f"- {gate}: against {what}" for gate, what in self.references.items()),
             "",
             "| gate | result | measured | required |",
             "|---|---|---|---|",
