@@ -20,10 +20,12 @@ pytest.importorskip("onnxruntime")
 from test_trainer import Interrupt  # noqa: E402
 
 from pgd_deploy.checkpoint import load_checkpoint  # noqa: E402
-from pgd_deploy.models import load_detector  # noqa: E402
 from pgd_deploy.config import ExportConfig, ExportJob, TrainJob, load_config  # noqa: E402
+from pgd_deploy.distill.distiller import kd_loss_weights  # noqa: E402
+from pgd_deploy.engine import weighted_sum  # noqa: E402
 from pgd_deploy.export import qdq  # noqa: E402
 from pgd_deploy.export.pipeline import run_export  # noqa: E402
+from pgd_deploy.models import load_detector  # noqa: E402
 from pgd_deploy.runtime.manifest import read_manifest  # noqa: E402
 from pgd_deploy.trainer import fit  # noqa: E402
 
@@ -179,8 +181,8 @@ def test_a_qat_step_lowers_the_loss_with_finite_gradients(trained_run):
         outputs = model(batch.images)
         terms = {**model.loss(outputs, batch.targets)}
         terms.update(distiller(batch.images, outputs, batch.targets))
-        assert {"kd_cls_p3", "kd_reg_p7"} <= set(terms)
-        return sum(terms.values())
+        assert {"kd_cls_fg_p3", "kd_reg_feat_p7"} <= set(terms)
+        return weighted_sum(terms, kd_loss_weights(cfg.distill))
 
     model.train()
     before = loss()
