@@ -38,6 +38,9 @@ class UnsafeFileError(ValueError):
     after a `CheckpointError` never retries such a file."""
 
 
+_CODE = re.compile(r"GLOBAL|reduce|Can only (build|create)")
+
+
 def _unsafe_message(path: Path, err: Exception) -> str:
     text = str(err)
     found = re.search(r"GLOBAL (\S+)", text)
@@ -66,7 +69,9 @@ def torch_load_weights(path: str | Path, map_location: str | torch.device = "cpu
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" in str(err).lower():
+        # The safe loader refuses an import or a call (code); bytes that are no pickle at all
+        # ("Unsupported operand", "String is too long") are a corrupt file.
+        if "weights only load failed" in str(err).lower() and _CODE.search(str(err)):
             raise UnsafeFileError(_unsafe_message(path, err)) from None
         raise CheckpointError(
             f"{path}: cannot read checkpoint (truncated or corrupt file?)"

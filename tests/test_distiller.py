@@ -480,10 +480,15 @@ def test_build_distiller_passes_every_setting_on(r18_checkpoint: Path) -> None:
         swap_xy=True,
     )
     distiller = build_distiller(cfg, _r18(seed=5), device="cpu")
-    for name in ("alpha", "beta", "gamma", "delta", "temperature", "topk", "xi_cls", "xi_reg"):
+    for name in ("temperature", "topk", "xi_cls", "xi_reg"):
         assert getattr(distiller, name) == getattr(cfg, name), name
-    assert distiller.level_weights == cfg.level_weights and distiller.mask_group == 2
-    assert distiller.jitter == 0.3 and distiller.swap_xy is True
+    # alpha, beta, gamma, delta and the level weights: the weights the engine applies
+    assert distiller.loss_weights == kd_loss_weights(cfg)
+    assert distiller.loss_weights["kd_cls_fg_p3"] == pytest.approx(5.0 * 0.1)
+    assert distiller.loss_weights["kd_cls_bg_p7"] == pytest.approx(1.0 * 0.2)
+    assert distiller.loss_weights["kd_reg_feat_p5"] == pytest.approx(0.3)
+    assert distiller.loss_weights["kd_reg_att_p4"] == pytest.approx(0.4)
+    assert distiller.mask_group == 2 and distiller.jitter == 0.3 and distiller.swap_xy is True
 
 
 def test_a_generator_state_without_its_device_is_a_cpu_state() -> None:

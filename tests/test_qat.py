@@ -17,7 +17,7 @@ pytest.importorskip("modelopt.torch.quantization")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from test_trainer import Interrupt  # noqa: E402
+from test_trainer import InterruptAt  # noqa: E402
 
 from pgd_deploy.checkpoint import load_checkpoint  # noqa: E402
 from pgd_deploy.config import ExportConfig, ExportJob, TrainJob, load_config  # noqa: E402
@@ -201,22 +201,12 @@ def test_a_qat_step_lowers_the_loss_with_finite_gradients(trained_run):
 
 
 def _pgd_interrupted_at(step: int, cfg: TrainJob):
-    """The real PGD distiller, interrupted (KeyboardInterrupt) at its `step`-th call."""
+    """The real PGD distiller (its weights, teacher and resume state included), interrupted
+    (KeyboardInterrupt) at its `step`-th call."""
     from pgd_deploy.distill import build_distiller
 
     def factory(student, device):
-        distiller = build_distiller(cfg.distill, student, device=device)
-        stop = Interrupt(at=step)
-
-        def provider(images, outputs, targets):
-            stop(images, outputs, targets)
-            return distiller(images, outputs, targets)
-
-        provider.teacher = distiller.teacher
-        for method in ("state_dict", "load_state_dict"):  # the distiller's own resume state
-            if hasattr(distiller, method):
-                setattr(provider, method, getattr(distiller, method))
-        return provider
+        return InterruptAt(build_distiller(cfg.distill, student, device=device), at=step)
 
     return factory
 
