@@ -103,7 +103,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Prediction-Guided Distillation (pgd_method.md section 2.11)."""
+    """Prediction-Guided Distillation (docs/method.md §4-5)."""
 
     teacher: str = ""  # teacher checkpoint; "" = no distillation
     teacher_depth: int = 101  # teacher ResNet depth when the checkpoint carries no config

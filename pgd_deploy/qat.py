@@ -7,7 +7,7 @@ which ONNX Runtime's x86 kernels fuse into int8 convolutions:
   (axis 0) weight and a per-tensor output quantizer, symmetric int8, ranges from "max" calibration
   on training images (static during fine-tuning, as in modelopt's QAT);
 - the predictors (`PREDICTORS`) and the decode tail (box decoding, sigmoids, score product) stay
-  float, as in the post-training export (deployment.md 5.3, INT8 lesson).
+  float, as in the post-training export (docs/deployment.md §3).
 BatchNorm is folded into the preceding convolution first (the ONNX export folds it as well), so the
 fake-quantized weight is the exported weight and per-channel scales mean the same on both sides.
 

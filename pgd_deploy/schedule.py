@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule (pgd_method.md 2.12).
+"""Optimiser and learning-rate schedule (docs/method.md §5).
 
 SGD with the linear scaling rule (lr = base_lr * global_batch / base_batch), linear warm-up from
 `warmup_ratio`, and step decays at epochs `lr_steps`. When `train.max_iters` is set it replaces

@@ -1,6 +1,6 @@
 """Tests of pgd_deploy.distill.masks (and the batched mask_ops behind it): quality score, PGW
 mask and background mask, per image and per batch, against hand computations and against a plain
-loop rendering of pgd_method.md sections 2.4-2.7 (`_reference_masks`)."""
+loop rendering of docs/method.md §3 (`_reference_masks`)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _strictly_inside(point: np.ndarray, gt: np.ndarray, swap_xy: bool) -> bool:
 
 
 def _reference_masks(logits, pred, centers, gts, labels, xis, k, swap_xy=False):
-    """The masks of sections 2.4-2.7 written as a plain loop, image by image, GT by GT, location
+    """The masks of docs/method.md §3 written as a plain loop, image by image, GT by GT, location
     by location, in numpy float64 (no jitter): the reference the batched code is checked
     against. Returns (masks [M, B, A], background [B, A])."""
     logits, pred, centers = (t.double().numpy() for t in (logits, pred, centers))

@@ -13,7 +13,7 @@ Shape letters used throughout this package:
 - H, W: height and width of one level's feature map.
 
 Boxes are absolute-pixel xyxy, centres are (x, y) pixels, labels are 0-based class indices.
-The five functions below are the public contract of pgd_method.md section 0.
+The five functions below are the public contract described in docs/method.md §3.
 """
 
 from __future__ import annotations

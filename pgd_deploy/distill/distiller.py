@@ -1,12 +1,13 @@
 """The PGD distiller: frozen teacher, prediction-guided masks and the per-level KD loss terms.
 
 `build_distiller(cfg, student, device=...)` loads the teacher checkpoint, checks that its head
-matches the student's, optionally copies the teacher's FPN and head into the student (P1; all
-three in `distill.teacher`) and returns a `Distiller`. Calling the distiller with the batch
-images, the student's head outputs and the targets runs the teacher (eval mode, no grad), builds
-the masks (section 2.13) and returns the unweighted KD terms of every level, five per level:
+matches the student's, optionally copies the teacher's FPN and head into the student
+(docs/method.md D1; all three in `distill.teacher`) and returns a `Distiller`. Calling the
+distiller with the batch images, the student's head outputs and the targets runs the teacher
+(eval mode, no grad), builds the masks (docs/method.md §3) and returns the unweighted KD terms
+of every level, five per level:
 `kd_cls_fg_pN`, `kd_cls_bg_pN`, `kd_cls_att_pN`, `kd_reg_feat_pN`, `kd_reg_att_pN` (N = 3..7).
-Their weights (alpha, beta, gamma, delta and the level weights, sections 2.8-2.10) are the plain
+Their weights (alpha, beta, gamma, delta and the level weights, docs/method.md §4) are the plain
 dict `Distiller.loss_weights`, built from the config by `kd_loss_weights`; the engine applies
 them, with `train.loss_weights`, in one place.
 
@@ -58,7 +59,7 @@ def kd_term_names(num_levels: int) -> list[str]:
 
 
 def kd_loss_weights(cfg: DistillConfig, num_levels: int | None = None) -> dict[str, float]:
-    """The weight of every KD term, from the config (sections 2.8-2.10).
+    """The weight of every KD term, from the config (docs/method.md §4).
 
     Level l (weight lambda_l of `cfg.level_weights`): kd_cls_fg = lambda_l * alpha,
     kd_cls_bg = lambda_l * beta, kd_cls_att = delta, kd_reg_feat = gamma, kd_reg_att = delta;
@@ -244,7 +245,7 @@ class Distiller:
         return losses
 
     def teacher_forward(self, images: Tensor) -> HeadOutputs:
-        """Teacher head outputs in eval mode without gradient (P11)."""
+        """Teacher head outputs in eval mode without gradient (docs/method.md §5, D7)."""
         self.teacher.eval()
         with torch.no_grad():
             return self.teacher(images)
@@ -289,7 +290,8 @@ class Distiller:
 
 
 def _split_levels(masks: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
-    """[B, A] -> per level [B, H_l, W_l], by level index (not by matching sizes, P19)."""
+    """[B, A] -> per level [B, H_l, W_l], by level index, not by matching sizes (docs/method.md
+    D6)."""
     chunks = torch.split(masks, [h * w for h, w in sizes], dim=1)
     return [c.reshape(masks.shape[0], h, w) for c, (h, w) in zip(chunks, sizes, strict=True)]
 

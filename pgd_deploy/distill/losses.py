@@ -1,4 +1,4 @@
-"""PGD feature-imitation losses of one FPN level (pgd_method.md sections 2.8 and 2.9).
+"""PGD feature-imitation losses of one FPN level (docs/method.md §4).
 
 Pure functions: student and teacher tap features of one level plus the masks in, scalars out.
 `cls_distill_terms` and `reg_distill_terms` return the unweighted terms (what the distiller
@@ -89,7 +89,7 @@ def cls_distill_terms(
     temperature: float,
     mask_group: int | None = None,
 ) -> dict[str, Tensor]:
-    """Unweighted terms of the classification-tower PGD loss of one level (section 2.8).
+    """Unweighted terms of the classification-tower PGD loss of one level (docs/method.md §4).
 
     L_fg = 1/N sum_n sum_{c,h,w} fg_hat[n,h,w] * A_sp^T[n,h,w] * A_ch^T[n,c,h,w] * (F^S - F^T)^2
     with fg_hat = fg / max(#nonzero(fg[n]), 1e-10) (L_bg likewise with bg), and
@@ -103,7 +103,7 @@ def cls_distill_terms(
         temperature: softmax temperature T of the spatial and channel attention.
         mask_group: None = each image uses its own masks (the intended form); n = the official
             cross-image broadcast within consecutive groups of n images, averaged over the groups
-            (pitfall P2). N must be divisible by n.
+            (docs/method.md D2). N must be divisible by n.
 
     Returns:
         {"fg": L_fg, "bg": L_bg, "att": L_att}, scalars, fp32 (float64 for float64 inputs).
@@ -162,7 +162,7 @@ def cls_distill_loss(
     level_weight: float,
     mask_group: int | None = None,
 ) -> Tensor:
-    """Classification-tower PGD loss of one level (section 2.8).
+    """Classification-tower PGD loss of one level (docs/method.md §4).
 
     L = level_weight * alpha * L_fg + level_weight * beta * L_bg + delta * L_att, with the terms
     of `cls_distill_terms`.
@@ -189,7 +189,7 @@ def cls_distill_loss(
 def reg_distill_terms(
     student: Tensor, teacher: Tensor, fg: Tensor, *, temperature: float
 ) -> dict[str, Tensor]:
-    """Unweighted terms of the regression-tower PGD loss of one level (section 2.9).
+    """Unweighted terms of the regression-tower PGD loss of one level (docs/method.md §4).
 
     Over the set P of locations of the whole batch where fg != 0, with per-pixel channel
     attention a = Ch * softmax_c(|F| / T):
@@ -239,7 +239,7 @@ def reg_distill_loss(
     gamma: float,
     delta: float,
 ) -> Tensor:
-    """Regression-tower PGD loss of one level (section 2.9).
+    """Regression-tower PGD loss of one level (docs/method.md §4).
 
     L = gamma * L_feat + delta * L_att, with the terms of `reg_distill_terms`; exactly 0 (still
     connected to the student graph) when fg has no nonzero location.

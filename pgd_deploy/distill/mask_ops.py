@@ -40,7 +40,8 @@ def strictly_inside(points: Tensor, gt_boxes: Tensor, swap_xy: bool) -> Tensor:
     """Strict inside test of points [..., G, 2] or [A, 1, 2] against gt_boxes [G, 4] -> [..., G]
     (any shapes whose x/y and box coordinates broadcast, e.g. [B, K, G, 2] with [B, 1, G, 4]).
 
-    `swap_xy` reads the point as (y, x), reproducing the official FCOS/AutoAssign test (P3).
+    `swap_xy` reads the point as (y, x), reproducing the official FCOS/AutoAssign test
+    (docs/method.md D3).
     """
     x, y = points[..., 0], points[..., 1]
     if swap_xy:
@@ -52,7 +53,7 @@ def strictly_inside(points: Tensor, gt_boxes: Tensor, swap_xy: bool) -> Tensor:
 def quality(
     cls_logits: Tensor, pred_boxes: Tensor, labels: Tensor, boxes: Tensor, xis: Sequence[float]
 ) -> Tensor:
-    """Teacher quality (section 2.4) of every location for every GT, for each exponent.
+    """Teacher quality (docs/method.md §3) of every location for every GT, for each exponent.
 
     Args:
         cls_logits: [B, A, C]; pred_boxes: [B, A, 4]; labels: [B, G] long; boxes: [B, G, 4].
@@ -71,7 +72,7 @@ def quality(
 def gaussian_topk_weights(
     quality: Tensor, centers: Tensor, k: int, jitter: float, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
-    """Top-k locations per GT and their PGW Gaussian weights (section 2.6 a-d).
+    """Top-k locations per GT and their PGW Gaussian weights (docs/method.md §3).
 
     Args:
         quality: [B, A, G'] (G' columns, one per GT and exponent); centers: [A, 2] (x, y) px,
@@ -117,7 +118,7 @@ def pgw(
     generator: torch.Generator | None,
     swap_xy: bool,
 ) -> list[Tensor]:
-    """PGW masks (section 2.6) of M qualities of the same GTs: one top-k, one batched fit.
+    """PGW masks (docs/method.md §3) of M qualities of the same GTs: one top-k, one batched fit.
 
     Args:
         quality: [B, A, M*G] (`quality`); centers: [A, 2]; boxes: [B, G, 4], G >= 1.
@@ -133,8 +134,8 @@ def pgw(
     index, weight = gaussian_topk_weights(
         quality, centers, min(int(k), num_points), jitter, generator
     )  # [B, K, M*G] each
-    # In-box filter after the fit (P5), tested only at the selected points: an unselected
-    # location has weight 0 whatever its insideness (and a padded GT has no point inside).
+    # In-box filter after the fit (docs/method.md D5), tested only at the selected points: an
+    # unselected location has weight 0 whatever its insideness (a padded GT has no point inside).
     joint_boxes = boxes.repeat(1, num_masks, 1)  # [B, M*G, 4]
     keep = strictly_inside(centers[index], joint_boxes[:, None], swap_xy)  # [B, K, M*G]
     weight = weight * keep.to(weight.dtype)
@@ -154,7 +155,7 @@ def pgw(
 
 
 def background(centers: Tensor, boxes: Tensor, swap_xy: bool) -> Tensor:
-    """Background masks (section 2.7): centers [A, 2], boxes [B, G, 4] -> [B, A], 1 where the
+    """Background masks (docs/method.md §3): centers [A, 2], boxes [B, G, 4] -> [B, A], 1 where the
     centre is strictly inside no GT, in the dtype of `boxes`."""
     inside = strictly_inside(centers[None, :, None, :], boxes[:, None], swap_xy)  # [B, A, G]
     return (~inside.any(dim=2)).to(boxes.dtype)

@@ -1,6 +1,6 @@
 """Prediction-guided masks: the teacher quality score, the PGW foreground mask, the background mask.
 
-Pure functions (pgd_method.md sections 0, 2.4-2.7), vectorised over locations and ground truths,
+Pure functions (docs/method.md §3), vectorised over locations and ground truths,
 computed without gradient. Locations of all FPN levels are concatenated (P3 first) into one axis
 A, so the top-K selection runs jointly over the levels.
 
@@ -103,7 +103,7 @@ def _check_pgw_args(quality: Tensor, centers: Tensor, gt_boxes: Tensor, k: int, 
 
 
 # --------------------------------------------------------------------------------------------
-# The public per-image contract (pgd_method.md section 0): checks, then a batch of one
+# The public per-image contract (docs/method.md §3): checks, then a batch of one
 # --------------------------------------------------------------------------------------------
 
 
@@ -111,7 +111,7 @@ def _check_pgw_args(quality: Tensor, centers: Tensor, gt_boxes: Tensor, k: int, 
 def quality_score(
     cls_logits: Tensor, pred_boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, xi: float
 ) -> Tensor:
-    """Teacher prediction quality of every location for every ground truth (section 2.4).
+    """Teacher prediction quality of every location for every ground truth (docs/method.md §3).
 
     q[a, g] = sigmoid(cls_logits[a, gt_labels[g]]) ** (1 - xi)
               * IoU(pred_boxes[a], gt_boxes[g]) ** xi
@@ -147,7 +147,7 @@ def pgw_mask(
     *,
     swap_xy: bool = False,
 ) -> Tensor:
-    """Prediction-Guided Weighting foreground mask of one image (section 2.6).
+    """Prediction-Guided Weighting foreground mask of one image (docs/method.md §3).
 
     Per GT: the `k` locations of highest quality over all A (all levels jointly); a 2-D Gaussian
     fitted by maximum likelihood to their centres (plus uniform jitter in [-jitter, jitter] px,
@@ -164,7 +164,7 @@ def pgw_mask(
         generator: random generator for the jitter (on the device of `centers`); None = global.
             The noise is one draw of shape [K, G, 2], the points of each GT in top-k order.
         swap_xy: test the transposed point (y, x) for insideness, as the official FCOS code does
-            (pitfall P3). Off by default (the correct test).
+            (docs/method.md D3). Off by default (the correct test).
 
     Returns:
         [A] weights in [0, 1], float32 (float64 if an input is float64), no gradient.
@@ -186,12 +186,14 @@ def pgw_mask(
 
 @torch.no_grad()
 def background_mask(centers: Tensor, gt_boxes: Tensor, *, swap_xy: bool = False) -> Tensor:
-    """Background mask of one image (section 2.7): 1 where the centre is strictly inside no GT.
+    """Background mask of one image (docs/method.md §3): 1 where the centre is strictly inside
+    no GT.
 
     Args:
         centers: [A, 2] location centres (x, y) pixels.
         gt_boxes: [G, 4] ground-truth boxes, absolute xyxy pixels.
-        swap_xy: test the transposed point (y, x), as the official FCOS code does (P3).
+        swap_xy: test the transposed point (y, x), as the official FCOS code does
+            (docs/method.md D3).
 
     Returns:
         [A] of 0.0 / 1.0, float32 (float64 if an input is float64); all ones when G == 0.

@@ -1,6 +1,6 @@
 """The PGD teacher: loading it frozen, checking it against the student, initialising the student.
 
-pgd_method.md section 2.3: the teacher runs in eval mode with `requires_grad=False`; its head
+docs/method.md §5: the teacher runs in eval mode with `requires_grad=False`; its head
 must have the student's layout (the distilled taps are compared element by element); and the
 student's neck and head start from the teacher's (`init_student`).
 """
@@ -93,7 +93,7 @@ def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
 def init_student_from_teacher(
     student: nn.Module, teacher: nn.Module
 ) -> tuple[list[str], list[str]]:
-    """Copy the teacher's FPN and head into the student where the shapes match (P1).
+    """Copy the teacher's FPN and head into the student where the shapes match (docs/method.md D1).
 
     Every teacher state-dict tensor whose name does not start with `backbone.body.` is copied
     into the student tensor of the same name and shape; the others (e.g. FPN laterals when the

@@ -1,4 +1,4 @@
-"""The three accuracy gates every export runs, and the gate report (deployment.md 1.5).
+"""The three accuracy gates every export runs, and the gate report (docs/deployment.md §5).
 
 1. parity: tensor parity against PyTorch on real letterboxed images (`parity.compare`): fp32
    elementwise (boxes atol 1e-3 px, scores 1e-4), fp16 mean error (<= 1e-2 absolute or

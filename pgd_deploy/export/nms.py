@@ -13,11 +13,11 @@ is exactly the host post-processing with `topk_candidates=topk` over one level
 (`runtime.postprocess.postprocess(..., level_sizes=None)`), which is what the export gates compare
 it with, except that the host clips to the image inside the letterbox rather than to the canvas.
 
-TensorRT limits (deployment.md 4.4; onnx-tensorrt docs/operators.md): its NMS layer considers at
+TensorRT limits (docs/deployment.md §4; onnx-tensorrt docs/operators.md): its NMS layer considers at
 most 5000 candidate boxes per image (2000 on SM 5.3 and 6.2 GPUs, i.e. Jetson Nano / TX2) and its
 `TopK` needs K < 3840, so `topk` and `max_det` are at most 3839 here and a plan for an SM 5.3/6.2
 GPU needs `topk <= 2000` (`to_tensorrt.check_nms_candidates`). Only standard ops are used
-(NonMaxSuppression maps to INMSLayer; no EfficientNMS plugin, deployment.md 1.2); the thresholds
+(NonMaxSuppression maps to INMSLayer; no EfficientNMS plugin, docs/deployment.md §4); the thresholds
 and K are graph constants recorded in the manifest.
 """
 

@@ -1,4 +1,4 @@
-"""Strongly typed precision as ONNX-to-ONNX steps that run on the CPU (deployment.md 4.2).
+"""Strongly typed precision as ONNX-to-ONNX steps that run on the CPU (docs/deployment.md §3).
 
 TensorRT 11 only builds strongly typed networks, so precision lives in the ONNX itself:
 - fp16: `onnxconverter_common.float16.convert_float_to_float16` with `keep_io_types=True`

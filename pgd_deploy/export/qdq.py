@@ -1,7 +1,7 @@
 """The two int8 targets as Q/DQ graph rules, applied to ONNX graphs (CPU only, onnx + numpy).
 
 - `tensorrt`: symmetric int8 activations and weights, zero point 0 everywhere: what TensorRT's
-  explicit quantization requires (deployment.md 4.2).
+  explicit quantization requires (docs/deployment.md §3).
 - `cpu`: uint8 activations and int8 per-channel symmetric weights (U8S8), the combination ONNX
   Runtime's x86 int8 kernels run fast (export/README.md has the measurements).
 

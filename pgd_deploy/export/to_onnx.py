@@ -1,6 +1,6 @@
 """PyTorch -> ONNX for the deploy contract (`DeployModel`), plus simplification and metadata.
 
-The legacy TorchScript exporter (`dynamo=False`) is the default (deployment.md 1.6): the dynamo
+The legacy TorchScript exporter (`dynamo=False`) is the default (docs/deployment.md §2): the dynamo
 exporter is available behind `exporter="dynamo"` (it needs onnxscript) and, like every export, is
 verified numerically by the gates. Opset 17 is pinned, only the batch axis is dynamic, onnxslim
 runs when asked (its failure is logged, never fatal) and `onnx.checker` always runs.
@@ -101,7 +101,7 @@ def export_onnx(
     Args:
         detector: a `DenseDetector` (its device is kept; the export runs on it).
         imgsz: (H, W) network input, multiples of 32.
-        opset: ONNX opset (17 by default; see deployment.md 1.7).
+        opset: ONNX opset (17 by default; see docs/deployment.md §2).
         exporter: "legacy" (TorchScript, default) or "dynamo".
         simplify: run onnxslim afterwards.
         example_batch: batch of the tracing example (the batch axis stays dynamic).

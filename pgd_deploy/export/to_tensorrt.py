@@ -4,7 +4,7 @@ Builder -> OnnxParser (every parser error reported) -> builder config (workspace
 `set_memory_pool_limit`, `builder_optimization_level`, timing cache, optional hardware/version
 compatibility) -> one optimisation profile from the batch flags -> `build_serialized_network`,
 written as raw bytes (no header: trtexec, Triton and Polygraphy load it). Precision lives in the
-ONNX (fp16 casts, int8 Q/DQ; `precision.py`): no precision flag is ever set (deployment.md 1.1).
+ONNX (fp16 casts, int8 Q/DQ; `precision.py`): no precision flag is ever set (docs/deployment.md §3).
 On TensorRT 10 the network is created with STRONGLY_TYPED; on 11 strong typing is always on.
 For fp32 builds TF32 is disabled so the fp32 parity gate compares like with like. A
 version-compatible build (VERSION_COMPATIBLE) keeps its lean runtime inside the plan, so later

@@ -1,6 +1,6 @@
 """Triton model repository for an exported artifact, and a strict parser to verify its config.
 
-Layout (deployment.md 6.1): `<repo>/<name>/config.pbtxt`, `<repo>/<name>/1/model.onnx` (platform
+Layout (docs/deployment.md §7): `<repo>/<name>/config.pbtxt`, `<repo>/<name>/1/model.onnx` (platform
 `onnxruntime_onnx`) or `1/model.plan` (`tensorrt_plan`), the manifest beside the model and, as
 compact JSON, in the config's `parameters`, plus `<repo>/README.md` with the server command, the
 container tag matching the plan's TensorRT version (a plan only loads in a Triton built on the

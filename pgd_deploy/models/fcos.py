@@ -6,7 +6,7 @@ regression branch with BCE, centre sampling radius 1.5, regression normalised by
 
 The head always predicts distances in stride units (ReLU'd); `decode_boxes` multiplies by the
 stride in train and eval mode alike, so decoded teacher boxes are always in pixels (the official
-code's eval-only multiplication is pitfall P11).
+code's eval-only multiplication is docs/method.md D7).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each tower is `num_convs` x [3x3 conv, GroupNorm(32), ReLU], shared across FPN levels. The output
 of the first block of each tower is returned explicitly per level: it is the PGD tap point
-(pgd_method.md 2.2), so no forward hooks are needed.
+(docs/method.md §2), so no forward hooks are needed.
 """
 
 from __future__ import annotations
