@@ -171,25 +171,15 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 def export_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `pgd-export`."""
-    try:
-        from pgd_deploy.export.command import main
-    except ImportError as err:
-        if "pgd_deploy.export.command" not in str(err):
-            raise
-        print("pgd-export: not built yet", file=sys.stderr)
-        return 2
+    from pgd_deploy.export.command import main
+
     return main(argv)
 
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `pgd-serve`."""
-    try:
-        from pgd_deploy.serve.command import main
-    except ImportError as err:
-        if "pgd_deploy.serve.command" not in str(err):
-            raise
-        print("pgd-serve: not built yet", file=sys.stderr)
-        return 2
+    from pgd_deploy.serve.command import main
+
     return main(argv)
 
 

@@ -119,7 +119,6 @@ class DistillConfig:
     mask_group: int | None = 4  # official cross-image mask broadcast group; None = per image
     jitter: float = 0.05  # uniform jitter (px) added to centres for the Gaussian fit only
     swap_xy: bool = False  # reproduce the official FCOS/AutoAssign x/y swap in the inside test
-    gfl_stride_bug: bool = False  # reproduce the official GFL teacher-decoding stride bug
     init_student: bool = True  # copy shape-compatible FPN and head tensors from the teacher
 
 

@@ -343,8 +343,6 @@ def build_distiller(
     check_compatible(teacher, student)
     if cfg.init_student:
         init_student_from_teacher(student, teacher)
-    if cfg.gfl_stride_bug:
-        logger.warning("distill.gfl_stride_bug has no effect on an FCOS teacher")
     if generator is None:
         generator = jitter_generator(device, seed=seed, rank=rank)
     return Distiller(

@@ -11,13 +11,9 @@ attention maps are not detached: the attention-transfer term trains them towards
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-logger = logging.getLogger(__name__)
 
 EPS = 1e-10  # clamp of the nonzero-count normalisation
 

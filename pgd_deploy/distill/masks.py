@@ -12,15 +12,12 @@ them on a batch of one.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from pgd_deploy.distill import mask_ops
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["background_mask", "batch_masks", "pgw_mask", "quality_score"]
 

@@ -9,7 +9,6 @@ against host NMS with the same pre-NMS top-k (`gates.run_gates`).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,6 @@ from pgd_deploy.export.gates import run_gates
 from pgd_deploy.export.manifest import STATUS_UNCHECKED
 from pgd_deploy.io_utils import file_sha256
 from pgd_deploy.runtime.manifest import read_manifest, write_manifest
-
-logger = logging.getLogger(__name__)
 
 PLAN_SUFFIX = "_trt.plan"
 DENSE_TWIN = "dense twin (the same model before NMS, built and run like the artifact)"

@@ -10,7 +10,6 @@ depth, with the head width, tower depth and class count taken from the weights.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +29,6 @@ from pgd_deploy.config import ModelConfig, TrainJob
 from pgd_deploy.labels import class_labels
 from pgd_deploy.models.build import build_detector
 from pgd_deploy.models.detector import DenseDetector
-
-logger = logging.getLogger(__name__)
 
 CLS_LOGITS = "head.cls_logits.weight"  # [C, Ch, 3, 3]: the class count and the head width
 CLS_TOWER = "head.towers.cls_tower."  # + "<block>.0.weight": one conv per block

@@ -10,7 +10,6 @@ Heavy libraries are imported inside the constructors: importing this module need
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,7 @@ from pgd_deploy.runtime.preprocess import ImageTransform, preprocess
 from pgd_deploy.runtime.providers import check_session_providers, select_providers
 from pgd_deploy.structures import Detections
 
-logger = logging.getLogger(__name__)
-
 ONNX_METADATA_KEY = "pgd_deploy"  # ONNX metadata_props entry holding the manifest essentials
-NMS_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")
 
 
 def _round32(v: int) -> int:

@@ -13,7 +13,6 @@ timed out) travel with the batch as failures and never stop the run.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,8 +23,6 @@ import numpy as np
 
 from pgd_deploy.runtime.preprocess import ImageDecodeError, ImageTransform, letterbox, load_image
 from pgd_deploy.serve.sources import SourceItem
-
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
