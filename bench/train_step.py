@@ -15,8 +15,8 @@ import time
 import torch
 
 from pgd_deploy.config import ModelConfig
+from pgd_deploy.devices import autocast_setup
 from pgd_deploy.models import build_detector
-from pgd_deploy.trainer import autocast_setup
 
 
 def make_step(depth: int, images: torch.Tensor, targets, device, amp_dtype):

@@ -22,12 +22,16 @@ from torch import Tensor, nn
 from pgd_deploy import distributed as dist
 from pgd_deploy.config import TrainJob, load_config, to_dict
 from pgd_deploy.data.dataset import Batch, DetectionDataset, build_dataset, collate
+from pgd_deploy.devices import autocast_setup, memory_format_for
 from pgd_deploy.metrics import AP_KEYS, detections_to_coco, evaluate_coco
-from pgd_deploy.models import load_detector
+from pgd_deploy.models import build_detector, load_detector
+from pgd_deploy.schedule import Schedule, build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
 LossProvider = Callable[[Tensor, object, Sequence[dict[str, Tensor]]], dict[str, Tensor]]
+# Called once with the freshly built student, before any DDP wrapping (it may change it).
+LossProviderFactory = Callable[[nn.Module, torch.device], LossProvider | None]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -289,6 +293,47 @@ def evaluate_checkpoint(
     evaluation = evaluate(model, val, device=dev, batch_size=cfg.train.batch_size)
     logger.info("evaluated %d images in %.1f s", evaluation.read, time.perf_counter() - start)
     return evaluation
+
+
+def build_step_context(
+    cfg: TrainJob,
+    device: torch.device,
+    schedule: Schedule,
+    make_loss_provider: LossProviderFactory | None = None,
+) -> StepContext:
+    """A training run's student (fake-quantized for QAT), loss provider, DDP wrapper,
+    optimiser, scheduler and mixed precision, on `device`."""
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
+    model = build_detector(cfg.model).to(device)
+    if cfg.qat.init:  # quantization-aware fine-tune: the trained student, fake-quantized
+        from pgd_deploy.qat import prepare_student
+
+        prepare_student(model, cfg, device)
+    provider = make_loss_provider(model, device) if make_loss_provider else None
+    memory_format = memory_format_for(cfg.train.channels_last, device)
+    model.to(memory_format=memory_format)
+    teacher = getattr(provider, "teacher", None)  # the distiller's teacher sees the same batch
+    if isinstance(teacher, nn.Module):
+        teacher.to(memory_format=memory_format)
+    if dist.is_dist():
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = build_optimizer(model, cfg.train, schedule.lr)
+    amp_dtype, scaler = autocast_setup(cfg.train.amp, device)
+    return StepContext(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, schedule),
+        device=device,
+        # The provider's weights (e.g. the distiller's), times train.loss_weights.
+        loss_weights=combine_weights(getattr(provider, "loss_weights", {}), cfg.train.loss_weights),
+        loss_provider=provider,
+        grad_clip=cfg.train.grad_clip,
+        autocast_dtype=amp_dtype,
+        scaler=scaler,
+        memory_format=memory_format,
+    )
 
 
 def format_epoch_summary(

@@ -9,18 +9,13 @@ the engine applies them, multiplied by `train.loss_weights`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from pgd_deploy import distributed as dist
 from pgd_deploy.checkpoint import (
@@ -30,37 +25,31 @@ from pgd_deploy.checkpoint import (
     save_checkpoint,
 )
 from pgd_deploy.config import TrainJob, save_config, to_dict
-from pgd_deploy.data.dataset import GroupedBatchSampler, build_dataset, collate
-from pgd_deploy.devices import (  # noqa: F401  (autocast_setup, cpu_has_amx: public here too)
-    autocast_setup,
-    cpu_has_amx,
+from pgd_deploy.data.loader import build_train_data
+from pgd_deploy.devices import (
     init_distributed,
-    memory_format_for,
+    rng_state,
     seed_everything,
     select_device,
+    set_rng_state,
 )
-from pgd_deploy.engine import (  # noqa: F401  (evaluate_checkpoint: public here too)
+from pgd_deploy.engine import (
     EpochStats,
-    LossProvider,
+    LossProviderFactory,
     NonFiniteLossError,
-    StepContext,
-    combine_weights,
+    build_step_context,
     evaluate,
-    evaluate_checkpoint,
     format_epoch_summary,
     train_one_epoch,
     unwrap,
 )
 from pgd_deploy.io_utils import remove_stale_temp_files, write_json
 from pgd_deploy.metrics import format_metrics
-from pgd_deploy.models import build_detector
-from pgd_deploy.schedule import Schedule, build_optimizer, build_scheduler
+from pgd_deploy.schedule import Schedule
 from pgd_deploy.training_log import TrainingLog, UnreadableImages
 from pgd_deploy.workdir import check_resumable, check_same_classes, check_start, clear_run
 
 logger = logging.getLogger(__name__)
-
-LossProviderFactory = Callable[[nn.Module, torch.device], LossProvider | None]
 
 
 @dataclass
@@ -85,36 +74,6 @@ class TrainingStopped(RuntimeError):
     image); the message says why."""
 
 
-def _worker_init(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32  # differs per worker and per epoch (DataLoader seeds it)
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    np_state = np.random.get_state()
-    state["numpy"] = [np_state[0], np_state[1].tolist(), *np_state[2:]]
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    # RNG states are CPU byte tensors; a checkpoint loaded with map_location=cuda moves them
-    torch.set_rng_state(state["torch"].cpu())
-    random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    if "numpy" in state:
-        name, keys, *rest = state["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-
-
-def _as_tuple(obj: Any) -> Any:
-    return tuple(_as_tuple(o) for o in obj) if isinstance(obj, (list, tuple)) else obj
-
-
 def _call_if_present(obj: Any, method: str, *args: Any) -> Any:
     """`obj.method(*args)` when `obj` has that method (a loss provider with state), else None."""
     fn = getattr(obj, method, None)
@@ -127,80 +86,17 @@ class Trainer:
     def __init__(
         self, cfg: TrainJob, work_dir: Path, make_loss_provider: LossProviderFactory | None
     ) -> None:
-        self.cfg = cfg
         self.work_dir = work_dir
         self.device = select_device(cfg.train.device)
         init_distributed(self.device)
         seed_everything(cfg.train.seed + dist.rank(), cfg.train.deterministic)
-        if dist.is_main():  # rank 0 generates synthetic data first; the others then find it
-            build_dataset(cfg.data, "train", train=True)
-        dist.barrier()
-        self.train_set = build_dataset(cfg.data, "train", train=True)
-        self.val_set = build_dataset(cfg.data, "val", train=False)
-        classes = self.train_set.coco.num_classes
-        if cfg.model.num_classes and cfg.model.num_classes != classes:
-            raise ValueError(
-                f"model.num_classes={cfg.model.num_classes} but {self.train_set.coco.path} has "
-                f"{classes} categories"
-            )
-        self.cfg = cfg = dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, num_classes=classes)
-        )
-        self.sampler = GroupedBatchSampler(
-            self.train_set.aspect_ratios(),
-            cfg.train.batch_size,
-            seed=cfg.train.seed,
-            rank=dist.rank(),
-            world_size=dist.world_size(),
-        )
-        self.loader = DataLoader(
-            self.train_set,
-            batch_sampler=self.sampler,
-            collate_fn=lambda items: collate(items, cfg.data.size_divisible),
-            num_workers=cfg.data.workers,
-            pin_memory=self.device.type == "cuda",
-            worker_init_fn=_worker_init,
-            persistent_workers=False,
-            # Creating an iterator draws a seed from this generator: with the global one, a
-            # resumed run (a new iterator mid-epoch) would shift the global stream.
-            generator=torch.Generator().manual_seed(cfg.train.seed + dist.rank()),
-        )
+        data = build_train_data(cfg, self.device)
+        self.cfg, self.train_set, self.val_set = data.cfg, data.train_set, data.val_set
+        self.sampler, self.loader = data.sampler, data.loader
         self.schedule = Schedule.from_config(
-            cfg.train, iters_per_epoch=len(self.sampler), world_size=dist.world_size()
+            self.cfg.train, iters_per_epoch=len(self.sampler), world_size=dist.world_size()
         )
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
-        model = build_detector(cfg.model).to(self.device)
-        if cfg.qat.init:  # quantization-aware fine-tune: the trained student, fake-quantized
-            from pgd_deploy.qat import prepare_student
-
-            prepare_student(model, cfg, self.device)
-        provider = make_loss_provider(model, self.device) if make_loss_provider else None
-        memory_format = memory_format_for(cfg.train.channels_last, self.device)
-        model.to(memory_format=memory_format)
-        teacher = getattr(provider, "teacher", None)  # the distiller's teacher sees the same batch
-        if isinstance(teacher, nn.Module):
-            teacher.to(memory_format=memory_format)
-        if dist.is_dist():
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        optimizer = build_optimizer(model, cfg.train, self.schedule.lr)
-        amp_dtype, scaler = autocast_setup(cfg.train.amp, self.device)
-        self.ctx = StepContext(
-            model=model,
-            optimizer=optimizer,
-            scheduler=build_scheduler(optimizer, self.schedule),
-            device=self.device,
-            # The provider's weights (e.g. the distiller's), times train.loss_weights.
-            loss_weights=combine_weights(
-                getattr(provider, "loss_weights", {}), cfg.train.loss_weights
-            ),
-            loss_provider=provider,
-            grad_clip=cfg.train.grad_clip,
-            autocast_dtype=amp_dtype,
-            scaler=scaler,
-            memory_format=memory_format,
-        )
+        self.ctx = build_step_context(self.cfg, self.device, self.schedule, make_loss_provider)
         self.iteration = 0  # optimisation steps taken (the schedule's clock)
         self.epoch = 0
         self.position = 0  # batches of the current epoch consumed: trained on or skipped
@@ -472,4 +368,4 @@ def _resume(trainer: Trainer, state: dict[str, Any]) -> None:
         raise CheckpointError(f"{path}: cannot resume from it: {first}") from None
 
 
-__all__ = ["FitResult", "TrainingStopped", "evaluate_checkpoint", "fit"]
+__all__ = ["FitResult", "TrainingStopped", "fit"]

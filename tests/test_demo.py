@@ -10,8 +10,9 @@ import pytest
 
 from pgd_deploy.config import TrainJob, load_config, save_config
 from pgd_deploy.demo import run_demo
+from pgd_deploy.engine import evaluate_checkpoint
 from pgd_deploy.io_utils import write_json
-from pgd_deploy.trainer import evaluate_checkpoint, fit
+from pgd_deploy.trainer import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -279,7 +279,7 @@ def test_non_finite_gradient_stops_before_the_update(tmp_path):
 
 
 def test_channels_last_setting_and_training(tmp_path):
-    from pgd_deploy.trainer import memory_format_for
+    from pgd_deploy.devices import memory_format_for
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert memory_format_for("auto", cpu) == torch.contiguous_format
