@@ -217,9 +217,11 @@ class ServeConfig:
     batch: int = 8  # images per inference call
     workers: int = 2  # decode/preprocess threads
     queue_size: int = 32  # bounded queue between decoding and inference, images
-    score_thresh: float = 0.05  # minimum score kept
-    nms_thresh: float = 0.6  # class-aware NMS IoU
-    max_det: int = 100  # detections per image
+    # post-processing; none (the default): what the artifact records (its manifest's postprocess
+    # block, or a checkpoint's model settings)
+    score_thresh: float | None = None  # minimum score kept
+    nms_thresh: float | None = None  # class-aware NMS IoU
+    max_det: int | None = None  # detections per image
     host: str = "127.0.0.1"  # demo bind address
     port: int = 7860  # demo port
     max_upload_mb: float = 20.0  # demo upload size limit

@@ -222,3 +222,26 @@ def test_gate_compares_in_graph_nms_with_the_same_candidates(tmp_path):
             imgsz=size,
             batch_size=2,
         )
+
+
+def test_the_in_graph_thresholds_reach_the_reference_without_changing_the_detector():
+    import torch
+
+    from pgd_deploy.config import ExportConfig, ModelConfig
+    from pgd_deploy.export.pipeline import export_postprocess
+    from pgd_deploy.models import build_detector
+    from pgd_deploy.runtime.backends import TorchBackend
+
+    torch.manual_seed(0)
+    detector = build_detector(ModelConfig(depth=18, num_classes=3, fpn_channels=64, head_convs=1))
+    own = dict(detector.postprocess_kwargs)
+    cfg = ExportConfig(nms="onnx", conf=0.3, iou=0.45, max_det=50)
+    post = export_postprocess(detector.postprocess_kwargs, cfg)
+    assert post == {**own, "score_thresh": 0.3, "nms_thresh": 0.45, "max_det": 50}
+    assert export_postprocess(detector.postprocess_kwargs, ExportConfig(nms="none")) == own
+    reference = TorchBackend.from_detector(
+        detector, input_size=(64, 64), class_names=["a", "b", "c"], postprocess=post
+    )
+    assert reference.postprocess_kwargs == post
+    # export used to write the in-graph thresholds into the detector itself
+    assert detector.postprocess_kwargs == own

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from serve_helpers import default_sigint, onnx_model, student_checkpoint
+from serve_helpers import IMGSZ, default_sigint, make_checkpoint, onnx_model, student_checkpoint
 
 from pgd_deploy.serve.command import _config, _parser, main
 
@@ -154,3 +154,45 @@ def test_an_export_marked_failed_is_refused_unless_allowed(
 
     with pytest.raises(ValueError, match="says status 'failed'"):
         open_app(model, model)  # the demo refuses it too
+
+
+def test_predict_applies_the_artifacts_post_processing_unless_told(tmp_path: Path) -> None:
+    """The manifest's postprocess block is the default; flags and --set override it."""
+    pytest.importorskip("onnx")
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from pgd_deploy.checkpoint import load_checkpoint, save_checkpoint
+    from pgd_deploy.export.to_onnx import export_checkpoint_onnx
+    from pgd_deploy.runtime.manifest import read_manifest
+
+    # scores around 0.27 (many candidates); this model keeps 3 per image above 0.1
+    state = load_checkpoint(make_checkpoint(tmp_path / "raw.pt", seed=4))
+    state["config"]["model"].update(score_thresh=0.1, max_detections=3)
+    ckpt = save_checkpoint({k: v for k, v in state.items() if k != "format"}, tmp_path / "s.pt")
+    model = tmp_path / "s.onnx"
+    export_checkpoint_onnx(ckpt, model, imgsz=(IMGSZ, IMGSZ), batch=(1, 2, 2))
+    post = read_manifest(model)["postprocess"]
+    assert (post["score_thresh"], post["max_det"]) == (0.1, 3)
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(src / f"{i}.png")
+
+    def scores(name: str, *flags: str) -> list[list[float]]:
+        out = tmp_path / name
+        argv = ["predict", "--model", str(model), "--source", str(src), "--out", str(out)]
+        assert main([*argv, "--no-progress", *flags]) == 0
+        entries = json.loads((out / "predictions.json").read_text())
+        ids = sorted({e["image_id"] for e in entries})
+        return [[e["score"] for e in entries if e["image_id"] == i] for i in ids]
+
+    # It used to apply ServeConfig's 0.05 and 100 whatever the artifact said.
+    default = scores("default")
+    assert len(default) == 2 and all(len(s) == 3 and min(s) >= 0.1 for s in default)
+    assert all(len(s) == 5 for s in scores("more", "--max-det", "5"))
+    assert scores("stricter", "--score-thresh", "0.5") == []  # the scores are about 0.2
+    assert all(len(s) == 4 for s in scores("set", "--set", "max_det=4"))

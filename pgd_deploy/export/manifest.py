@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pgd_deploy.io_utils import file_sha256
+from pgd_deploy.runtime.manifest import write_manifest
 from pgd_deploy.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 MANIFEST_VERSION = 1
@@ -115,8 +117,14 @@ def build_manifest(
     source: dict[str, Any] | None = None,
     recipe: dict[str, Any] | None = None,
     status: str = STATUS_UNCHECKED,
+    int8_target: str | None = None,
+    gate_images: str | None = None,
+    export_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of one artifact; the keys are documented in `pgd_deploy.runtime.manifest`.
+
+    The one place a manifest is assembled: `plan_manifest`, `dense_twin_manifest` and
+    `record_gates` derive from or complete what this returns.
 
     Args:
         fmt: "onnx" or "tensorrt".
@@ -130,8 +138,18 @@ def build_manifest(
         source: from `source_info`.
         recipe: how the precision was obtained (converter, excluded nodes, calibration set).
         status: "passed", "failed" or "unchecked" (no gates ran).
+        int8_target: "cpu" or "tensorrt" for an int8 artifact (recorded only then).
+        gate_images: where the gate images came from.
+        export_config: the export job (`to_dict(ExportJob)`).
     """
     bmin, bopt, bmax = (int(b) for b in batch)
+    extra: dict[str, Any] = {}
+    if int8_target is not None:
+        extra["int8_target"] = int8_target
+    if gate_images is not None:
+        extra["gate_images"] = gate_images
+    if export_config is not None:
+        extra["export_config"] = export_config
     return {
         "manifest_version": MANIFEST_VERSION,
         "format": fmt,
@@ -153,4 +171,38 @@ def build_manifest(
         "versions": software_versions(),
         "source": source or {},
         "gates": {},
+        **extra,
     }
+
+
+def plan_manifest(
+    onnx_path: Path, onnx_manifest: dict[str, Any], info: dict[str, Any], plan: Path
+) -> dict[str, Any]:
+    """The manifest of a TensorRT plan built from a gated ONNX: the ONNX's, with the build
+    information (`info`), the plan's hash and the ONNX it came from; not yet gated."""
+    manifest = {**onnx_manifest, "format": "tensorrt", "tensorrt": info, "gates": {}}
+    manifest.update(status=STATUS_UNCHECKED, sha256=file_sha256(plan))
+    manifest["onnx"] = {"path": str(onnx_path), "sha256": file_sha256(onnx_path)}
+    return manifest
+
+
+def dense_twin_manifest(manifest: dict[str, Any], outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest of an NMS artifact's dense twin (the same network before NMS, with these
+    `outputs` from `describe_io`; gated alongside, never shipped)."""
+    return {**manifest, "outputs": outputs, "nms": {"mode": "none"}}
+
+
+def record_gates(
+    path: Path,
+    manifest: dict[str, Any],
+    report: Any,
+    runtime: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Complete an artifact's manifest with its gate results (`gates.GateReport`): status,
+    gates and the artifact's sha256; written beside `path`."""
+    manifest["status"] = STATUS_PASSED if report.passed else STATUS_FAILED
+    manifest["gates"] = {"runtime": runtime, **report.to_dict(), **(extra or {})}
+    manifest["sha256"] = file_sha256(path)
+    write_manifest(path, manifest)
+    return manifest

@@ -22,11 +22,11 @@ from pgd_deploy.config import ExportConfig, ExportJob, save_config, to_dict
 from pgd_deploy.export import qat_export
 from pgd_deploy.export.deploy_model import check_imgsz
 from pgd_deploy.export.gates import GateReport, run_gates
-from pgd_deploy.export.manifest import STATUS_FAILED, STATUS_PASSED
+from pgd_deploy.export.manifest import dense_twin_manifest, describe_io, record_gates
 from pgd_deploy.export.nms import validate_nms
 from pgd_deploy.export.plan import DENSE_TWIN
 from pgd_deploy.export.to_tensorrt import check_build_options, validate_profile
-from pgd_deploy.io_utils import atomic_write_text, file_sha256
+from pgd_deploy.io_utils import atomic_write_text
 from pgd_deploy.runtime.manifest import write_manifest
 
 logger = logging.getLogger(__name__)
@@ -145,8 +145,19 @@ class ExportContext:
     gate_batch: int
     level_sizes: list[int]
     tmp: Path  # scratch folder of this export (the dense twin of an NMS artifact lives here)
+    postprocess: dict[str, Any]  # the artifact's post-processing (`export_postprocess`)
     int8_target: str | None = None  # "cpu" / "tensorrt" for int8, else None
     fp32_reference: Any = None  # QAT checkpoint: the fp32 student's backend (agreement, mAP)
+
+
+def export_postprocess(detector_post: dict[str, Any], cfg: ExportConfig) -> dict[str, Any]:
+    """The artifact's post-processing: the detector's, except that an in-graph NMS artifact
+    applies the export's thresholds (`conf`, `iou`, `max_det`), which its reference must use too.
+    The detector itself is never changed."""
+    post = dict(detector_post)
+    if cfg.nms == "onnx":
+        post.update(score_thresh=cfg.conf, nms_thresh=cfg.iou, max_det=cfg.max_det)
+    return post
 
 
 def _prepare(checkpoint: str | Path, job: ExportJob, tmp: Path) -> ExportContext:
@@ -166,18 +177,16 @@ def _prepare(checkpoint: str | Path, job: ExportJob, tmp: Path) -> ExportContext
         torch.backends.cudnn.allow_tf32 = False
     src = load_source(checkpoint, device)
     qat_export.check_qat_export(src, cfg.precision)
-    if cfg.nms == "onnx":  # the reference post-processing uses the in-graph thresholds
-        src.detector.postprocess_kwargs.update(
-            score_thresh=cfg.conf, nms_thresh=cfg.iou, max_det=cfg.max_det
-        )
+    postprocess = export_postprocess(src.postprocess_kwargs, cfg)
     fp32 = None
     if qat_export.is_qat(src):
-        fp32 = qat_export.fp32_reference(src, cfg.fp32_reference, device, imgsz)
+        fp32 = qat_export.fp32_reference(src, cfg.fp32_reference, device, imgsz, postprocess)
     reference = TorchBackend.from_detector(
         src.detector,
         input_size=imgsz,
         class_names=src.class_names,
         category_ids=src.category_ids,
+        postprocess=postprocess,
     )
     images = gate_images(cfg, src.config.data, cfg.gate_images)
     out = Path(cfg.out)
@@ -198,6 +207,7 @@ def _prepare(checkpoint: str | Path, job: ExportJob, tmp: Path) -> ExportContext
         gate_batch,
         level_sizes,
         tmp,
+        postprocess,
         int8_target=resolve_int8_target(cfg),
         fp32_reference=fp32,
     )
@@ -265,28 +275,6 @@ def _build_onnx(ctx: ExportContext) -> tuple[Any, Any, dict[str, Any], dict[str,
     return dense, final, recipe, nms
 
 
-def finish_manifest(
-    path: Path,
-    manifest: dict[str, Any],
-    report: GateReport,
-    runtime: str,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Record the gate results (status, gates, sha256) in the artifact's manifest."""
-    manifest["status"] = STATUS_PASSED if report.passed else STATUS_FAILED
-    manifest["gates"] = {"runtime": runtime, **report.to_dict(), **(extra or {})}
-    manifest["sha256"] = file_sha256(path)
-    write_manifest(path, manifest)
-    return manifest
-
-
-def dense_twin_manifest(manifest: dict[str, Any], dense: Any) -> dict[str, Any]:
-    """The manifest of an NMS artifact's dense twin (same model before NMS; never shipped)."""
-    from pgd_deploy.export.manifest import describe_io
-
-    return {**manifest, "outputs": describe_io(dense)[1], "nms": {"mode": "none"}}
-
-
 def _gate_onnx(ctx: ExportContext, onnx_path: Path, manifest: dict[str, Any]) -> GateReport:
     from pgd_deploy.runtime.backends import OrtBackend
 
@@ -326,22 +314,21 @@ def _export_onnx_artifact(ctx: ExportContext, result: ExportResult) -> tuple[Pat
         nms=nms,
         recipe=recipe,
         level_sizes=ctx.level_sizes,
+        postprocess=ctx.postprocess,
+        int8_target=ctx.int8_target,
+        gate_images=ctx.images.source,
+        export_config=to_dict(ctx.job),
     )
-    if ctx.cfg.nms == "onnx":
-        manifest["postprocess"] = dict(ctx.reference.postprocess_kwargs)
-    if ctx.int8_target is not None:
-        manifest["int8_target"] = ctx.int8_target
-    manifest["gate_images"] = ctx.images.source
-    manifest["export_config"] = to_dict(ctx.job)
     if ctx.cfg.nms == "onnx":  # the dense twin: gated with the artifact (and built with a plan)
         save_onnx(dense, ctx.tmp / "dense.onnx")
-        write_manifest(ctx.tmp / "dense.onnx", dense_twin_manifest(manifest, dense))
+        twin = dense_twin_manifest(manifest, describe_io(dense)[1])
+        write_manifest(ctx.tmp / "dense.onnx", twin)
     path = ctx.out / f"{ctx.name}.onnx"
     save_onnx(final, path, manifest)
     write_manifest(path, manifest)  # "unchecked" until the gates below finish
     report = _gate_onnx(ctx, path, manifest)
     extra = {"parity_on": DENSE_TWIN} if ctx.cfg.nms == "onnx" else {}
-    finish_manifest(path, manifest, report, "onnxruntime CPUExecutionProvider", extra)
+    record_gates(path, manifest, report, "onnxruntime CPUExecutionProvider", extra)
     result.artifacts.append(path)
     result.manifests[str(path)] = manifest
     result.reports.append(report)

@@ -14,8 +14,7 @@ from typing import Any
 
 from pgd_deploy.export.deploy_model import INPUT_NAME
 from pgd_deploy.export.gates import run_gates
-from pgd_deploy.export.manifest import STATUS_UNCHECKED
-from pgd_deploy.io_utils import file_sha256
+from pgd_deploy.export.manifest import plan_manifest, record_gates
 from pgd_deploy.runtime.manifest import read_manifest, write_manifest
 
 PLAN_SUFFIX = "_trt.plan"
@@ -47,15 +46,6 @@ def _build(ctx: Any, onnx_path: Path, plan: Path, nms_candidates: int) -> dict[s
     )
 
 
-def _plan_manifest(
-    onnx_path: Path, onnx_manifest: dict[str, Any], info: dict[str, Any], plan: Path
-) -> dict[str, Any]:
-    manifest = {**onnx_manifest, "format": "tensorrt", "tensorrt": info, "gates": {}}
-    manifest.update(status=STATUS_UNCHECKED, sha256=file_sha256(plan))
-    manifest["onnx"] = {"path": str(onnx_path), "sha256": file_sha256(onnx_path)}
-    return manifest
-
-
 def _dense_twin(ctx: Any) -> Any | None:
     """The dense twin plan's runner for an NMS export (None without in-graph NMS)."""
     if ctx.cfg.nms != "onnx":
@@ -65,7 +55,7 @@ def _dense_twin(ctx: Any) -> Any | None:
     dense_onnx = ctx.tmp / "dense.onnx"
     twin = ctx.tmp / f"dense{PLAN_SUFFIX}"
     info = _build(ctx, dense_onnx, twin, nms_candidates=0)
-    write_manifest(twin, _plan_manifest(dense_onnx, read_manifest(dense_onnx), info, twin))
+    write_manifest(twin, plan_manifest(dense_onnx, read_manifest(dense_onnx), info, twin))
     return trt_backend.TrtBackend(twin)
 
 
@@ -82,13 +72,12 @@ def export_plan(
     Raises:
         ImportError / TensorRTBuildError: from the build (`to_tensorrt.build_engine`).
     """
-    from pgd_deploy.export.pipeline import finish_manifest
     from pgd_deploy.runtime import trt_backend
 
     plan = plan_path(ctx.out, ctx.name)
     nms = onnx_manifest.get("nms", {})
     info = _build(ctx, onnx_path, plan, nms_candidates=int(nms.get("pre_nms_topk", 0)))
-    manifest = _plan_manifest(onnx_path, onnx_manifest, info, plan)
+    manifest = plan_manifest(onnx_path, onnx_manifest, info, plan)
     write_manifest(plan, manifest)  # "unchecked" until the gates below finish
     dense = _dense_twin(ctx)
     report = run_gates(
@@ -104,7 +93,7 @@ def export_plan(
         fp32_reference=ctx.fp32_reference,
     )
     extra = {"parity_on": DENSE_TWIN} if dense is not None else {}
-    finish_manifest(plan, manifest, report, f"tensorrt {info['version']}", extra)
+    record_gates(plan, manifest, report, f"tensorrt {info['version']}", extra)
     result.artifacts.append(plan)
     result.manifests[str(plan)] = manifest
     result.reports.append(report)

@@ -65,8 +65,11 @@ def fp32_reference_path(src: Any, override: str = "") -> Path:
     return path
 
 
-def fp32_reference(src: Any, override: str, device: Any, imgsz: tuple[int, int]) -> Any:
-    """The fp32 student as a `TorchBackend` (same classes as the QAT checkpoint).
+def fp32_reference(
+    src: Any, override: str, device: Any, imgsz: tuple[int, int], postprocess: dict[str, Any]
+) -> Any:
+    """The fp32 student as a `TorchBackend` (same classes as the QAT checkpoint), with the
+    artifact's post-processing.
 
     Raises:
         ValueError: missing, or trained on other categories.
@@ -74,13 +77,12 @@ def fp32_reference(src: Any, override: str, device: Any, imgsz: tuple[int, int])
     from pgd_deploy.runtime.backends import TorchBackend
 
     path = fp32_reference_path(src, override)
-    backend = TorchBackend(path, device=str(device), input_size=imgsz)
+    backend = TorchBackend(path, device=str(device), input_size=imgsz, postprocess=postprocess)
     if list(backend.category_ids) != list(src.category_ids):
         raise ValueError(
             f"export.fp32_reference {path}: categories {backend.category_ids} differ from the QAT "
             f"checkpoint's {src.category_ids}"
         )
-    backend.postprocess_kwargs.update(src.postprocess_kwargs)
     return backend
 
 

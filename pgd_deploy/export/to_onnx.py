@@ -255,8 +255,11 @@ def onnx_manifest(
     recipe: dict[str, Any] | None = None,
     status: str = STATUS_UNCHECKED,
     level_sizes: Sequence[int] | None = None,
+    postprocess: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """The manifest of an ONNX model exported from the `SourceModel` `src`."""
+    """The manifest of an ONNX model exported from the `SourceModel` `src` (`postprocess`:
+    None = the detector's; `extra`: `build_manifest`'s optional keys)."""
     inputs, outputs = describe_io(model)
     if level_sizes is None:
         level_sizes = probe_level_sizes(src.detector, tuple(imgsz))
@@ -268,11 +271,12 @@ def onnx_manifest(
         level_sizes=level_sizes,
         class_names=src.class_names,
         category_ids=src.category_ids,
-        postprocess=src.postprocess_kwargs,
+        postprocess=src.postprocess_kwargs if postprocess is None else postprocess,
         nms=nms or {"mode": "none"},
         inputs=inputs,
         outputs=outputs,
         source=source_info(src.path, src.sha256, src.state),
         recipe=recipe,
         status=status,
+        **extra,
     )

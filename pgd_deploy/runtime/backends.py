@@ -10,7 +10,7 @@ Heavy libraries are imported inside the constructors: importing this module need
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +112,14 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(
-        self, path: str | Path, *, device: str = "auto", input_size: Sequence[int] | None = None
+        self,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        input_size: Sequence[int] | None = None,
+        postprocess: Mapping[str, Any] | None = None,
     ) -> None:
+        """`postprocess`: thresholds replacing the detector's own (`postprocess_kwargs`)."""
         torch = _import_torch()
         from pgd_deploy.models import load_detector
 
@@ -125,7 +131,7 @@ class TorchBackend(Backend):
             data = loaded.config.data
             input_size = (_round32(data.min_size), _round32(data.max_size))
         names, ids = loaded.class_names, loaded.category_ids
-        self._setup(torch, loaded.detector, dev, input_size, names, ids)
+        self._setup(torch, loaded.detector, dev, input_size, names, ids, postprocess)
         self.path = Path(path)
 
     @classmethod
@@ -136,13 +142,15 @@ class TorchBackend(Backend):
         input_size: Sequence[int],
         class_names: Sequence[str],
         category_ids: Sequence[int] | None = None,
+        postprocess: Mapping[str, Any] | None = None,
     ) -> TorchBackend:
-        """Wrap an already loaded `DenseDetector` (on its current device) without reloading it."""
+        """Wrap an already loaded `DenseDetector` (on its current device) without reloading it;
+        `postprocess` replaces the detector's thresholds here, never in the detector."""
         torch = _import_torch()
         self = cls.__new__(cls)
         device = next(detector.parameters()).device
         names, ids = class_labels(detector.num_classes, class_names, category_ids)
-        self._setup(torch, detector.eval(), device, input_size, names, ids)
+        self._setup(torch, detector.eval(), device, input_size, names, ids, postprocess)
         self.path = None
         return self
 
@@ -154,6 +162,7 @@ class TorchBackend(Backend):
         input_size: Sequence[int],
         classes: list[str],
         category_ids: list[int],
+        postprocess: Mapping[str, Any] | None = None,
     ) -> None:
         self.torch, self.model, self.device = torch, model, torch.device(device)
         with torch.no_grad():
@@ -163,7 +172,7 @@ class TorchBackend(Backend):
             "class_names": classes,
             "category_ids": category_ids,
             "level_sizes": model.level_sizes(probe),
-            "postprocess": dict(model.postprocess_kwargs),
+            "postprocess": {**model.postprocess_kwargs, **(postprocess or {})},
         }
         Backend.__init__(self, meta)
 

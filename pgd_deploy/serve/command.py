@@ -23,9 +23,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_override_argument(p, "override a ServeConfig key, e.g. --set max_det=50 (repeatable)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument(
-        "--score-thresh", type=float, help="minimum score (default: predict 0.05, demo 0.3)"
+        "--score-thresh",
+        type=float,
+        help="minimum score (predict default: the artifact's; demo: where the slider starts, 0.3)",
     )
-    p.add_argument("--nms-thresh", type=float, help="class-aware NMS IoU (default: 0.6)")
+    p.add_argument("--nms-thresh", type=float, help="class-aware NMS IoU (default: the artifact's)")
     p.add_argument(
         "--allow-failed",
         action="store_true",
@@ -54,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch", type=int, help="images per inference call (default: 8)")
     pr.add_argument("--workers", type=int, help="decode/preprocess threads (default: 2)")
     pr.add_argument("--queue-size", type=int, help="images decoded ahead of the model (32)")
-    pr.add_argument("--max-det", type=int, help="detections per image (default: 100)")
+    pr.add_argument("--max-det", type=int, help="detections per image (default: the artifact's)")
     pr.add_argument("--save-images", action="store_true", help="also write annotated images")
     pr.add_argument("--eval", action="store_true", help="COCO metrics (COCO .json source)")
     pr.add_argument("--image-root", help="image folder for a list or COCO source")

@@ -117,7 +117,10 @@ def _layout(gr: Any, app: DemoApp, examples: Sequence[str | Path]) -> SimpleName
                 height=320,
             )
             ui.score = gr.Slider(0.0, 1.0, value=cfg.draw_score, step=0.01, label="Score threshold")
-            ui.nms = gr.Slider(0.05, 1.0, value=cfg.nms_thresh, step=0.05, label="NMS IoU")
+            nms = cfg.nms_thresh  # none: the student artifact's own
+            if nms is None:
+                nms = student.backend.postprocess_kwargs["nms_thresh"]
+            ui.nms = gr.Slider(0.05, 1.0, value=nms, step=0.05, label="NMS IoU")
             if examples:
                 gr.Examples(
                     examples=[str(p) for p in examples],
