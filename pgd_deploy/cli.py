@@ -147,9 +147,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from pgd_deploy.demo import run_demo
+    from pgd_deploy.quickstart import run_quickstart
 
-    run_demo(args.work_dir, overrides=args.overrides, recipes=args.recipes)
+    run_quickstart(args.work_dir, overrides=args.overrides, recipes=args.recipes)
     return 0
 
 

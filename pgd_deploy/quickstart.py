@@ -236,7 +236,7 @@ def int8_note(row: dict[str, Any]) -> str:
     )
 
 
-def run_demo(
+def run_quickstart(
     work_dir: str | Path = "runs/demo",
     *,
     overrides: Sequence[str] = (),

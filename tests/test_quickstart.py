@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from pgd_deploy.config import TrainJob, load_config, save_config
-from pgd_deploy.demo import run_demo
 from pgd_deploy.engine import evaluate_checkpoint
 from pgd_deploy.io_utils import write_json
+from pgd_deploy.quickstart import run_quickstart
 from pgd_deploy.trainer import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +63,8 @@ def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(trained_run, 
     teacher_metrics = evaluate_checkpoint(teacher_dir / "best.pt", device="cpu").metrics
     write_json(teacher_dir / "metrics.json", teacher_metrics)
 
-    with caplog.at_level("INFO", logger="pgd_deploy.demo"):
-        rows = run_demo(work, overrides=overrides, recipes=ROOT / "train")
+    with caplog.at_level("INFO", logger="pgd_deploy.quickstart"):
+        rows = run_quickstart(work, overrides=overrides, recipes=ROOT / "train")
     assert caplog.text.count("reusing the finished run") == 1  # the teacher only
     board = json.loads((work / "scoreboard.json").read_text())
     assert board == rows
@@ -95,8 +95,8 @@ def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(trained_run, 
     pgd_config = (work / "pgd" / "config.toml").read_text()
     assert f'teacher = "{teacher_dir / "best.pt"}"' in pgd_config
     caplog.clear()
-    with caplog.at_level("INFO", logger="pgd_deploy.demo"):
-        run_demo(work, overrides=overrides, recipes=ROOT / "train")
+    with caplog.at_level("INFO", logger="pgd_deploy.quickstart"):
+        run_quickstart(work, overrides=overrides, recipes=ROOT / "train")
     assert caplog.text.count("reusing the finished run") == 4
     assert "pgd-int8: reusing the export" in caplog.text
 
@@ -112,8 +112,8 @@ def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(trained_run, 
         )
     assert not (work / "student" / "best.pt").exists()
     caplog.clear()
-    with caplog.at_level("INFO", logger="pgd_deploy.demo"):
-        rows = run_demo(work, overrides=overrides, recipes=ROOT / "train")
+    with caplog.at_level("INFO", logger="pgd_deploy.quickstart"):
+        rows = run_quickstart(work, overrides=overrides, recipes=ROOT / "train")
     assert caplog.text.count("reusing the finished run") == 3
     assert "student: continuing the unfinished run" in caplog.text
     assert rows[1]["train_iters"] == 2 and (work / "student" / "metrics.json").is_file()
