@@ -8,24 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 
+from pgd_deploy.cli_support import add_verbose, fail, run_command, setup_logging
 from pgd_deploy.config import add_override_argument
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-
-
 def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+    return fail("pgd-train", message)
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,7 +29,7 @@ def _train_parser() -> argparse.ArgumentParser:
         prog="pgd-train",
         description="Train teachers, students and PGD-distilled students; evaluate; prepare data.",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_verbose(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fit = sub.add_parser("fit", help="train a detector from a recipe")
@@ -119,8 +110,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         evaluation = evaluate_checkpoint(args.checkpoint, args.overrides, device=args.device)
         unreadable = evaluation.describe_unreadable()
         if not evaluation.read:
-            print(f"error: {args.checkpoint}: no metrics: validation {unreadable}", file=sys.stderr)
-            return 1
+            return fail("pgd-train", f"{args.checkpoint}: no metrics: validation {unreadable}", 1)
         metrics = evaluation.metrics
     print(format_metrics(metrics))
     if unreadable:
@@ -156,12 +146,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `pgd-train`."""
     args = _train_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     handlers = {"fit": _cmd_fit, "eval": _cmd_eval, "data": _cmd_data, "demo": _cmd_demo}
-    try:
-        return handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as err:
-        return _fail(str(err))
+    return run_command("pgd-train", lambda: handlers[args.command](args))
 
 
 # --------------------------------------------------------------------------------------------

@@ -209,7 +209,7 @@ def test_truncated_checkpoint_is_a_clear_error(ckpt, tmp_path, capsys):
     broken.write_bytes(ckpt.read_bytes()[:2000])
     rc = main(["--checkpoint", str(broken), "--out", str(tmp_path), *FAST])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: ") and "broken.pt" in err
+    assert rc == 2 and err.startswith("pgd-export: error: ") and "broken.pt" in err
     assert "truncated or corrupt" in err
     assert not list(tmp_path.glob("*.onnx"))
 

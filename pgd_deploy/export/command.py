@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pgd_deploy.config import add_override_argument
+from pgd_deploy.cli_support import add_verbose, choices, run_command, setup_logging
+from pgd_deploy.config import ExportConfig, add_override_argument
 
 EXPORT_FLAGS = {  # CLI flag (argparse dest) -> ExportConfig key
     "format": "format",
@@ -79,18 +79,20 @@ def _export_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, help="pgd-deploy checkpoint (.pt)")
     p.add_argument("--profile", help="export profile TOML, e.g. export/tensorrt_fp16.toml")
-    p.add_argument("--format", choices=["onnx", "tensorrt", "triton"])
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8"])
+    p.add_argument("--format", choices=choices(ExportConfig, "format"))
+    p.add_argument("--precision", choices=choices(ExportConfig, "precision"))
     p.add_argument(
         "--int8-target",
-        choices=["auto", "cpu", "tensorrt"],
+        choices=choices(ExportConfig, "int8_target"),
         help="int8 Q/DQ rules: cpu = uint8 activations (ONNX Runtime on x86), tensorrt = "
         "symmetric int8 (plans, Triton plans); auto (default) = tensorrt when a plan is built",
     )
     p.add_argument("--imgsz", type=parse_imgsz, help="fixed input HxW, multiples of 32")
     for flag in ("batch-min", "batch-opt", "batch-max"):
         p.add_argument(f"--{flag}", type=int, help="optimisation profile batch")
-    p.add_argument("--nms", choices=["none", "onnx"], help="onnx: in-graph NonMaxSuppression")
+    p.add_argument(
+        "--nms", choices=choices(ExportConfig, "nms"), help="onnx: in-graph NonMaxSuppression"
+    )
     p.add_argument("--max-det", type=int, help="detections per image with --nms onnx")
     p.add_argument("--conf", type=float, help="score threshold of --nms onnx")
     p.add_argument("--iou", type=float, help="IoU threshold of --nms onnx")
@@ -104,15 +106,15 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-images", help="image folder of a --val JSON")
     p.add_argument("--gate-images", type=int, help="images used by the gates")
     p.add_argument("--calib-images", type=int, help="int8 calibration images")
-    p.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--calib-method", choices=choices(ExportConfig, "calib_method"))
     p.add_argument("--calib-data", help="int8 calibration image folder")
     p.add_argument("--opset", type=int, help="ONNX opset (default 17)")
-    p.add_argument("--exporter", choices=["legacy", "dynamo"])
+    p.add_argument("--exporter", choices=choices(ExportConfig, "exporter"))
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--workspace", type=float, help="TensorRT workspace, GB")
     p.add_argument("--builder-opt-level", type=int, help="TensorRT builder level 0-5")
     p.add_argument("--timing-cache", help="TensorRT timing cache file")
-    p.add_argument("--hw-compat", choices=["none", "ampere+"])
+    p.add_argument("--hw-compat", choices=choices(ExportConfig, "hw_compat"))
     p.add_argument(
         "--version-compatible",
         action=argparse.BooleanOptionalAction,
@@ -124,7 +126,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder")
     p.add_argument("--name", help="artifact base name")
     add_override_argument(p, "override any profile key, e.g. --set gates.fp32_box_atol=1e-3")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_verbose(p)
     return p
 
 
@@ -167,11 +169,6 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         if value is not None:
             out.append(f"export.{key}={json.dumps(value)}")
     return [*out, *args.overrides]
-
-
-def _fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -233,14 +230,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench_mode = bool(argv) and argv[0] == "bench"
     parser = _bench_parser() if bench_mode else _export_parser()
     args = parser.parse_args(argv[1:] if bench_mode else argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    try:
-        return _run_bench(args) if bench_mode else _run_export(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        return _fail(str(err))
-    except RuntimeError as err:  # TensorRT build failures (TensorRTBuildError)
-        return _fail(str(err), code=1)
+    setup_logging(getattr(args, "verbose", False))
+    # RuntimeError: a TensorRT build failure (TensorRTBuildError) exits 1
+    return run_command("pgd-export", lambda: _run_bench(args) if bench_mode else _run_export(args))

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import logging
 import signal
-import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pgd_deploy.cli_support import add_verbose, run_command, setup_logging
 from pgd_deploy.config import ServeConfig, add_override_argument, load_config
 
 
@@ -33,7 +32,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="serve an export whose manifest says it failed its accuracy gates (with a warning)",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_verbose(p)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -159,16 +158,10 @@ def _demo(args: argparse.Namespace, cfg: ServeConfig) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `pgd-serve`; returns the exit code."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    try:
+    setup_logging(args.verbose)
+
+    def command() -> int:
         cfg = _config(args)
         return (_predict if args.command == "predict" else _demo)(args, cfg)
-    except (ValueError, OSError, ImportError) as err:  # OSError: e.g. the port is in use
-        print(f"pgd-serve: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+
+    return run_command("pgd-serve", command)  # OSError (e.g. the port is in use) exits 2
