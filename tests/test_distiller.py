@@ -480,9 +480,9 @@ def test_build_distiller_passes_every_setting_on(r18_checkpoint: Path) -> None:
         swap_xy=True,
     )
     distiller = build_distiller(cfg, _r18(seed=5), device="cpu")
-    for name in ("alpha", "beta", "gamma", "delta", "temperature", "topk", "xi_cls", "xi_reg"):
+    for name in ("temperature", "topk", "xi_cls", "xi_reg"):
         assert getattr(distiller, name) == getattr(cfg, name), name
-    assert distiller.level_weights == cfg.level_weights and distiller.mask_group == 2
+    assert distiller.loss_weights == kd_loss_weights(cfg, 5) and distiller.mask_group == 2
     assert distiller.jitter == 0.3 and distiller.swap_xy is True
 
 
