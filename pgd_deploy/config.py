@@ -121,6 +121,7 @@ class DistillConfig:
     swap_xy: bool = False  # reproduce the official FCOS/AutoAssign x/y swap in the inside test
     gfl_stride_bug: bool = False  # reproduce the official GFL teacher-decoding stride bug
     init_student: bool = True  # copy shape-compatible FPN and head tensors from the teacher
+    masks: Literal["pgd", "gt_box"] = "pgd"  # fg masks: PGW, or 1 inside any GT box (ablation)
 
 
 @dataclass(frozen=True)
