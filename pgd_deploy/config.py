@@ -43,6 +43,7 @@ class ModelConfig:
     regress_ranges: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0)  # FCOS level boundaries, px
     focal_alpha: float = 0.25  # focal loss alpha
     focal_gamma: float = 2.0  # focal loss gamma
+    box_loss: Literal["giou", "iou"] = "giou"  # 1 - GIoU, or -log IoU (the official IoULoss)
     score_thresh: float = 0.05  # inference: minimum class score kept
     nms_thresh: float = 0.6  # inference: class-aware NMS IoU
     topk_candidates: int = 1000  # inference: candidates kept per level before NMS

@@ -167,3 +167,34 @@ def test_frozen_bn_matches_torchvision_and_keeps_the_autocast_dtype():
         y = ours(x.bfloat16())
     assert y.dtype == torch.bfloat16  # the stock module would return float32
     torch.testing.assert_close(y.float(), stock(x), rtol=2e-2, atol=2e-2)
+
+
+def test_iou_loss_is_mmdetection_iou_loss_minus_log_iou():
+    torch.manual_seed(0)
+    pred = torch.rand(50, 4) * 20 + 0.1
+    target = torch.rand(50, 4) * 20 + 0.1
+    to_box = lambda d: torch.stack([-d[:, 0], -d[:, 1], d[:, 2], d[:, 3]], dim=1)  # point at 0
+    iou = torchvision.ops.box_iou(to_box(pred), to_box(target)).diagonal()
+    torch.testing.assert_close(fcos.iou_loss_ltrb(pred, target), -iou.log())
+    # No overlap (a zero-area prediction): IoU floored at 1e-6 before the log, as in mmdet.
+    assert fcos.iou_loss_ltrb(torch.zeros(1, 4), target[:1]).item() == pytest.approx(
+        -torch.tensor(1e-6).log().item()
+    )
+
+
+@pytest.mark.parametrize("box_loss", ["giou", "iou"])
+def test_model_box_loss_selects_the_centerness_weighted_box_loss(box_loss):
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(depth=18, fpn_channels=64, box_loss=box_loss), num_classes=3)
+    targets = [{"boxes": torch.tensor([[8.0, 10, 50, 60]]), "labels": torch.tensor([1])}]
+    outputs = model(torch.randn(1, 3, 64, 64))
+    labels, box_targets = model.targets(outputs, targets)
+    pos = labels.reshape(-1) < 3
+    reg = fcos.flatten_levels(outputs.box_regression).reshape(-1, 4)[pos]
+    tgt = box_targets.reshape(-1, 4)[pos]
+    ctr = fcos.centerness_target(tgt)
+    per_box = {"giou": fcos.giou_loss_ltrb, "iou": fcos.iou_loss_ltrb}[box_loss](reg, tgt)
+    loss = model.loss(outputs, targets)["loss_box"]
+    torch.testing.assert_close(loss, (per_box * ctr).sum() / ctr.sum())
+    with pytest.raises(ValueError, match="model.box_loss must be 'giou' or 'iou', got 'l1'"):
+        build_detector(ModelConfig(depth=18, box_loss="l1"), num_classes=3)

@@ -37,6 +37,7 @@ class DenseDetector(nn.Module):
         regress_ranges: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0),
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        box_loss: str = "giou",
         score_thresh: float = 0.05,
         nms_thresh: float = 0.6,
         topk_candidates: int = 1000,
@@ -51,6 +52,9 @@ class DenseDetector(nn.Module):
         self.ranges = fcos.regress_ranges(regress_ranges)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        if box_loss not in fcos.BOX_LOSSES:
+            raise ValueError(f"model.box_loss must be 'giou' or 'iou', got {box_loss!r}")
+        self.box_loss = box_loss
         self.postprocess_kwargs = {
             "score_thresh": score_thresh,
             "nms_thresh": nms_thresh,
@@ -115,6 +119,7 @@ class DenseDetector(nn.Module):
             num_classes=self.num_classes,
             focal_alpha=self.focal_alpha,
             focal_gamma=self.focal_gamma,
+            box_loss=self.box_loss,
         )
 
     # ---- inference ----------------------------------------------------------------------
