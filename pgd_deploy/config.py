@@ -45,7 +45,8 @@ class ModelConfig:
     focal_gamma: float = 2.0  # focal loss gamma
     box_loss: Literal["giou", "iou"] = "giou"  # 1 - GIoU, or -log IoU (the official IoULoss)
     score_thresh: float = 0.05  # inference: minimum class score kept
-    nms_thresh: float = 0.6  # inference: class-aware NMS IoU
+    nms_thresh: float = 0.6  # inference: class-aware NMS IoU (official FCOS: 0.5)
+    score_before_centerness: bool = False  # eval: threshold cls, then x centerness (mmdet order)
     topk_candidates: int = 1000  # inference: candidates kept per level before NMS
     max_detections: int = 100  # inference: detections kept per image
 
