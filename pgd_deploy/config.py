@@ -72,6 +72,8 @@ class DataConfig:
     shapes_size: int = 128  # synthetic: image side, px
     shapes_seed: int = 0  # synthetic: generator seed
     val_max_images: int = 0  # evaluate on the first N validation images only (0 = all)
+    filter_empty: bool = False  # training: drop images with no annotation at all (mmdet)
+    min_box_size: float = 0.0  # training: drop boxes narrower or shorter than this, px (mmdet: 1)
 
 
 @dataclass(frozen=True)
