@@ -184,7 +184,7 @@ def test_data_filter_empty_and_min_box_size_apply_to_training_only(tmp_path):
     plain = DataConfig(**kw)
     official = DataConfig(**kw, filter_empty=True, min_box_size=1.0)
     train = build_dataset(plain, "train", train=True).coco
-    assert len(train.images) == 4 and len(train.images[1].boxes) == len(train.images[1].labels)
+    assert len(train.images) == 4
     tiny = lambda coco: sum(((r.boxes[:, 2] - r.boxes[:, 0]) < 1).sum() for r in coco.images)
     assert tiny(train) == 1
     train = build_dataset(official, "train", train=True).coco
