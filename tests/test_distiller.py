@@ -524,3 +524,24 @@ def test_build_distiller_passes_the_mask_source_on(r18_checkpoint: Path) -> None
     cfg = DistillConfig(teacher=str(r18_checkpoint), masks="gt_box")
     assert build_distiller(cfg, _r18(seed=5), device="cpu").mask_source == "gt_box"
     assert DistillConfig().masks == Distiller(teacher=_narrow()).mask_source == "pgd"
+
+
+def test_swap_xy_on_a_non_square_image_drops_objects_right_of_the_height() -> None:
+    # distill.swap_xy reads each centre (x, y) as (y, x), as the official FCOS inside test does.
+    # On a 64 x 160 (H x W) image every y is below 64, so an object at x in [100, 150] never
+    # contains a transposed centre: it gets no foreground and counts as background everywhere.
+    images = torch.randn(1, 3, 64, 160)
+    target = [{"boxes": torch.tensor([[100.0, 8, 150, 56]]), "labels": torch.tensor([1])}]
+    masks = {}
+    for swap in (False, True):
+        distiller = Distiller(teacher=_narrow(seed=1), jitter=0.0, swap_xy=swap)
+        outputs = distiller.teacher_forward(images)
+        masks[swap] = distiller.masks(outputs, target)
+    centers, _ = _narrow().points(outputs)
+    inside = (centers[:, 0] > 100) & (centers[:, 0] < 150) & (centers[:, 1] > 8)
+    inside &= centers[:, 1] < 56
+    fg_cls, fg_reg, bg = masks[False]
+    assert (fg_cls[0] > 0).any() and (fg_reg[0] > 0).any()
+    assert ((fg_cls[0] > 0) <= inside).all() and torch.equal(bg[0], (~inside).float())
+    fg_cls, fg_reg, bg = masks[True]
+    assert (fg_cls == 0).all() and (fg_reg == 0).all() and (bg == 1).all()
