@@ -15,6 +15,13 @@ built-in synthetic shapes (generated into --out on first use). Recipes: the quic
 (`train/quickstart_*.toml`) with the overrides below. Runs are cached in --out by their settings:
 an interrupted ablation continues where it stopped.
 
+The default regime is sized for about half an hour on a shared 2-core CPU: an R34 teacher trained
+for 600 iterations, R18 students for 150 (a quarter), 64 px images, a 64-channel head of two
+conv blocks per tower (teacher and student must share the head layout). An R50 student takes
+about 1.2 s per iteration there (R18: about 0.3 s), too slow for nine runs; `--student-depth 50`
+runs it where time allows. One torch thread per process by default: on 2 cores shared with other
+processes, more threads were 5-10x slower.
+
     python bench/kd_ablation.py [--seeds 3] [--teacher-iters 600] [--student-iters 150] \\
         [--size 64] [--teacher-depth 34] [--student-depth 18] [--channels 64] [--out DIR]
     python bench/kd_ablation.py --quick     # tiny settings, about a minute (tests)
@@ -167,7 +174,7 @@ def summarise(runs: list[dict]) -> tuple[dict, dict]:
     return summary, diffs
 
 
-def table(args, teacher: dict, summary: dict, diffs: dict, wall_s: float) -> str:
+def table(args, teacher: dict, runs: list[dict], summary: dict, diffs: dict, wall_s: float) -> str:
     student = f"R{args.student_depth}"
     lines = [
         f"KD ablation: synthetic shapes {args.size} px, {args.train_images} train / "
@@ -196,7 +203,12 @@ def table(args, teacher: dict, summary: dict, diffs: dict, wall_s: float) -> str
             f"{d[m]['mean']:+.1f} [{d[m]['lo']:+.1f}, {d[m]['hi']:+.1f}]" for m in ("AP", "AP50")
         ]
         lines.append(f"{name:<38}{cells[0]:>20}{cells[1]:>20}")
-    lines += ["", f"wall time: {wall_s / 60:.1f} min"]
+    compute_s = teacher["wall_s"] + sum(r["wall_s"] for r in runs)
+    lines += [
+        "",
+        f"wall time: {wall_s / 60:.1f} min this invocation; {compute_s / 60:.1f} min of training "
+        "and evaluation in all (a run without cached results)",
+    ]
     return "\n".join(lines)
 
 
@@ -230,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     summary, diffs = summarise(runs)
     wall_s = time.perf_counter() - start
-    text = table(args, teacher, summary, diffs, wall_s)
+    text = table(args, teacher, runs, summary, diffs, wall_s)
     print(text)
     out_json = args.json or args.out / "kd_ablation.json"
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
