@@ -35,7 +35,7 @@ def test_paired_difference_is_a_t_interval_of_the_per_seed_differences() -> None
 def test_quick_ablation_trains_each_variant_as_named(tmp_path: Path) -> None:
     out = tmp_path / "ablation"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--quick", "--topk", "3", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -59,6 +59,7 @@ def test_quick_ablation_trains_each_variant_as_named(tmp_path: Path) -> None:
         assert Path(cfg["distill"]["teacher"]) == teacher_dir / "best.pt"
         assert cfg["distill"]["masks"] == run["variant"]  # gt_box or pgd, nothing else
         assert cfg["distill"]["init_student"] is False  # only the KD losses may transfer
+        assert cfg["distill"]["topk"] == (3 if run["variant"] == "pgd" else 30)
     # The table's numbers are those of the runs.
     pgd = [r["AP"] for r in sorted(runs, key=lambda r: r["seed"]) if r["variant"] == "pgd"]
     none = [r["AP"] for r in sorted(runs, key=lambda r: r["seed"]) if r["variant"] == "none"]
