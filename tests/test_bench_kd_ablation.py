@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -40,6 +41,10 @@ def test_quick_ablation_trains_each_variant_as_named(tmp_path: Path) -> None:
         text=True,
         timeout=600,
         cwd=ROOT,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        },
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "kd_ablation.json").read_text())
