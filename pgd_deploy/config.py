@@ -43,8 +43,10 @@ class ModelConfig:
     regress_ranges: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0)  # FCOS level boundaries, px
     focal_alpha: float = 0.25  # focal loss alpha
     focal_gamma: float = 2.0  # focal loss gamma
+    box_loss: Literal["giou", "iou"] = "giou"  # 1 - GIoU, or -log IoU (the official IoULoss)
     score_thresh: float = 0.05  # inference: minimum class score kept
-    nms_thresh: float = 0.6  # inference: class-aware NMS IoU
+    nms_thresh: float = 0.6  # inference: class-aware NMS IoU (official FCOS: 0.5)
+    score_before_centerness: bool = False  # eval: threshold cls, then x centerness (mmdet order)
     topk_candidates: int = 1000  # inference: candidates kept per level before NMS
     max_detections: int = 100  # inference: detections kept per image
 
@@ -70,6 +72,8 @@ class DataConfig:
     shapes_size: int = 128  # synthetic: image side, px
     shapes_seed: int = 0  # synthetic: generator seed
     val_max_images: int = 0  # evaluate on the first N validation images only (0 = all)
+    filter_empty: bool = False  # training: drop images with no annotation at all (mmdet)
+    min_box_size: float = 0.0  # training: drop boxes narrower or shorter than this, px (mmdet: 1)
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,7 @@ class DistillConfig:
     jitter: float = 0.05  # uniform jitter (px) added to centres for the Gaussian fit only
     swap_xy: bool = False  # reproduce the official FCOS/AutoAssign x/y swap in the inside test
     init_student: bool = True  # copy shape-compatible FPN and head tensors from the teacher
+    masks: Literal["pgd", "gt_box"] = "pgd"  # fg masks: PGW, or 1 inside any GT box (ablation)
 
 
 @dataclass(frozen=True)

@@ -145,3 +145,49 @@ def test_yolo_malformed_label_names_file_and_line(tmp_path):
     (tmp_path / "labels" / "x.txt").write_text("5 0.5 0.5 0.2 0.2\n")
     with pytest.raises(ValueError, match=r"x\.txt:1: class 5 outside 0..1"):
         yolo_to_coco(tmp_path / "images", tmp_path / "labels", ["a", "b"], tmp_path / "o.json")
+
+
+def test_min_box_size_and_annotated_follow_mmdetection(tmp_path):
+    # mmdetection's training set: boxes under 1 px dropped; images with no annotation at all
+    # dropped, but an image whose only annotation is a crowd box is kept (it has one).
+    path = _coco(
+        tmp_path,
+        images=[{"id": i, "file_name": f"{i}.jpg", "width": 100, "height": 80} for i in (1, 2, 3)],
+        annotations=[
+            {"id": 1, "image_id": 1, "category_id": 7, "bbox": [10, 10, 20, 30], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [50, 10, 0.5, 30], "iscrowd": 0},
+            {"id": 3, "image_id": 3, "category_id": 3, "bbox": [0, 0, 50, 40], "iscrowd": 1},
+        ],
+    )
+    assert len(load_coco(path).images[0].boxes) == 2  # default: every box of positive size
+    coco = load_coco(path, min_box_size=1.0)
+    assert coco.images[0].boxes.tolist() == [[10, 10, 30, 40]] and coco.num_degenerate == 1
+    assert [r.image_id for r in coco.images] == [1, 2, 3]  # kept by default
+    assert [r.image_id for r in coco.annotated().images] == [1, 3]
+
+
+def test_data_filter_empty_and_min_box_size_apply_to_training_only(tmp_path):
+    from pgd_deploy.config import DataConfig
+    from pgd_deploy.data.dataset import build_dataset
+
+    root = generate_shapes(tmp_path / "s", train=4, val=2, seed=0, spec=ShapesSpec(size=64))
+    for split in ("train", "val"):
+        ann = root / "annotations" / f"{split}.json"
+        data = json.loads(ann.read_text())
+        first = data["images"][0]["id"]
+        data["annotations"] = [a for a in data["annotations"] if a["image_id"] != first]
+        extra = {"id": 10**6, "image_id": data["images"][1]["id"], "category_id": 1}
+        data["annotations"].append({**extra, "bbox": [5, 5, 0.5, 9], "iscrowd": 0})
+        ann.write_text(json.dumps(data))
+    kw = dict(root=str(root), train_images="train", val_images="val", workers=0)
+    kw.update(train_ann="annotations/train.json", val_ann="annotations/val.json")
+    plain = DataConfig(**kw)
+    official = DataConfig(**kw, filter_empty=True, min_box_size=1.0)
+    train = build_dataset(plain, "train", train=True).coco
+    assert len(train.images) == 4
+    tiny = lambda coco: sum(((r.boxes[:, 2] - r.boxes[:, 0]) < 1).sum() for r in coco.images)
+    assert tiny(train) == 1
+    train = build_dataset(official, "train", train=True).coco
+    assert len(train.images) == 3 and tiny(train) == 0
+    val = build_dataset(official, "val", train=False).coco
+    assert len(val.images) == 2 and tiny(val) == 1  # evaluation data untouched

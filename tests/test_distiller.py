@@ -18,6 +18,7 @@ from pgd_deploy.distill import (
     build_distiller,
     check_compatible,
     cls_distill_loss,
+    gt_box_masks,
     init_student_from_teacher,
     jitter_generator,
     kd_loss_weights,
@@ -497,3 +498,55 @@ def test_a_generator_state_without_its_device_is_a_cpu_state() -> None:
     distiller = Distiller(teacher=_narrow(), generator=jitter_generator("cpu", seed=0))
     distiller.load_state_dict({"generator": state})  # no "device" key: saved on the CPU
     assert torch.equal(distiller.generator.get_state(), state)
+
+
+def test_gt_box_masks_are_the_boxes_not_the_teacher_predictions() -> None:
+    # distill.masks = "gt_box" (the FGD-style ablation): fg = 1 at every centre strictly inside
+    # a GT box, bg its complement; whatever the teacher predicts, the masks stay the same.
+    images = torch.randn(2, 3, 96, 96)
+    masks = []
+    for seed in (1, 2):
+        distiller = Distiller(teacher=_narrow(seed=seed), mask_source="gt_box")
+        masks.append(distiller.masks(distiller.teacher_forward(images), _targets()))
+    (fg_cls, fg_reg, bg), other = masks
+    for a, b in zip((fg_cls, fg_reg, bg), other, strict=True):
+        assert torch.equal(a, b)
+    centers, _ = _narrow().points(distiller.teacher_forward(images))
+    for i, target in enumerate(_targets()):
+        inside = 1.0 - background_mask(centers, target["boxes"])
+        assert torch.equal(fg_cls[i], inside) and torch.equal(fg_reg[i], inside)
+        assert torch.equal(bg[i], 1.0 - inside)
+    pgd = Distiller(teacher=_narrow(seed=1), jitter=0.0)
+    pgd_fg, _, pgd_bg = pgd.masks(pgd.teacher_forward(images), _targets())
+    assert torch.equal(pgd_bg, bg) and (fg_cls > 0).sum() > (pgd_fg > 0).sum()
+    fg, bg = gt_box_masks(centers, [torch.zeros(0, 4), torch.zeros(0, 4)])
+    assert (fg == 0).all() and (bg == 1).all() and fg.shape == (2, centers.shape[0])
+    with pytest.raises(ValueError, match="distill.masks must be 'pgd' or 'gt_box', got 'x'"):
+        Distiller(teacher=_narrow(), mask_source="x")
+
+
+def test_build_distiller_passes_the_mask_source_on(r18_checkpoint: Path) -> None:
+    cfg = DistillConfig(teacher=str(r18_checkpoint), masks="gt_box")
+    assert build_distiller(cfg, _r18(seed=5), device="cpu").mask_source == "gt_box"
+    assert DistillConfig().masks == Distiller(teacher=_narrow()).mask_source == "pgd"
+
+
+def test_swap_xy_on_a_non_square_image_drops_objects_right_of_the_height() -> None:
+    # distill.swap_xy reads each centre (x, y) as (y, x), as the official FCOS inside test does.
+    # On a 64 x 160 (H x W) image every y is below 64, so an object at x in [100, 150] never
+    # contains a transposed centre: it gets no foreground and counts as background everywhere.
+    images = torch.randn(1, 3, 64, 160)
+    target = [{"boxes": torch.tensor([[100.0, 8, 150, 56]]), "labels": torch.tensor([1])}]
+    masks = {}
+    for swap in (False, True):
+        distiller = Distiller(teacher=_narrow(seed=1), jitter=0.0, swap_xy=swap)
+        outputs = distiller.teacher_forward(images)
+        masks[swap] = distiller.masks(outputs, target)
+    centers, _ = _narrow().points(outputs)
+    inside = (centers[:, 0] > 100) & (centers[:, 0] < 150) & (centers[:, 1] > 8)
+    inside &= centers[:, 1] < 56
+    fg_cls, fg_reg, bg = masks[False]
+    assert (fg_cls[0] > 0).any() and (fg_reg[0] > 0).any()
+    assert ((fg_cls[0] > 0) <= inside).all() and torch.equal(bg[0], (~inside).float())
+    fg_cls, fg_reg, bg = masks[True]
+    assert (fg_cls == 0).all() and (fg_reg == 0).all() and (bg == 1).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -167,3 +168,81 @@ def test_frozen_bn_matches_torchvision_and_keeps_the_autocast_dtype():
         y = ours(x.bfloat16())
     assert y.dtype == torch.bfloat16  # the stock module would return float32
     torch.testing.assert_close(y.float(), stock(x), rtol=2e-2, atol=2e-2)
+
+
+def test_iou_loss_is_mmdetection_iou_loss_minus_log_iou():
+    torch.manual_seed(0)
+    pred = torch.rand(50, 4) * 20 + 0.1
+    target = torch.rand(50, 4) * 20 + 0.1
+    to_box = lambda d: torch.stack([-d[:, 0], -d[:, 1], d[:, 2], d[:, 3]], dim=1)  # point at 0
+    iou = torchvision.ops.box_iou(to_box(pred), to_box(target)).diagonal()
+    torch.testing.assert_close(fcos.iou_loss_ltrb(pred, target), -iou.log())
+    # No overlap (a zero-area prediction): IoU floored at 1e-6 before the log, as in mmdet.
+    assert fcos.iou_loss_ltrb(torch.zeros(1, 4), target[:1]).item() == pytest.approx(
+        -torch.tensor(1e-6).log().item()
+    )
+
+
+@pytest.mark.parametrize("box_loss", ["giou", "iou"])
+def test_model_box_loss_selects_the_centerness_weighted_box_loss(box_loss):
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(depth=18, fpn_channels=64, box_loss=box_loss), num_classes=3)
+    targets = [{"boxes": torch.tensor([[8.0, 10, 50, 60]]), "labels": torch.tensor([1])}]
+    outputs = model(torch.randn(1, 3, 64, 64))
+    labels, box_targets = model.targets(outputs, targets)
+    pos = labels.reshape(-1) < 3
+    reg = fcos.flatten_levels(outputs.box_regression).reshape(-1, 4)[pos]
+    tgt = box_targets.reshape(-1, 4)[pos]
+    ctr = fcos.centerness_target(tgt)
+    per_box = {"giou": fcos.giou_loss_ltrb, "iou": fcos.iou_loss_ltrb}[box_loss](reg, tgt)
+    loss = model.loss(outputs, targets)["loss_box"]
+    torch.testing.assert_close(loss, (per_box * ctr).sum() / ctr.sum())
+    with pytest.raises(ValueError, match="model.box_loss must be 'giou' or 'iou', got 'l1'"):
+        build_detector(ModelConfig(depth=18, box_loss="l1"), num_classes=3)
+
+
+def _constant_head(model, cls_prob: float, ctr_prob: float):
+    """Every location predicts class 0 with sigmoid(cls) = cls_prob (the others ~0), centerness
+    ctr_prob and a box one stride wide on each side: a constructed case for the thresholds."""
+    logit = lambda p: torch.log(torch.tensor(p / (1 - p)))
+    head = model.head
+    for conv, bias in (
+        (head.cls_logits, torch.tensor([logit(cls_prob), -30.0, -30.0])),
+        (head.centerness, logit(ctr_prob).reshape(1)),
+        (head.bbox_pred, torch.ones(4)),
+    ):
+        torch.nn.init.zeros_(conv.weight)
+        conv.bias.data.copy_(bias)
+    return model.eval()
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_score_before_centerness_is_mmdetection_threshold_order(before):
+    # sigmoid(cls) = 0.1 > 0.05 but the product 0.1 x 0.4 = 0.04 < 0.05: mmdetection keeps the
+    # candidates (it thresholds cls, then multiplies by centerness), the product rule drops them.
+    cfg = ModelConfig(depth=18, fpn_channels=64, score_before_centerness=before)
+    model = _constant_head(build_detector(cfg, num_classes=3), 0.1, 0.4)
+    dets = model.predict(torch.randn(1, 3, 64, 64), [None])[0]
+    if before:
+        assert len(dets) > 0 and set(dets.labels.tolist()) == {0}
+        assert dets.scores == pytest.approx(0.04, rel=1e-5)  # scored by the product
+    else:
+        assert len(dets) == 0
+    # Above the threshold on both rules: the same detections either way.
+    model = _constant_head(build_detector(cfg, num_classes=3), 0.5, 0.5)
+    plain = _constant_head(build_detector(ModelConfig(depth=18, fpn_channels=64), 3), 0.5, 0.5)
+    images = torch.randn(1, 3, 64, 64)
+    a, b = model.predict(images, [None])[0], plain.predict(images, [None])[0]
+    assert len(a) > 0 and (a.boxes == b.boxes).all() and (a.scores == b.scores).all()
+
+
+def test_model_nms_thresh_reaches_the_postprocessing():
+    # Two same-class boxes of IoU 0.55: the official 0.5 suppresses the weaker one, this
+    # project's default 0.6 keeps both.
+    from pgd_deploy.runtime.postprocess import postprocess
+
+    boxes = np.array([[0, 0, 100, 100], [0, 0, 100, 55]], dtype=np.float32)  # IoU 0.55
+    scores = np.array([[0.9], [0.8]], dtype=np.float32)
+    for nms, kept in ((0.6, 2), (0.5, 1)):
+        model = build_detector(ModelConfig(depth=18, fpn_channels=64, nms_thresh=nms), 1)
+        assert len(postprocess(boxes, scores, **model.postprocess_kwargs)) == kept

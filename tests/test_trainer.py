@@ -258,6 +258,73 @@ def test_quickstart_recipes_parse_and_smoke_run(tmp_path):
     assert (tmp_path / "qs" / "metrics.json").is_file()
 
 
+OFFICIAL = {  # official recipe -> (recommended recipe, the keys that differ between them)
+    "fcos_r101_3x_ms_coco": set(),
+    "fcos_r50_1x_coco": set(),
+    "pgd_fcos_r101_r50_1x_coco": {"distill.teacher", "distill.swap_xy"},
+}
+OFFICIAL_SWITCHES = {
+    "model.box_loss": "iou",
+    "model.nms_thresh": 0.5,
+    "model.score_before_centerness": True,
+    "data.filter_empty": True,
+    "data.min_box_size": 1.0,
+    "train.amp": "off",
+}
+
+
+def _flat(cfg: TrainJob) -> dict[str, object]:
+    from pgd_deploy.config import to_dict
+
+    return {f"{s}.{k}": v for s, section in to_dict(cfg).items() for k, v in section.items()}
+
+
+def test_official_recipes_are_the_recommended_ones_plus_the_switches():
+    for name, extra in OFFICIAL.items():
+        official = _flat(load_config(TrainJob, ROOT / "train" / f"{name}_official.toml"))
+        recommended = _flat(load_config(TrainJob, ROOT / "train" / f"{name}.toml"))
+        differ = {k for k in official if official[k] != recommended[k]}
+        assert differ == set(OFFICIAL_SWITCHES) | extra | {"train.work_dir"}, name
+        assert {k: official[k] for k in OFFICIAL_SWITCHES} == OFFICIAL_SWITCHES, name
+    pgd = _flat(load_config(TrainJob, ROOT / "train" / "pgd_fcos_r101_r50_1x_coco_official.toml"))
+    assert pgd["distill.swap_xy"] is True
+    assert pgd["distill.teacher"] == "runs/fcos_r101_3x_ms_coco_official/last.pt"
+
+
+def test_official_recipes_run_on_the_synthetic_data(tmp_path):
+    small = [
+        "model.depth=18",
+        "model.weights='none'",
+        "model.fpn_channels=64",
+        "data.root=''",
+        f"data.cache_dir='{tmp_path / 'cache'}'",
+        "data.shapes_train=8",
+        "data.shapes_val=4",
+        "data.shapes_size=64",
+        "data.min_size=64",
+        "data.max_size=64",
+        "data.multiscale=[]",
+        "data.workers=0",
+        "train.max_iters=2",
+        "train.batch_size=2",
+        "train.device='cpu'",
+    ]
+    runs = {}
+    for name, extra in (
+        ("fcos_r101_3x_ms_coco", []),
+        ("fcos_r50_1x_coco", []),
+        ("pgd_fcos_r101_r50_1x_coco", [f"distill.teacher='{tmp_path / 'teacher' / 'last.pt'}'"]),
+    ):
+        recipe = ROOT / "train" / f"{name}_official.toml"
+        work_dir = tmp_path / ("teacher" if name.startswith("fcos_r101") else name)
+        result = fit(load_config(TrainJob, recipe, small + extra), work_dir=work_dir)
+        assert result.completed and result.iterations == 2 and "AP" in result.metrics, name
+        runs[name] = _flat(load_config(TrainJob, work_dir / "config.toml"))
+    for name, cfg in runs.items():
+        assert {k: cfg[k] for k in OFFICIAL_SWITCHES} == OFFICIAL_SWITCHES, name
+    assert runs["pgd_fcos_r101_r50_1x_coco"]["distill.swap_xy"] is True
+
+
 def test_non_finite_gradient_stops_before_the_update(tmp_path):
     cfg = tiny_cfg(tmp_path / "cache", "train.max_iters=6", "train.checkpoint_every=2")
 

@@ -1,13 +1,15 @@
 """COCO annotation loading with validation (no torch, no pycocotools).
 
 Category ids map to contiguous 0-based class indices (sorted by id) and back; crowd boxes are
-excluded from training targets; images without annotations are kept; degenerate boxes (zero or
-negative width/height) are dropped and counted. Every structural problem (including NaN or
+excluded from training targets; images without annotations are kept (`CocoAnnotations.annotated`
+drops them, as MMDetection's `filter_empty_gt`); degenerate boxes (zero or negative width/height,
+or below `min_box_size`) are dropped and counted. Every structural problem (including NaN or
 Infinity in a box) raises `ValueError` naming the file and the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -33,6 +35,7 @@ class ImageRecord:
     height: int
     boxes: np.ndarray
     labels: np.ndarray
+    annotations: int = 0  # annotations of the image in the file, crowd and dropped boxes included
 
 
 @dataclass
@@ -50,6 +53,11 @@ class CocoAnnotations:
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
+
+    def annotated(self) -> CocoAnnotations:
+        """Only the images with at least one annotation of any kind (crowd and dropped boxes
+        count): MMDetection's `filter_empty_gt` rule for training (`data.filter_empty`)."""
+        return dataclasses.replace(self, images=[r for r in self.images if r.annotations > 0])
 
     def subset(self, count: int) -> CocoAnnotations:
         """The first `count` images (all when count <= 0), for quick evaluation."""
@@ -87,12 +95,16 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_coco(path: str | Path, image_dir: str | Path | None = None) -> CocoAnnotations:
+def load_coco(
+    path: str | Path, image_dir: str | Path | None = None, *, min_box_size: float = 0.0
+) -> CocoAnnotations:
     """Load and validate a COCO detection annotation file.
 
     Args:
         path: the JSON file.
         image_dir: when given, every referenced image must exist there.
+        min_box_size: boxes narrower or shorter than this (px) are dropped as degenerate too
+            (MMDetection drops those under 1 px: `data.min_box_size = 1`).
 
     Raises:
         ValueError: missing fields, references to unknown images/categories, malformed boxes or
@@ -123,6 +135,7 @@ def load_coco(path: str | Path, image_dir: str | Path | None = None) -> CocoAnno
             "height": _require(img, "height", int, where),
             "boxes": [],
             "labels": [],
+            "annotations": 0,
         }
     num_crowd = num_degenerate = 0
     for i, ann in enumerate(annotations):
@@ -138,11 +151,12 @@ def load_coco(path: str | Path, image_dir: str | Path | None = None) -> CocoAnno
             raise ValueError(f"{where}: field 'bbox' must be [x, y, width, height], got {bbox}")
         if not all(math.isfinite(v) for v in bbox):  # Python's JSON reads NaN and Infinity
             raise ValueError(f"{where}: field 'bbox' must hold finite numbers, got {bbox}")
+        records[iid]["annotations"] += 1
         if ann.get("iscrowd", 0):
             num_crowd += 1
             continue
         x, y, w, h = (float(v) for v in bbox)
-        if w <= 0 or h <= 0:
+        if w <= 0 or h <= 0 or w < min_box_size or h < min_box_size:
             num_degenerate += 1
             continue
         records[iid]["boxes"].append([x, y, x + w, y + h])
@@ -157,12 +171,16 @@ def load_coco(path: str | Path, image_dir: str | Path | None = None) -> CocoAnno
             height=r["height"],
             boxes=np.asarray(r["boxes"], dtype=np.float32).reshape(-1, 4),
             labels=np.asarray(r["labels"], dtype=np.int64),
+            annotations=r["annotations"],
         )
         for iid, r in records.items()
     ]
     if num_degenerate:
         logger.warning(
-            "%s: dropped %d degenerate boxes (width or height <= 0)", path, num_degenerate
+            "%s: dropped %d degenerate boxes (width or height <= 0 or < %g px)",
+            path,
+            num_degenerate,
+            min_box_size,
         )
     return CocoAnnotations(
         path, out, cat_ids, [names[c] for c in cat_ids], data, num_crowd, num_degenerate

@@ -279,7 +279,20 @@ class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
 def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> DetectionDataset:
     """Validated dataset of a split (synthetic data generated on first use when root is unset)."""
     paths = resolve_split(cfg, split)
-    coco = load_coco(paths.annotations, image_dir=paths.images)
+    # MMDetection's training filters (data.min_box_size, data.filter_empty); evaluation reads
+    # the ground truth from the JSON itself, so they would change nothing there.
+    min_box = cfg.min_box_size if train else 0.0
+    coco = load_coco(paths.annotations, image_dir=paths.images, min_box_size=min_box)
+    if train and cfg.filter_empty:
+        before = len(coco.images)
+        coco = coco.annotated()
+        logger.info(
+            "%s: data.filter_empty dropped %d images without annotations",
+            paths.annotations,
+            before - len(coco.images),
+        )
+        if not coco.images:
+            raise ValueError(f"{paths.annotations}: data.filter_empty left no training image")
     if not train:
         coco = coco.subset(cfg.val_max_images)
     return DetectionDataset(

@@ -26,7 +26,7 @@ from pgd_deploy.distill.distiller import (
     kd_term_names,
 )
 from pgd_deploy.distill.losses import cls_distill_loss, reg_distill_loss
-from pgd_deploy.distill.masks import background_mask, pgw_mask, quality_score
+from pgd_deploy.distill.masks import background_mask, gt_box_masks, pgw_mask, quality_score
 from pgd_deploy.distill.teacher import check_compatible, init_student_from_teacher, load_teacher
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "build_distiller",
     "check_compatible",
     "cls_distill_loss",
+    "gt_box_masks",
     "init_student_from_teacher",
     "jitter_generator",
     "kd_loss_weights",

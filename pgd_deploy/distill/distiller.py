@@ -30,7 +30,7 @@ from torch import Tensor
 
 from pgd_deploy.config import DistillConfig
 from pgd_deploy.distill.losses import cls_distill_terms, reg_distill_terms
-from pgd_deploy.distill.masks import batch_masks
+from pgd_deploy.distill.masks import batch_masks, gt_box_masks
 from pgd_deploy.distill.teacher import (
     check_compatible,
     freeze,
@@ -131,8 +131,11 @@ class Distiller:
         mask_group: int | None = 4,
         jitter: float = 0.05,
         swap_xy: bool = False,
+        mask_source: str = "pgd",
         generator: torch.Generator | None = None,
     ) -> None:
+        if mask_source not in ("pgd", "gt_box"):
+            raise ValueError(f"distill.masks must be 'pgd' or 'gt_box', got {mask_source!r}")
         if topk < 1:
             raise ValueError(f"distill.topk must be >= 1, got {topk}")
         if mask_group is not None and mask_group < 1:
@@ -155,6 +158,7 @@ class Distiller:
         self.mask_group = mask_group
         self.jitter = jitter
         self.swap_xy = swap_xy
+        self.mask_source = mask_source
         self.generator = generator  # None: the jitter draws from the global generator
         self._logged_groups: set[int] = set()
 
@@ -254,8 +258,15 @@ class Distiller:
     def masks(
         self, teacher_outputs: HeadOutputs, targets: Sequence[Mapping[str, Tensor]]
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """PGW cls mask, PGW reg mask and background mask of every image, each [B, A] fp32."""
+        """PGW cls mask, PGW reg mask and background mask of every image, each [B, A] fp32.
+
+        With `mask_source="gt_box"` both foreground masks are `gt_box_masks`' (1 inside any GT
+        box): the same losses without the teacher's prediction guidance.
+        """
         centers, _ = self.teacher.points(teacher_outputs)  # [A, 2]
+        if self.mask_source == "gt_box":
+            fg, bg = gt_box_masks(centers, [t["boxes"] for t in targets], swap_xy=self.swap_xy)
+            return fg.float(), fg.float(), bg.float()
         boxes = self.teacher.decode_boxes(teacher_outputs)  # [B, A, 4]
         logits = flatten_levels(teacher_outputs.cls_logits).float()  # [B, A, C]
         (fg_cls, fg_reg), bg = batch_masks(
@@ -355,5 +366,6 @@ def build_distiller(
         mask_group=cfg.mask_group,
         jitter=cfg.jitter,
         swap_xy=cfg.swap_xy,
+        mask_source=cfg.masks,
         generator=generator,
     )

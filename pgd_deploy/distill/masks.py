@@ -19,7 +19,7 @@ from torch import Tensor
 
 from pgd_deploy.distill import mask_ops
 
-__all__ = ["background_mask", "batch_masks", "pgw_mask", "quality_score"]
+__all__ = ["background_mask", "batch_masks", "gt_box_masks", "pgw_mask", "quality_score"]
 
 
 def _check(tensor: Tensor, name: str, shape: str, rank: int, last: int | None = None) -> None:
@@ -320,3 +320,38 @@ def batch_masks(
     quality = mask_ops.quality(cls_logits, pred_boxes, labels, boxes, xis)  # [B, A, M*G]
     masks = mask_ops.pgw(quality, centers, boxes, k, jitter, generator, swap_xy)
     return masks, mask_ops.background(centers, boxes, swap_xy)
+
+
+@torch.no_grad()
+def gt_box_masks(
+    centers: Tensor, gt_boxes: Sequence[Tensor], *, swap_xy: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Ground-truth-box masks of a batch: the FGD-style alternative to the PGW masks.
+
+    The foreground is every location whose centre lies strictly inside some GT box (weight 1,
+    binary: FGD's area-normalised scale mask is not used, the loss normalises by the count of
+    nonzero locations anyway); the background is its complement, exactly `background_mask`.
+    No teacher prediction enters, which is the point of the ablation (`distill.masks`).
+
+    Args:
+        centers: [A, 2] location centres (x, y) pixels.
+        gt_boxes: B tensors [G_b, 4] (G_b may be 0), absolute xyxy pixels.
+        swap_xy: as in `background_mask`.
+
+    Returns:
+        (foreground [B, A], background [B, A]) of 0.0 and 1.0, summing to 1 everywhere.
+
+    Raises:
+        ValueError: wrong ranks.
+    """
+    _check(centers, "centers", "[A, 2]", 2, 2)
+    boxes = [_empty_as(b, (0, 4)) for b in gt_boxes]
+    for i, b in enumerate(boxes):
+        _check(b, f"gt_boxes[{i}]", "[G, 4]", 2, 4)
+    dtype = _float_dtype(centers, *boxes)
+    if max((b.shape[0] for b in boxes), default=0) == 0:
+        bg = torch.ones(len(boxes), centers.shape[0], dtype=dtype, device=centers.device)
+    else:  # padding boxes (0, 0, 0, 0) contain no centre
+        padded = _pad(boxes, (4,), device=centers.device, dtype=dtype)  # [B, G, 4]
+        bg = mask_ops.background(centers.detach().to(dtype), padded, swap_xy)
+    return 1.0 - bg, bg

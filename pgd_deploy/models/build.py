@@ -38,8 +38,10 @@ def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> DenseDet
         regress_ranges=cfg.regress_ranges,
         focal_alpha=cfg.focal_alpha,
         focal_gamma=cfg.focal_gamma,
+        box_loss=cfg.box_loss,
         score_thresh=cfg.score_thresh,
         nms_thresh=cfg.nms_thresh,
+        score_before_centerness=cfg.score_before_centerness,
         topk_candidates=cfg.topk_candidates,
         max_detections=cfg.max_detections,
     )

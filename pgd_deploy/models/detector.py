@@ -37,8 +37,10 @@ class DenseDetector(nn.Module):
         regress_ranges: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0),
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        box_loss: str = "giou",
         score_thresh: float = 0.05,
         nms_thresh: float = 0.6,
+        score_before_centerness: bool = False,
         topk_candidates: int = 1000,
         max_detections: int = 100,
     ) -> None:
@@ -51,6 +53,10 @@ class DenseDetector(nn.Module):
         self.ranges = fcos.regress_ranges(regress_ranges)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        if box_loss not in fcos.BOX_LOSSES:
+            raise ValueError(f"model.box_loss must be 'giou' or 'iou', got {box_loss!r}")
+        self.box_loss = box_loss
+        self.score_before_centerness = score_before_centerness
         self.postprocess_kwargs = {
             "score_thresh": score_thresh,
             "nms_thresh": nms_thresh,
@@ -115,6 +121,7 @@ class DenseDetector(nn.Module):
             num_classes=self.num_classes,
             focal_alpha=self.focal_alpha,
             focal_gamma=self.focal_gamma,
+            box_loss=self.box_loss,
         )
 
     # ---- inference ----------------------------------------------------------------------
@@ -132,10 +139,20 @@ class DenseDetector(nn.Module):
     def predict(
         self, images: Tensor, transforms: Sequence[ImageTransform | None], **overrides: float
     ) -> list[Detections]:
-        """Detections in original-image pixels, through the shared numpy post-processing."""
+        """Detections in original-image pixels, through the shared numpy post-processing.
+
+        The scores are sigmoid(cls) x sigmoid(centerness). With `score_before_centerness`
+        (MMDetection's order, `model.score_before_centerness`) a (location, class) is a
+        candidate when sigmoid(cls) alone exceeds `score_thresh`, and is then scored by the
+        product; otherwise the product must exceed it (the exported models' rule).
+        """
         outputs = self(images)
         boxes, scores = self.decode(outputs)
         kwargs = {**self.postprocess_kwargs, **overrides}
+        if self.score_before_centerness:
+            cls = fcos.flatten_levels(outputs.cls_logits).float().sigmoid()  # [B, A, C]
+            scores = torch.where(cls > kwargs["score_thresh"], scores, torch.zeros_like(scores))
+            kwargs["score_thresh"] = 0.0  # the candidates are the nonzero scores now
         return postprocess_batch(
             boxes.cpu().numpy().astype(np.float32),
             scores.cpu().numpy().astype(np.float32),

@@ -1,8 +1,9 @@
 """FCOS head as in the PGD configs (MMDetection "FCOS improved").
 
-Focal loss (gamma 2, alpha 0.25), GIoU box loss weighted by centerness targets, centerness on the
+Focal loss (gamma 2, alpha 0.25), box loss weighted by centerness targets, centerness on the
 regression branch with BCE, centre sampling radius 1.5, regression normalised by the stride
-(norm_on_bbox), points at i * s + s // 2.
+(norm_on_bbox), points at i * s + s // 2. The box loss is 1 - GIoU by default (`model.box_loss`);
+the official PGD FCOS head uses MMDetection's IoULoss, -log IoU (`box_loss="iou"`).
 
 The head always predicts distances in stride units (ReLU'd); `decode_boxes` multiplies by the
 stride in train and eval mode alike, so decoded teacher boxes are always in pixels (the official
@@ -203,6 +204,23 @@ def centerness_target(ltrb: Tensor) -> Tensor:
     return ratio.clamp(min=0).sqrt()
 
 
+IOU_LOSS_EPS = 1e-6  # MMDetection IoULoss: union clamp and IoU floor before the log
+
+
+def iou_loss_ltrb(pred: Tensor, target: Tensor, eps: float = IOU_LOSS_EPS) -> Tensor:
+    """IoU loss -log(IoU) [P] (MMDetection's IoULoss, mode "log"), distances from the same points.
+
+    The union is clamped at `eps` and the IoU floored at `eps` before the log, as there.
+    """
+    pred_area = (pred[:, 0] + pred[:, 2]) * (pred[:, 1] + pred[:, 3])
+    target_area = (target[:, 0] + target[:, 2]) * (target[:, 1] + target[:, 3])
+    w_inter = torch.minimum(pred[:, 0], target[:, 0]) + torch.minimum(pred[:, 2], target[:, 2])
+    h_inter = torch.minimum(pred[:, 1], target[:, 1]) + torch.minimum(pred[:, 3], target[:, 3])
+    inter = w_inter.clamp(min=0) * h_inter.clamp(min=0)
+    iou = inter / (pred_area + target_area - inter).clamp(min=eps)
+    return -iou.clamp(min=eps).log()
+
+
 def giou_loss_ltrb(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
     """GIoU loss [P] between boxes given as distances (l, t, r, b) from the same points."""
     pred_area = (pred[:, 0] + pred[:, 2]) * (pred[:, 1] + pred[:, 3])
@@ -218,6 +236,9 @@ def giou_loss_ltrb(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
     return 1 - (iou - (enclose - union) / enclose)
 
 
+BOX_LOSSES = {"giou": giou_loss_ltrb, "iou": iou_loss_ltrb}  # `model.box_loss`
+
+
 def fcos_losses(
     outputs: HeadOutputs,
     labels: Tensor,
@@ -226,6 +247,7 @@ def fcos_losses(
     num_classes: int,
     focal_alpha: float,
     focal_gamma: float,
+    box_loss: str = "giou",
 ) -> dict[str, Tensor]:
     """FCOS losses given assigned targets.
 
@@ -233,9 +255,10 @@ def fcos_losses(
         outputs: head outputs of the batch.
         labels: [B, A] class index per location (num_classes = background).
         box_targets: [B, A, 4] (l, t, r, b) / stride.
+        box_loss: "giou" (1 - GIoU) or "iou" (-log IoU, the official head's).
 
     Returns:
-        {"loss_cls", "loss_box", "loss_ctr"}: focal loss / #pos, centerness-weighted GIoU /
+        {"loss_cls", "loss_box", "loss_ctr"}: focal loss / #pos, centerness-weighted box loss /
         sum of centerness targets, centerness BCE / #pos (counts averaged over processes).
     """
     cls = flatten_levels(outputs.cls_logits).float().reshape(-1, num_classes)  # [B*A, C]
@@ -257,6 +280,7 @@ def fcos_losses(
     pos_targets = box_targets[pos]
     ctr_targets = centerness_target(pos_targets)
     ctr_denorm = reduce_mean(ctr_targets.sum().detach()).clamp(min=1e-6)
-    loss_box = (giou_loss_ltrb(reg[pos], pos_targets) * ctr_targets).sum() / ctr_denorm
+    per_box = BOX_LOSSES[box_loss](reg[pos], pos_targets)  # [P]
+    loss_box = (per_box * ctr_targets).sum() / ctr_denorm
     loss_ctr = F.binary_cross_entropy_with_logits(ctr[pos], ctr_targets, reduction="sum") / num_pos
     return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_ctr": loss_ctr}
