@@ -351,9 +351,12 @@ def test_map_is_measured_on_the_gate_images_only() -> None:
 def test_report_dict_and_markdown() -> None:
     report = _gates(Scripted(), Scripted(OBJECTS[:2]), artifact="model.onnx (ORT)", **LOOSE_PARITY)
     data = report.to_dict()
-    assert set(data) == {"passed", "images", "image_source", "results"}
+    assert set(data) == {"passed", "images", "image_source", "results", "references"}
+    assert data["references"] == {}  # filled for QAT exports and torch precision gates only
     assert data["passed"] is False and data["images"] == 4 and data["image_source"] == "scripted"
     assert [r["name"] for r in data["results"]] == ["parity", "agreement", "map"]
+    # the reference's post-processing settings ride along (same_candidates)
+    assert data["results"][1]["detail"].pop("reference_postprocess")["score_thresh"] == 0.05
     assert data["results"][1] == {
         "name": "agreement",
         "passed": False,
