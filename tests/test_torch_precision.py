@@ -171,3 +171,28 @@ def test_demo_runs_each_side_at_its_own_precision_and_says_so(ckpt):
     comparison, _ = app.detect(_images(1)[0], 0.3, 0.6)
     rows = {row[0]: row[1] for row in app.latency_rows(comparison)}  # the latency panel
     assert rows == {"teacher": "torch (CPU) fp32 128x128", "student": "torch (CPU) bf16 128x128"}
+
+
+def test_serve_flags_reach_the_config():
+    from pgd_deploy.serve.command import _config, _parser
+
+    demo = ["demo", "--teacher", "t.pt", "--student", "s.pt", "--precision", "bf16", "--compile"]
+    cfg = _config(
+        _parser().parse_args([*demo, "--teacher-precision", "fp32", "--no-student-compile"])
+    )
+    assert cfg.torch_options("teacher")["precision"] == "fp32"
+    assert cfg.torch_options("teacher")["compile"] is True
+    assert cfg.torch_options("student") == {
+        "precision": "bf16",
+        "compile": False,
+        "compile_mode": "default",
+        "channels_last": "auto",
+    }
+    predict = ["predict", "--model", "m.pt", "--source", "d", "--precision", "fp16"]
+    cfg = _config(_parser().parse_args([*predict, "--compile-mode", "max-autotune"]))
+    assert (cfg.precision, cfg.compile, cfg.compile_mode, cfg.gate_images) == (
+        "fp16",
+        False,
+        "max-autotune",
+        16,
+    )
