@@ -235,6 +235,29 @@ class ServeConfig:
     warmup: int = 3  # warm-up runs before timing
     draw_score: float = 0.3  # minimum score drawn on annotated images; the demo's default slider
     decode_timeout: float = 60.0  # seconds one image may take to decode before it is a failure
+    # checkpoints (.pt) only: autocast precision (fp16: CUDA; outputs stay fp32), torch.compile,
+    # NHWC (auto: CUDA at fp16/bf16); anything but fp32 eager is gated against fp32 eager on the
+    # first `gate_images` inputs (0 = ungated). The demo's teacher_*/student_* override per side.
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    gate_images: int = 16
+    teacher_precision: Literal["", "fp32", "fp16", "bf16"] = ""  # "" = precision
+    student_precision: Literal["", "fp32", "fp16", "bf16"] = ""
+    teacher_compile: bool | None = None  # None = compile
+    student_compile: bool | None = None
+
+    def torch_options(self, role: str = "") -> dict[str, Any]:
+        """`load_backend` settings of a checkpoint; role "teacher"/"student": a demo side."""
+        precision = getattr(self, f"{role}_precision") if role else ""
+        compile = getattr(self, f"{role}_compile") if role else None
+        return {
+            "precision": precision or self.precision,
+            "compile": self.compile if compile is None else compile,
+            "compile_mode": self.compile_mode,
+            "channels_last": self.channels_last,
+        }
 
 
 C = TypeVar("C")

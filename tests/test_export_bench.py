@@ -6,7 +6,29 @@ import json
 
 import pytest
 
-from pgd_deploy.export.bench import BenchRow, format_table, parse_targets, plot_speed_accuracy
+from pgd_deploy.export.bench import (
+    BenchRow,
+    format_table,
+    parse_targets,
+    plot_speed_accuracy,
+    torch_precisions,
+)
+
+
+def torch_precisions_here() -> list[str]:
+    """What `--torch-precision auto` must give on this machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        return ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+    return ["fp32"] + (["bf16"] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+
+
+def test_torch_precision_choices():
+    assert torch_precisions("auto", "auto") == torch_precisions_here()
+    assert torch_precisions("fp32, bf16") == ["fp32", "bf16"]
+    with pytest.raises(ValueError, match="--torch-precision 'fp8': expected auto or a comma list"):
+        torch_precisions("fp8")
 
 
 def _row(model, runtime, p50, ap=None, batch=1, precision="fp32", target=""):
@@ -20,20 +42,44 @@ def test_table_has_the_issue_columns_and_ratios():
 
     rows = [
         _row("student", "torch (CPU)", 20.0),
+        _row("student", "torch (CPU)", 16.0, precision="bf16"),
         _row("student", "onnxruntime (CPU)", 10.0),
         _row("teacher", "torch (CPU)", 40.0),
         _row("teacher", "onnxruntime (CPU)", 30.0),
         _row("student", "onnxruntime (CPU)", 5.0, precision="int8", target="cpu"),
+        _row("teacher", "torch (CPU)", 160.0, batch=8),
+        _row("student", "torch compiled (CPU)", 40.0, batch=8),
+        _row("student", "torch (CPU)", 80.0, batch=8),
     ]
+    rows[7].first_call_s = 93.4
     _fill_ratios(rows)
-    assert [r.ratio for r in rows] == [1.0, 0.5, 1.0, 0.75, 0.25]
-    table = format_table(rows)
-    assert table.splitlines()[0].startswith(
-        "| model | runtime | precision | int8 target | MB | batch | p50 ms | p99 ms | img/s | ratio"
+    # own: the same model's PyTorch fp32 eager (bf16 and compiled rows are not the baseline)
+    assert [r.ratio for r in rows] == [1.0, 0.8, 0.5, 1.0, 0.75, 0.25, 1.0, 0.5, 1.0]
+    # teacher: the teacher's PyTorch fp32 eager at the same batch
+    assert [r.vs_teacher for r in rows] == [0.5, 0.4, 0.25, 1.0, 0.75, 0.125, 1.0, 0.25, 0.5]
+    table = format_table(rows).splitlines()
+    assert table[0] == (
+        "| model | runtime | precision | int8 target | MB | batch | p50 ms | ms/img | p99 ms "
+        "| img/s | vs own PyTorch fp32 eager | vs teacher PyTorch fp32 eager | first call s |"
     )
-    assert "| student | onnxruntime (CPU) | fp32 | - | 10.0 | 1 | 10.00 |" in table
-    assert "| student | onnxruntime (CPU) | int8 | cpu | 10.0 | 1 | 5.00 |" in table
-    assert "0.50x" in table and " AP |" not in table
+    # batch 1 first; per runtime and precision, teacher and student next to each other
+    assert [line.split(" | ")[:3] for line in table[2:]] == [
+        ["| student", "torch (CPU)", "fp32"],
+        ["| teacher", "torch (CPU)", "fp32"],
+        ["| student", "torch (CPU)", "bf16"],
+        ["| student", "onnxruntime (CPU)", "fp32"],
+        ["| teacher", "onnxruntime (CPU)", "fp32"],
+        ["| student", "onnxruntime (CPU)", "int8"],
+        ["| student", "torch (CPU)", "fp32"],
+        ["| teacher", "torch (CPU)", "fp32"],
+        ["| student", "torch compiled (CPU)", "fp32"],
+    ]
+    assert "| student | onnxruntime (CPU) | int8 | cpu | 10.0 | 1 | 5.00 | 5.00 |" in table[7]
+    assert table[-1] == (
+        "| student | torch compiled (CPU) | fp32 | - | 10.0 | 8 | 40.00 | 5.00 | 40.00 | 25.0 "
+        "| 0.50x | 0.25x | 93.4 |"
+    )
+    assert not any(" AP |" in line for line in table)
 
 
 def test_speed_accuracy_plot(tmp_path):
@@ -42,6 +88,7 @@ def test_speed_accuracy_plot(tmp_path):
         _row("teacher", "torch (CPU)", 40.0, ap=42.0),
         _row("student", "torch (CPU)", 20.0, 38.0),
         _row("student", "onnxruntime (CPU)", 10.0, ap=37.9),
+        _row("student", "onnxruntime (CPU)", 40.0, ap=37.9, batch=8),
     ]
     path = plot_speed_accuracy(rows, tmp_path / "plot.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -91,12 +138,13 @@ def test_bench_command_measures_artifact_and_its_pytorch_source(tmp_path, capsys
     out = capsys.readouterr().out
     assert rc == 0
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert {(r["runtime"].split(" ")[0], r["batch"]) for r in rows} == {
-        ("torch", 1),
-        ("torch", 2),
-        ("onnxruntime", 1),
-        ("onnxruntime", 2),
+    torch_precisions = torch_precisions_here()
+    assert {(r["runtime"].split(" ")[0], r["precision"], r["batch"]) for r in rows} == {
+        *(("torch", p, b) for p in torch_precisions for b in (1, 2)),
+        ("onnxruntime", "fp32", 1),
+        ("onnxruntime", "fp32", 2),
     }
-    assert all(r["ratio"] is not None for r in rows)
-    assert "ratio to PyTorch eager" in out
+    assert all(r["ratio"] is not None and r["vs_teacher"] is None for r in rows)  # no teacher
+    assert all(r["ms_per_image"] == r["p50"] / r["batch"] for r in rows)
+    assert "vs own PyTorch fp32 eager" in out
     assert "| student | onnxruntime (CPUExecutionProvider) |" in out  # the provider that ran

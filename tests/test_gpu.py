@@ -237,3 +237,29 @@ def test_quantization_aware_pgd_on_cuda(tmp_path) -> None:
     # Quantized networks amplify float differences (export/README.md): close on average only.
     assert np.abs(b["scores"] - a["scores"]).mean() < 1e-2
     assert np.abs(b["boxes"] - a["boxes"]).mean() < 2.0
+
+
+@pytest.mark.parametrize(
+    "precision, compile", [("fp16", False), ("bf16", False), ("fp16", True), ("fp32", True)]
+)
+def test_torch_backend_precisions_on_cuda_pass_the_export_gates(
+    trained_run, precision: str, compile: bool
+) -> None:
+    """fp16/bf16 autocast with channels-last (auto on CUDA), and torch.compile, gated against
+    fp32 eager on CUDA like an export (fp16 ONNX tolerances for 16 bits), mAP included."""
+    from pgd_deploy.config import DataConfig, ExportConfig
+    from pgd_deploy.export.gates import gate_torch_backend
+    from pgd_deploy.export.images import gate_images
+
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    backend = TorchBackend(
+        trained_run["checkpoint"], device="cuda", precision=precision, compile=compile
+    )
+    assert backend.channels_last == (precision != "fp32")
+    cfg = ExportConfig(val=str(trained_run["val_json"]), val_images=str(trained_run["val_images"]))
+    report = gate_torch_backend(backend, gate_images(cfg, DataConfig(), 16))
+    assert {r.name: r.passed for r in report.results}["map"] is True
+    assert report.passed, report.to_markdown()
+    out = backend.infer(np.zeros((2, 3, *backend.input_size), np.float32))
+    assert out["boxes"].dtype == out["scores"].dtype == np.float32

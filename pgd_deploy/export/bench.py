@@ -1,11 +1,15 @@
-"""Latency benchmark of exported artifacts next to PyTorch eager, and the speed-accuracy plot.
+"""Latency benchmark: teacher and student side by side on every backend and precision, and the
+speed-accuracy plot.
 
-One run measures every artifact given (teacher and student side by side) and, for each exported
-artifact whose source checkpoint is present, PyTorch eager on the same input size, so the
-"ratio" column (p50 latency / PyTorch eager p50, same model and batch) compares like with like.
-Timing follows `runtime.timing` (warm-up, then timed runs with a device sync, percentiles), with
-the runtimes interleaved round by round so that a busy machine slows them all alike. Only the
-network call is timed; pre/post-processing is the same numpy code for every runtime.
+One run measures every artifact given and, for each checkpoint (given, or the source recorded in
+an export's manifest), PyTorch at every requested precision (fp32 eager, bf16/fp16 autocast,
+optionally compiled) on the same input size. Two ratios, both p50 / p50 at the same batch: "vs
+own eager" against the same model's PyTorch fp32 eager (what the runtime buys), and "vs teacher"
+against the teacher's PyTorch fp32 eager (what distillation plus the runtime buy; the model
+labelled "teacher"). Timing follows `runtime.timing` (warm-up, then timed runs with a device
+sync, percentiles), with the runtimes interleaved round by round so that a busy machine slows
+them all alike; the first call of each (where torch.compile compiles) is timed on its own.
+Only the network call is timed; pre/post-processing is the same numpy code for every runtime.
 """
 
 from __future__ import annotations
@@ -45,6 +49,12 @@ class BenchRow:
     ap: float | None = None  # COCO AP (points) on --val, when given
     path: str = ""
     int8_target: str = ""  # "cpu" / "tensorrt" for int8 artifacts (their manifest), else ""
+    vs_teacher: float | None = None  # p50 / the teacher's PyTorch fp32 eager p50, same batch
+    first_call_s: float | None = None  # the first call alone (torch.compile compiles in it)
+
+    @property
+    def ms_per_image(self) -> float:
+        return self.p50 / self.batch
 
 
 @dataclass(frozen=True)
@@ -75,10 +85,68 @@ def _weights_mb(backend: TorchBackend) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 1e6
 
 
+def torch_precisions(spec: str, device: str = "auto") -> list[str]:
+    """`--torch-precision`: "auto" = every precision this device runs (CUDA: fp32, fp16, bf16
+    where supported; CPU: fp32, and bf16 when oneDNN has bf16 kernels), else a comma list."""
+    import torch
+
+    from pgd_deploy.runtime.backends import TORCH_PRECISIONS
+
+    if spec != "auto":
+        chosen = [p.strip() for p in spec.split(",") if p.strip()]
+        bad = [p for p in chosen if p not in TORCH_PRECISIONS]
+        if bad or not chosen:
+            raise ValueError(
+                f"--torch-precision {spec!r}: expected auto or a comma list of "
+                f"{', '.join(TORCH_PRECISIONS)}"
+            )
+        return chosen
+
+    if device.startswith(("cuda", "tensorrt")) or (device == "auto" and torch.cuda.is_available()):
+        return ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+    return ["fp32"] + (["bf16"] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+
+
+def _torch_variants(
+    source: str,
+    size: Sequence[int],
+    device: str,
+    precisions: Sequence[str],
+    compile: bool,
+    compile_mode: str,
+) -> list[TorchBackend]:
+    """The checkpoint at each precision, eager then (with `compile`) compiled."""
+    out = []
+    torch_device = "auto" if device.startswith("tensorrt") else device
+    for compiled in (False, True) if compile else (False,):
+        for precision in precisions:
+            try:
+                out.append(
+                    TorchBackend(
+                        source,
+                        device=torch_device,
+                        input_size=size,
+                        precision=precision,
+                        compile=compiled,
+                        compile_mode=compile_mode,
+                    )
+                )
+            except ValueError as err:  # e.g. fp16 on a CPU: a row this machine cannot have
+                logger.warning("skipped: %s", err)
+    return out
+
+
 def _backends(
-    targets: Sequence[Target], imgsz: Sequence[int] | None, threads: int, device: str = "auto"
+    targets: Sequence[Target],
+    imgsz: Sequence[int] | None,
+    threads: int,
+    device: str = "auto",
+    precisions: Sequence[str] = ("fp32",),
+    compile: bool = False,
+    compile_mode: str = "default",
 ) -> list[tuple[str, Backend, float, str]]:
-    """(label, backend, size MB, path) for every target plus the PyTorch eager of each source."""
+    """(label, backend, size MB, path) for every target plus PyTorch at each precision for
+    each source checkpoint."""
     out: list[tuple[str, Backend, float, str]] = []
     eager_done: set[tuple[str, str]] = set()
     for t in targets:
@@ -94,8 +162,11 @@ def _backends(
         else:
             backend = load_backend(t.path, device=device)
         if source and Path(source).is_file() and (t.label, source) not in eager_done:
-            eager = TorchBackend(source, input_size=size or backend.input_size)
-            out.append((t.label, eager, _weights_mb(eager), source))
+            size = size or (backend.input_size if backend is not None else None)
+            for torch_backend in _torch_variants(
+                source, size, device, precisions, compile, compile_mode
+            ):
+                out.append((t.label, torch_backend, _weights_mb(torch_backend), source))
             eager_done.add((t.label, source))
         if backend is not None:
             out.append((t.label, backend, t.path.stat().st_size / 1e6, str(t.path)))
@@ -121,8 +192,11 @@ def run_bench(
     threads: int = 0,
     val_images: Any = None,
     device: str = "auto",
+    precisions: Sequence[str] = ("fp32",),
+    compile: bool = False,
+    compile_mode: str = "default",
 ) -> list[BenchRow]:
-    """Measure every target (and its PyTorch eager source) at each batch size.
+    """Measure every target (and its PyTorch source at each precision) at each batch size.
 
     Args:
         targets: artifacts and/or checkpoints (see `parse_targets`).
@@ -133,8 +207,11 @@ def run_bench(
         val_images: an `ImageSet` with annotations: adds COCO AP per model.
         device: ONNX Runtime providers (auto, cpu, cuda[:N], tensorrt[:N]; the table's runtime
             column names the provider actually used) and the GPU of plans and checkpoints.
+        precisions: PyTorch precisions of each checkpoint (`torch_precisions`); ones this
+            device cannot run are skipped with a warning.
+        compile, compile_mode: also time each checkpoint precision under torch.compile.
     """
-    loaded = _backends(targets, imgsz, threads, device)
+    loaded = _backends(targets, imgsz, threads, device, precisions, compile, compile_mode)
     aps = [_evaluate(b, val_images) if val_images is not None else None for _, b, _, _ in loaded]
     rows: list[BenchRow] = []
     for batch in batches:
@@ -142,10 +219,11 @@ def run_bench(
         for i in set(range(len(loaded))) - set(runnable):
             logger.warning("%s: batch %d exceeds its profile, skipped", loaded[i][3], batch)
         calls = [_call(loaded[i][1], batch) for i in runnable]
+        firsts = [_first_call(call) for call in calls]
         stats = _interleaved(calls, warmup=warmup, iters=iters, min_seconds=min_seconds)
-        for i, st in zip(runnable, stats):
+        for i, st, first in zip(runnable, stats, firsts):
             label, backend, size_mb, path = loaded[i]
-            runtime = backend.name + _provider_note(backend)
+            runtime = backend.name + _variant_note(backend) + _provider_note(backend)
             rows.append(
                 BenchRow(
                     label,
@@ -161,10 +239,28 @@ def run_bench(
                     aps[i],
                     path,
                     str(backend.meta.get("int8_target") or ""),
+                    first_call_s=first,
                 )
             )
     _fill_ratios(rows)
     return rows
+
+
+def _first_call(call: Any) -> float:
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0
+
+
+def _variant_note(backend: Backend) -> str:
+    """ " compiled" / " channels-last" for PyTorch variants, else ""."""
+    notes = []
+    if getattr(backend, "compiled", False):
+        mode = getattr(backend, "compile_mode", "default")
+        notes.append("compiled" + ("" if mode == "default" else f" {mode}"))
+    if getattr(backend, "channels_last", False):
+        notes.append("channels-last")
+    return "".join(f" {n}" for n in notes)
 
 
 def _call(backend: Backend, batch: int) -> Any:
@@ -212,11 +308,18 @@ def _provider_note(backend: Backend) -> str:
     return f" ({gpu})" if gpu else ""
 
 
-def _fill_ratios(rows: list[BenchRow]) -> None:
-    eager = {(r.model, r.batch): r.p50 for r in rows if r.runtime.startswith("torch")}
+def is_fp32_eager(row: BenchRow) -> bool:
+    """PyTorch fp32, not compiled, default layout: the baseline of both ratios."""
+    return row.runtime.startswith("torch (") and row.precision == "fp32"
+
+
+def _fill_ratios(rows: list[BenchRow], teacher: str = "teacher") -> None:
+    eager = {(r.model, r.batch): r.p50 for r in rows if is_fp32_eager(r)}
     for r in rows:
         base = eager.get((r.model, r.batch))
         r.ratio = r.p50 / base if base else None
+        base = eager.get((teacher, r.batch))
+        r.vs_teacher = r.p50 / base if base else None
 
 
 def _evaluate(backend: Backend, images: Any) -> float:
@@ -235,30 +338,68 @@ def environment_line() -> str:
     from pgd_deploy.export.manifest import software_versions
 
     v = software_versions()
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            first = fh.read().split("\n\n")[0].splitlines()  # the first logical CPU
+        info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first)}
+        cpu = info.get("model name", cpu)
+        flags = set(info.get("flags", "").split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f"; GPU {torch.cuda.get_device_name()}"
+    except ImportError:
+        pass
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; "
-        f"torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}"
+        f"{cpu}, {os.cpu_count()} logical CPUs"
+        + (f" ({', '.join(isa)})" if isa else "")
+        + f"{gpu}; torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}"
     )
 
 
 def format_table(rows: Sequence[BenchRow]) -> str:
-    """The benchmark as one markdown table."""
+    """The benchmark as one markdown table: rows grouped by batch, then runtime and precision,
+    teacher and student next to each other; a "first call s" column when something compiled."""
     show_ap = any(r.ap is not None for r in rows)
+    show_first = any("compiled" in r.runtime for r in rows)
     head = (
-        "| model | runtime | precision | int8 target | MB | batch | p50 ms | p99 ms | img/s "
-        "| ratio to PyTorch eager |"
+        "| model | runtime | precision | int8 target | MB | batch | p50 ms | ms/img | p99 ms "
+        "| img/s | vs own PyTorch fp32 eager | vs teacher PyTorch fp32 eager |"
     )
-    sep = "|---|---|---|---|---:|---:|---:|---:|---:|---:|"
+    sep = "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if show_first:
+        head, sep = head + " first call s |", sep + "---:|"
     if show_ap:
         head, sep = head + " AP |", sep + "---:|"
     lines = [head, sep]
-    for r in rows:
-        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
+
+    def x(v: float | None) -> str:
+        return f"{v:.2f}x" if v is not None else "-"
+
+    order = list(dict.fromkeys((r.runtime, r.precision, r.int8_target) for r in rows))
+    models = list(dict.fromkeys(r.model for r in rows))
+    for r in sorted(
+        rows,
+        key=lambda r: (
+            r.batch,
+            order.index((r.runtime, r.precision, r.int8_target)),
+            models.index(r.model),
+        ),
+    ):
         line = (
             f"| {r.model} | {r.runtime} | {r.precision} | {r.int8_target or '-'} | "
-            f"{r.size_mb:.1f} | {r.batch} | "
-            f"{r.p50:.2f} | {r.p99:.2f} | {r.img_s:.1f} | {ratio} |"
+            f"{r.size_mb:.1f} | {r.batch} | {r.p50:.2f} | {r.ms_per_image:.2f} | {r.p99:.2f} | "
+            f"{r.img_s:.1f} | {x(r.ratio)} | {x(r.vs_teacher)} |"
         )
+        if show_first:
+            first = r.first_call_s if "compiled" in r.runtime else None
+            line += f" {first:.1f} |" if first is not None else " - |"
         if show_ap:
             line += f" {r.ap:.1f} |" if r.ap is not None else " - |"
         lines.append(line)
@@ -266,16 +407,18 @@ def format_table(rows: Sequence[BenchRow]) -> str:
 
 
 def rows_to_json(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in rows]
+    return [{**asdict(r), "ms_per_image": r.ms_per_image} for r in rows]
 
 
-def plot_speed_accuracy(rows: Sequence[BenchRow], path: str | Path, *, batch: int = 1) -> Path:
-    """AP against ms/image (batch `batch`) for every model and runtime: a PNG via matplotlib.
+def plot_speed_accuracy(
+    rows: Sequence[BenchRow], path: str | Path, *, batch: int | None = None
+) -> Path:
+    """AP against ms/image for every row (every batch, or only `batch`): a PNG via matplotlib.
 
     Raises:
         ValueError: no row has an AP (run the benchmark with --val).
     """
-    points = [r for r in rows if r.ap is not None and r.batch == batch]
+    points = [r for r in rows if r.ap is not None and batch in (None, r.batch)]
     if not points:
         raise ValueError("speed-accuracy plot: no AP values; run the benchmark with --val")
     import matplotlib
@@ -286,17 +429,20 @@ def plot_speed_accuracy(rows: Sequence[BenchRow], path: str | Path, *, batch: in
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for model in dict.fromkeys(r.model for r in points):
         mine = [r for r in points if r.model == model]
-        xs = [r.p50 / r.batch for r in mine]
+        xs = [r.ms_per_image for r in mine]
         ax.scatter(xs, [r.ap for r in mine], label=model, s=40)
         for r, x in zip(mine, xs):
+            variant = r.runtime.split(" (")[0]
+            target = f" {r.int8_target}" if r.int8_target else ""
             ax.annotate(
-                f"{r.runtime.split(' ')[0]} {r.precision}",
+                f"{variant} {r.precision}{target} bs{r.batch}",
                 (x, r.ap),
                 fontsize=7,
                 xytext=(4, 3),
                 textcoords="offset points",
             )
-    ax.set_xlabel(f"latency p50, ms / image (batch {batch})")
+    where = "every batch" if batch is None else f"batch {batch}"
+    ax.set_xlabel(f"latency p50, ms / image ({where})")
     ax.set_ylabel("COCO AP")
     ax.set_title("Speed vs accuracy")
     ax.grid(alpha=0.3)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pgd_deploy.cli_support import add_verbose, choices, run_command, setup_logging
-from pgd_deploy.config import ExportConfig, add_override_argument
+from pgd_deploy.config import ExportConfig, ServeConfig, add_override_argument
 
 EXPORT_FLAGS = {  # CLI flag (argparse dest) -> ExportConfig key
     "format": "format",
@@ -133,7 +133,8 @@ def _export_parser() -> argparse.ArgumentParser:
 def _bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pgd-export bench",
-        description="Latency of artifacts (and their PyTorch eager source) side by side.",
+        description="Latency of artifacts and of their source checkpoints in PyTorch at every "
+        "precision, teacher and student side by side (label them teacher= and student=).",
     )
     p.add_argument(
         "--artifact",
@@ -153,6 +154,21 @@ def _bench_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto, cpu, cuda[:N] or tensorrt[:N] (ONNX Runtime's TensorRT provider); the table "
         "names the provider that ran",
+    )
+    p.add_argument(
+        "--torch-precision",
+        default="auto",
+        help="PyTorch precisions of each checkpoint, e.g. fp32,bf16 (auto: all this device runs: "
+        "CUDA fp32, fp16, bf16; CPU fp32, and bf16 with bf16 kernels)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time each PyTorch precision under torch.compile (its first call compiles: "
+        "minutes on a small CPU; the table reports it)",
+    )
+    p.add_argument(
+        "--compile-mode", default="default", choices=choices(ServeConfig, "compile_mode")
     )
     p.add_argument("--val", help="COCO JSON (or dataset root) for AP and the plot")
     p.add_argument("--val-images", help="image folder of a --val JSON")
@@ -200,6 +216,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         val_images=_bench_val(args),
         device=args.device,
+        precisions=bench.torch_precisions(args.torch_precision, args.device),
+        compile=args.compile,
+        compile_mode=args.compile_mode,
     )
     print(f"{bench.environment_line()}\n\n{bench.format_table(rows)}")
     if args.json:
@@ -207,7 +226,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
         write_json(args.json, bench.rows_to_json(rows))
     if args.plot:
-        print(f"wrote {bench.plot_speed_accuracy(rows, args.plot, batch=batches[0])}")
+        print(f"wrote {bench.plot_speed_accuracy(rows, args.plot)}")
     return 0
 
 

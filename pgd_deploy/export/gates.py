@@ -93,8 +93,14 @@ class GateReport:
         return "\n".join([*lines, "", f"Overall: **{verdict}**", ""])
 
 
+def tolerance_class(precision: str) -> str:
+    """The tolerances a precision is judged by: bf16 (PyTorch autocast) as fp16."""
+    return "fp16" if precision == "bf16" else precision
+
+
 def parity_tolerances(precision: str, gates: GatesConfig) -> dict[str, Any]:
     """`compare` keyword arguments for the parity gate at this precision."""
+    precision = tolerance_class(precision)
     if precision == "fp32":
         return {"atol": {"boxes": gates.fp32_box_atol, "scores": gates.fp32_score_atol}}
     if precision == "fp16":
@@ -122,7 +128,7 @@ def agreement_min(precision: str, gates: GatesConfig) -> float:
         "fp32": gates.agreement_min_fp32,
         "fp16": gates.agreement_min_fp16,
         "int8": gates.agreement_min_int8,
-    }[precision]
+    }[tolerance_class(precision)]
 
 
 def map_tolerance(precision: str, gates: GatesConfig) -> float:
@@ -130,7 +136,7 @@ def map_tolerance(precision: str, gates: GatesConfig) -> float:
         "fp32": gates.map_tolerance_fp32,
         "fp16": gates.map_tolerance_fp16,
         "int8": gates.map_tolerance_int8,
-    }[precision]
+    }[tolerance_class(precision)]
 
 
 def _agreement_result(
@@ -288,4 +294,35 @@ def run_gates(
             images, ref_dets, cand_dets, reference.category_ids, map_tolerance(precision, gates)
         )
     )
+    return report
+
+
+def gate_torch_backend(
+    candidate: Any, images: ImageSet, *, gates: GatesConfig | None = None, batch_size: int = 8
+) -> GateReport:
+    """Gate a checkpoint that runs at fp16/bf16 and/or compiled (`TorchBackend`) like an export:
+    against the same checkpoint in fp32 eager on `images`, with the export tolerances of its
+    precision (bf16 as fp16; compiled fp32 as fp32).
+
+    Raises:
+        ValueError: the candidate has no checkpoint file to load the fp32 reference from.
+    """
+    from pgd_deploy.runtime.backends import TorchBackend
+
+    if getattr(candidate, "path", None) is None:
+        raise ValueError("gate_torch_backend: the candidate needs its checkpoint path")
+    reference = TorchBackend(
+        candidate.path, device=str(candidate.device), input_size=candidate.input_size
+    )
+    report = run_gates(
+        reference,
+        candidate,
+        images,
+        precision=candidate.precision,
+        gates=gates or GatesConfig(),
+        imgsz=candidate.input_size,
+        batch_size=batch_size,
+        artifact=candidate.describe(),
+    )
+    report.references = {"parity, agreement, map": "the same checkpoint in fp32 eager PyTorch"}
     return report

@@ -13,7 +13,7 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
-from pgd_deploy.cli_support import add_verbose, run_command, setup_logging
+from pgd_deploy.cli_support import add_verbose, choices, run_command, setup_logging
 from pgd_deploy.config import ServeConfig, add_override_argument, load_config
 
 
@@ -31,6 +31,31 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--allow-failed",
         action="store_true",
         help="serve an export whose manifest says it failed its accuracy gates (with a warning)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=choices(ServeConfig, "precision"),
+        help="checkpoints (.pt): autocast precision (fp16 needs CUDA; bf16 a CUDA GPU or a CPU "
+        "with bf16 kernels); gated against fp32 eager on the first --gate-images inputs",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="checkpoints: torch.compile the network (first call per batch size compiles)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        choices=choices(ServeConfig, "compile_mode"),
+        help="torch.compile",
+    )
+    p.add_argument(
+        "--channels-last",
+        choices=choices(ServeConfig, "channels_last"),
+        help="checkpoints: NHWC (auto: CUDA 16-bit)",
+    )
+    p.add_argument(
+        "--gate-images", type=int, help="inputs gating fp16/bf16/compiled against fp32 (16; 0 off)"
     )
     add_verbose(p)
 
@@ -69,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", help="bind address (default: 127.0.0.1, this machine only)")
     demo.add_argument("--port", type=int, help="port (default: 7860)")
     demo.add_argument("--examples", help="folder of extra example images")
+    for role in ("teacher", "student"):
+        demo.add_argument(
+            f"--{role}-precision", choices=choices(ServeConfig, "precision"), help=f"{role} only"
+        )
+        demo.add_argument(
+            f"--{role}-compile", action=argparse.BooleanOptionalAction, default=None, help=role
+        )
     _common(demo)
     return p
 
@@ -85,6 +117,16 @@ def _config(args: argparse.Namespace) -> ServeConfig:
         "nms_thresh": args.nms_thresh,
         "host": getattr(args, "host", None),
         "port": getattr(args, "port", None),
+        "precision": args.precision,
+        "compile": args.compile,
+        "compile_mode": args.compile_mode,
+        "channels_last": args.channels_last,
+        "gate_images": args.gate_images,
+        **{
+            f"{role}_{key}": getattr(args, f"{role}_{key}", None)
+            for role in ("teacher", "student")
+            for key in ("precision", "compile")
+        },
     }
     return dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
 
@@ -122,14 +164,23 @@ def _run_options(args: argparse.Namespace, cfg: ServeConfig) -> dict[str, Any]:
 
 
 def _predict(args: argparse.Namespace, cfg: ServeConfig) -> int:
-    from pgd_deploy.runtime.backends import load_backend
-    from pgd_deploy.serve.artifacts import check_export_status
+    from pgd_deploy.serve.artifacts import check_export_status, open_gated
     from pgd_deploy.serve.predictor import format_summary, run_predict
-    from pgd_deploy.serve.sources import resolve_source
+    from pgd_deploy.serve.sources import first_images, resolve_source
 
     source = resolve_source(args.source, image_root=args.image_root)
     check_export_status(args.model, allow_failed=args.allow_failed)
-    backend = load_backend(args.model, device=args.device)
+    options = cfg.torch_options()
+    gated = options["precision"] != "fp32" or options["compile"]
+    images = first_images(source, cfg.gate_images, cfg.max_pixels) if gated else []
+    backend = open_gated(
+        args.model,
+        images,
+        device=args.device,
+        options=options,
+        allow_failed=args.allow_failed,
+        source=f"the first {len(images)} readable inputs of {args.source}",
+    )
     with _sigterm_as_ctrl_c():
         summary = run_predict(backend, source, args.out, **_run_options(args, cfg))
     print(format_summary(summary))

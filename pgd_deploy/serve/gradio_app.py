@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 
 from pgd_deploy.config import ServeConfig
-from pgd_deploy.runtime.backends import load_backend
 from pgd_deploy.runtime.preprocess import load_image
-from pgd_deploy.serve.artifacts import check_export_status
+from pgd_deploy.serve.artifacts import check_export_status, open_gated
 from pgd_deploy.serve.compare import (
     AGREEMENT_IOU,
     LATENCY_HEADERS,
@@ -273,21 +272,39 @@ def open_app(
     cfg: ServeConfig | None = None,
     device: str = "auto",
     allow_failed: bool = False,
+    gate_images: Sequence[np.ndarray] = (),
+    gate_source: str = "",
 ) -> DemoApp:
     """Load both artifacts (any of .pt, .onnx, .plan) into a `DemoApp`.
 
+    A checkpoint side runs at `cfg.torch_options(role)`; anything but fp32 eager is gated
+    against fp32 eager on `gate_images` first (`serve.artifacts.open_gated`).
+
     Raises:
         ValueError: unreadable artifacts, an export whose manifest says it failed its gates
-            (unless `allow_failed`), or teacher and student with different class lists.
+            or a checkpoint setting that fails them (unless `allow_failed`), or teacher and
+            student with different class lists.
     """
     _import_gradio()  # fail before loading models when gradio is missing
+    cfg = cfg or ServeConfig()
     for path in (teacher, student):
         check_export_status(path, allow_failed=allow_failed)
     models = [
-        DemoModel(role, path, load_backend(path, device=device))
+        DemoModel(
+            role,
+            path,
+            open_gated(
+                path,
+                gate_images,
+                device=device,
+                options=cfg.torch_options(role),
+                allow_failed=allow_failed,
+                source=gate_source,
+            ),
+        )
         for role, path in (("teacher", teacher), ("student", student))
     ]
-    return DemoApp(*models, cfg or ServeConfig())
+    return DemoApp(*models, cfg)
 
 
 def serve(app: DemoApp, examples: DemoExamples | None, *, block: bool = True) -> Any:
@@ -344,7 +361,16 @@ def launch_demo(
     cfg = cfg or ServeConfig()
     examples = DemoExamples(examples_dir, max_pixels=cfg.max_pixels)
     try:
-        app = open_app(teacher, student, cfg=cfg, device=device, allow_failed=allow_failed)
+        shown = examples.images[: cfg.gate_images]
+        app = open_app(
+            teacher,
+            student,
+            cfg=cfg,
+            device=device,
+            allow_failed=allow_failed,
+            gate_images=[load_image(p) for p in shown],
+            gate_source=f"{len(shown)} demo examples",
+        )
         demo = serve(app, examples, block=block)
     except BaseException:
         examples.close()

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from pgd_deploy.data.coco import CocoAnnotations, load_coco
 
 logger = logging.getLogger(__name__)
@@ -198,3 +200,19 @@ def resolve_source(
         raise ValueError(f"--source {text}: no input files found ({kind})")
     logger.info("source %s: %d inputs (%s)", text, len(items), kind)
     return Source(text, kind, items, annotations)
+
+
+def first_images(source: Source, count: int, max_pixels: int | None = None) -> list[np.ndarray]:
+    """The first `count` decodable images of `source`, uint8 RGB (the serving gate's images);
+    unreadable inputs are passed over here and reported by the run itself."""
+    from pgd_deploy.runtime.preprocess import ImageDecodeError, load_image
+
+    images: list[np.ndarray] = []
+    for item in source.items:
+        if len(images) >= count:
+            break
+        try:
+            images.append(load_image(item.path, max_pixels=max_pixels))
+        except ImageDecodeError:
+            continue
+    return images
