@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from pgd_deploy.export import bench
+    from pgd_deploy.export import bench, bench_report
     from pgd_deploy.export.command import _bench_val, parse_imgsz
     from pgd_deploy.io_utils import atomic_write_text, write_json
 
@@ -169,15 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:]
     )
     text = (
-        f"{bench.environment_line()}, input {args.imgsz[0]}x{args.imgsz[1]}, network only\n"
-        f"command: {command.strip()}\n\n{bench.format_table(rows)}\n"
+        f"{bench_report.environment_line()}, input {args.imgsz[0]}x{args.imgsz[1]}, network only\n"
+        f"command: {command.strip()}\n\n{bench_report.format_table(rows)}\n"
     )
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "export_latency.md", text)
-    write_json(args.out / "export_latency.json", bench.rows_to_json(rows))
+    write_json(args.out / "export_latency.json", bench_report.rows_to_json(rows))
     if args.plot:
-        print(f"wrote {bench.plot_speed_accuracy(rows, args.plot)}")
+        print(f"wrote {bench_report.plot_speed_accuracy(rows, args.plot)}")
     student = [
         r
         for r in rows

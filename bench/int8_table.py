@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pgd_deploy.checkpoint import load_model
     from pgd_deploy.data.dataset import resolve_split
-    from pgd_deploy.export import bench
+    from pgd_deploy.export import bench, bench_report
     from pgd_deploy.export.command import parse_imgsz
     from pgd_deploy.io_utils import atomic_write_text, write_json
 
@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = build_table(paths, measured, fp32)
     table = format_rows(rows)
-    text = f"{bench.environment_line()}\n\n{table}\n\n{bench.format_table(measured)}\n"
+    text = (
+        f"{bench_report.environment_line()}\n\n{table}\n\n{bench_report.format_table(measured)}\n"
+    )
     print(text)
     atomic_write_text(Path(args.out) / "int8_table.md", text)
     write_json(Path(args.out) / "int8_table.json", rows)

@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pgd_deploy.export import bench
+    from pgd_deploy.export import bench, bench_report
     from pgd_deploy.export.command import parse_imgsz
     from pgd_deploy.io_utils import atomic_write_text, write_json
-    from pgd_deploy.runtime.backends import TorchBackend
+    from pgd_deploy.runtime.torch_backend import TorchBackend
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("torch_speed: no CUDA GPU here (use --device cpu for a CPU run)", file=sys.stderr)
@@ -135,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     bench._fill_ratios(rows)
     command = " ".join(["python bench/torch_speed.py", *(sys.argv[1:] if argv is None else argv)])
     text = (
-        f"{bench.environment_line()}, input {imgsz[0]}x{imgsz[1]}, network only (device tensors)"
-        f"\ncommand: {command}\n\n{bench.format_table(rows)}\n"
+        f"{bench_report.environment_line()}, input {imgsz[0]}x{imgsz[1]}, "
+        "network only (device tensors)"
+        f"\ncommand: {command}\n\n{bench_report.format_table(rows)}\n"
     )
     print(text)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "torch_speed.md", text)
-    write_json(out / "torch_speed.json", bench.rows_to_json(rows))
+    write_json(out / "torch_speed.json", bench_report.rows_to_json(rows))
     best = [r for r in rows if r.model == "student" and r.batch == 8 and "compiled" in r.runtime]
     for r in best:
         verdict = "met" if r.ms_per_image <= TARGET_MS_PER_IMAGE else "NOT met"

@@ -6,13 +6,8 @@ import json
 
 import pytest
 
-from pgd_deploy.export.bench import (
-    BenchRow,
-    format_table,
-    parse_targets,
-    plot_speed_accuracy,
-    torch_precisions,
-)
+from pgd_deploy.export.bench import BenchRow, parse_targets, torch_precisions
+from pgd_deploy.export.bench_report import format_table, plot_speed_accuracy
 
 
 def torch_precisions_here() -> list[str]:

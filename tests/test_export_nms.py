@@ -131,7 +131,8 @@ def test_in_graph_nms_matches_torch_postprocessing_on_coco128(tmp_path):
     from pgd_deploy.export.images import ImageSet
     from pgd_deploy.export.source import load_source
     from pgd_deploy.export.to_onnx import export_onnx, save_onnx
-    from pgd_deploy.runtime.backends import OrtBackend, TorchBackend
+    from pgd_deploy.runtime.backends import OrtBackend
+    from pgd_deploy.runtime.torch_backend import TorchBackend
 
     folder = coco128()
     from PIL import Image
@@ -173,7 +174,8 @@ def test_gate_compares_in_graph_nms_with_the_same_candidates(tmp_path):
     from pgd_deploy.export.images import ImageSet
     from pgd_deploy.export.source import load_source
     from pgd_deploy.export.to_onnx import export_onnx, save_onnx
-    from pgd_deploy.runtime.backends import OrtBackend, TorchBackend
+    from pgd_deploy.runtime.backends import OrtBackend
+    from pgd_deploy.runtime.torch_backend import TorchBackend
 
     size, k = (64, 64), 40
     src = load_source(make_checkpoint(tmp_path / "live.pt", cls_bias=0.0, box_bias=1.0))
@@ -230,7 +232,7 @@ def test_the_in_graph_thresholds_reach_the_reference_without_changing_the_detect
     from pgd_deploy.config import ExportConfig, ModelConfig
     from pgd_deploy.export.pipeline import export_postprocess
     from pgd_deploy.models import build_detector
-    from pgd_deploy.runtime.backends import TorchBackend
+    from pgd_deploy.runtime.torch_backend import TorchBackend
 
     torch.manual_seed(0)
     detector = build_detector(ModelConfig(depth=18, num_classes=3, fpn_channels=64, head_convs=1))

@@ -25,7 +25,7 @@ from pgd_deploy.distill import (
 )
 from pgd_deploy.engine import weighted_sum
 from pgd_deploy.models import build_detector
-from pgd_deploy.runtime.backends import TorchBackend
+from pgd_deploy.runtime.torch_backend import TorchBackend
 from pgd_deploy.trainer import fit
 
 pytestmark = [

@@ -121,7 +121,7 @@ def test_base_backend_defaults_category_ids_from_class_names():
 
 def test_torch_backend_from_detector_shares_the_model(artifacts):
     from pgd_deploy.export.source import load_source
-    from pgd_deploy.runtime.backends import TorchBackend
+    from pgd_deploy.runtime.torch_backend import TorchBackend
 
     ckpt, _ = artifacts
     src = load_source(ckpt)

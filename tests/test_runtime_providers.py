@@ -96,7 +96,7 @@ def test_session_check_accepts_what_was_asked():
 
 
 def test_provider_in_describe_and_in_the_benchmark_table(onnx_model):
-    from pgd_deploy.export import bench
+    from pgd_deploy.export import bench, bench_report
 
     backend = OrtBackend(onnx_model, device="cpu")
     assert backend.provider == CPU
@@ -106,4 +106,4 @@ def test_provider_in_describe_and_in_the_benchmark_table(onnx_model):
     )
     runtimes = {r.runtime for r in rows}
     assert "onnxruntime (CPUExecutionProvider)" in runtimes and "torch (CPU)" in runtimes
-    assert "| onnxruntime (CPUExecutionProvider) |" in bench.format_table(rows)
+    assert "| onnxruntime (CPUExecutionProvider) |" in bench_report.format_table(rows)

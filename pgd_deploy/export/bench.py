@@ -15,19 +15,18 @@ Only the network call is timed; pre/post-processing is the same numpy code for e
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pgd_deploy.runtime.backends import Backend, TorchBackend, load_backend
+from pgd_deploy.runtime.backends import Backend, load_backend
 from pgd_deploy.runtime.manifest import read_manifest
 from pgd_deploy.runtime.timing import LatencyStats, measure
+from pgd_deploy.runtime.torch_backend import TorchBackend
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def torch_precisions(spec: str, device: str = "auto") -> list[str]:
     where supported; CPU: fp32, and bf16 when oneDNN has bf16 kernels), else a comma list."""
     import torch
 
-    from pgd_deploy.runtime.backends import TORCH_PRECISIONS
+    from pgd_deploy.runtime.torch_backend import TORCH_PRECISIONS
 
     if spec != "auto":
         chosen = [p.strip() for p in spec.split(",") if p.strip()]
@@ -331,125 +330,3 @@ def _evaluate(backend: Backend, images: Any) -> float:
         for det in backend.postprocess(backend.infer(batch), transforms):
             results += detections_to_coco(next(ids), det, backend.category_ids)
     return 100.0 * evaluate_coco(images.annotations, results, image_ids=images.image_ids)["AP"]
-
-
-def environment_line() -> str:
-    """CPU/GPU and library versions to print next to the numbers."""
-    from pgd_deploy.export.manifest import software_versions
-
-    v = software_versions()
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            first = fh.read().split("\n\n")[0].splitlines()  # the first logical CPU
-        info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first)}
-        cpu = info.get("model name", cpu)
-        flags = set(info.get("flags", "").split())
-    except OSError:
-        pass
-    isa = [f for f in ("avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
-    gpu = ""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = f"; GPU {torch.cuda.get_device_name()}"
-    except ImportError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} logical CPUs"
-        + (f" ({', '.join(isa)})" if isa else "")
-        + f"{gpu}; torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}"
-    )
-
-
-def format_table(rows: Sequence[BenchRow]) -> str:
-    """The benchmark as one markdown table: rows grouped by batch, then runtime and precision,
-    teacher and student next to each other; a "first call s" column when something compiled."""
-    show_ap = any(r.ap is not None for r in rows)
-    show_first = any("compiled" in r.runtime for r in rows)
-    head = (
-        "| model | runtime | precision | int8 target | MB | batch | p50 ms | ms/img | p99 ms "
-        "| img/s | vs own PyTorch fp32 eager | vs teacher PyTorch fp32 eager |"
-    )
-    sep = "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    if show_first:
-        head, sep = head + " first call s |", sep + "---:|"
-    if show_ap:
-        head, sep = head + " AP |", sep + "---:|"
-    lines = [head, sep]
-
-    def x(v: float | None) -> str:
-        return f"{v:.2f}x" if v is not None else "-"
-
-    order = list(dict.fromkeys((r.runtime, r.precision, r.int8_target) for r in rows))
-    models = list(dict.fromkeys(r.model for r in rows))
-    for r in sorted(
-        rows,
-        key=lambda r: (
-            r.batch,
-            order.index((r.runtime, r.precision, r.int8_target)),
-            models.index(r.model),
-        ),
-    ):
-        line = (
-            f"| {r.model} | {r.runtime} | {r.precision} | {r.int8_target or '-'} | "
-            f"{r.size_mb:.1f} | {r.batch} | {r.p50:.2f} | {r.ms_per_image:.2f} | {r.p99:.2f} | "
-            f"{r.img_s:.1f} | {x(r.ratio)} | {x(r.vs_teacher)} |"
-        )
-        if show_first:
-            first = r.first_call_s if "compiled" in r.runtime else None
-            line += f" {first:.1f} |" if first is not None else " - |"
-        if show_ap:
-            line += f" {r.ap:.1f} |" if r.ap is not None else " - |"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def rows_to_json(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
-    return [{**asdict(r), "ms_per_image": r.ms_per_image} for r in rows]
-
-
-def plot_speed_accuracy(
-    rows: Sequence[BenchRow], path: str | Path, *, batch: int | None = None
-) -> Path:
-    """AP against ms/image for every row (every batch, or only `batch`): a PNG via matplotlib.
-
-    Raises:
-        ValueError: no row has an AP (run the benchmark with --val).
-    """
-    points = [r for r in rows if r.ap is not None and batch in (None, r.batch)]
-    if not points:
-        raise ValueError("speed-accuracy plot: no AP values; run the benchmark with --val")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for model in dict.fromkeys(r.model for r in points):
-        mine = [r for r in points if r.model == model]
-        xs = [r.ms_per_image for r in mine]
-        ax.scatter(xs, [r.ap for r in mine], label=model, s=40)
-        for r, x in zip(mine, xs):
-            variant = r.runtime.split(" (")[0]
-            target = f" {r.int8_target}" if r.int8_target else ""
-            ax.annotate(
-                f"{variant} {r.precision}{target} bs{r.batch}",
-                (x, r.ap),
-                fontsize=7,
-                xytext=(4, 3),
-                textcoords="offset points",
-            )
-    where = "every batch" if batch is None else f"batch {batch}"
-    ax.set_xlabel(f"latency p50, ms / image ({where})")
-    ax.set_ylabel("COCO AP")
-    ax.set_title("Speed vs accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path

@@ -203,7 +203,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from pgd_deploy.export import bench
+    from pgd_deploy.export import bench, bench_report
 
     batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
     rows = bench.run_bench(
@@ -220,13 +220,13 @@ def _run_bench(args: argparse.Namespace) -> int:
         compile=args.compile,
         compile_mode=args.compile_mode,
     )
-    print(f"{bench.environment_line()}\n\n{bench.format_table(rows)}")
+    print(f"{bench_report.environment_line()}\n\n{bench_report.format_table(rows)}")
     if args.json:
         from pgd_deploy.io_utils import write_json
 
-        write_json(args.json, bench.rows_to_json(rows))
+        write_json(args.json, bench_report.rows_to_json(rows))
     if args.plot:
-        print(f"wrote {bench.plot_speed_accuracy(rows, args.plot)}")
+        print(f"wrote {bench_report.plot_speed_accuracy(rows, args.plot)}")
     return 0
 
 

@@ -307,7 +307,7 @@ def gate_torch_backend(
     Raises:
         ValueError: the candidate has no checkpoint file to load the fp32 reference from.
     """
-    from pgd_deploy.runtime.backends import TorchBackend
+    from pgd_deploy.runtime.torch_backend import TorchBackend
 
     if getattr(candidate, "path", None) is None:
         raise ValueError("gate_torch_backend: the candidate needs its checkpoint path")

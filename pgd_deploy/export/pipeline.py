@@ -165,7 +165,7 @@ def _prepare(checkpoint: str | Path, job: ExportJob, tmp: Path) -> ExportContext
 
     from pgd_deploy.export.images import gate_images
     from pgd_deploy.export.source import load_source
-    from pgd_deploy.runtime.backends import TorchBackend
+    from pgd_deploy.runtime.torch_backend import TorchBackend
 
     cfg = job.export
     imgsz, profile = validate_export_config(cfg)

@@ -74,7 +74,7 @@ def fp32_reference(
     Raises:
         ValueError: missing, or trained on other categories.
     """
-    from pgd_deploy.runtime.backends import TorchBackend
+    from pgd_deploy.runtime.torch_backend import TorchBackend
 
     path = fp32_reference_path(src, override)
     backend = TorchBackend(path, device=str(device), input_size=imgsz, postprocess=postprocess)
