@@ -20,7 +20,7 @@ from serve_helpers import (
 
 from pgd_deploy.config import ServeConfig
 from pgd_deploy.runtime.backends import load_backend
-from pgd_deploy.serve.compare import DemoApp, DemoModel
+from pgd_deploy.serve.side_by_side import DemoApp, DemoModel
 
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")

@@ -21,7 +21,7 @@ MODULES = [
     "pgd_deploy.serve.draw",
     "pgd_deploy.serve.outputs",
     "pgd_deploy.serve.predictor",
-    "pgd_deploy.serve.compare",
+    "pgd_deploy.serve.side_by_side",
     "pgd_deploy.serve.gradio_app",
     "pgd_deploy.serve.command",
 ]

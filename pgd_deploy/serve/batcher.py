@@ -5,9 +5,9 @@ items submitted but not yet consumed (the bounded queue), and yields the results
 PIL decoding, resizing and numpy normalisation release the GIL, so threads overlap with inference
 without the pickling cost of processes.
 
-`iter_batches` groups the loaded items into `Batch`es of up to `batch_size` successfully decoded
-images; items that failed (missing, empty, corrupt, truncated, not an image, too many pixels,
-timed out) travel with the batch as failures and never stop the run.
+`iter_batches` groups the loaded items into `ImageBatch`es of up to `batch_size` successfully
+decoded images; items that failed (missing, empty, corrupt, truncated, not an image, too many
+pixels, timed out) travel with the batch as failures and never stop the run.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class LoadedItem:
 
 
 @dataclass
-class Batch:
+class ImageBatch:
     """Consecutive inputs: the decoded ones stacked for one `infer` call, plus the failures.
 
     Attributes:
@@ -218,8 +218,8 @@ def iter_batches(
     workers: int,
     queue_size: int,
     timeout: float | None = 60.0,
-) -> Iterator[Batch]:
-    """Load `items` in worker threads and yield in-order `Batch`es of up to `batch_size` images.
+) -> Iterator[ImageBatch]:
+    """Load `items` in worker threads; yield in-order `ImageBatch`es of up to `batch_size` images.
 
     Args:
         items: the inputs.
@@ -251,10 +251,10 @@ def iter_batches(
             (ok if result.ok else failed).append(result)
             if len(ok) == batch_size:
                 waited += time.perf_counter() - t0
-                yield Batch(ok, failed, _stack(ok), [it.transform for it in ok], waited)
+                yield ImageBatch(ok, failed, _stack(ok), [it.transform for it in ok], waited)
                 ok, failed, waited = [], [], 0.0
                 t0 = time.perf_counter()
         if ok or failed:
             waited += time.perf_counter() - t0
             images = _stack(ok) if ok else None
-            yield Batch(ok, failed, images, [it.transform for it in ok], waited)
+            yield ImageBatch(ok, failed, images, [it.transform for it in ok], waited)

@@ -24,7 +24,9 @@ import numpy as np
 from pgd_deploy.config import ServeConfig
 from pgd_deploy.runtime.preprocess import load_image
 from pgd_deploy.serve.artifacts import check_export_status, open_gated
-from pgd_deploy.serve.compare import (
+from pgd_deploy.serve.draw import HIGHLIGHT
+from pgd_deploy.serve.examples import DemoExamples
+from pgd_deploy.serve.side_by_side import (
     AGREEMENT_IOU,
     LATENCY_HEADERS,
     CachedRequest,
@@ -32,8 +34,6 @@ from pgd_deploy.serve.compare import (
     DemoApp,
     DemoModel,
 )
-from pgd_deploy.serve.draw import HIGHLIGHT
-from pgd_deploy.serve.examples import DemoExamples
 
 logger = logging.getLogger(__name__)
 

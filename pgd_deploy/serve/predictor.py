@@ -29,7 +29,7 @@ from pgd_deploy.io_utils import write_json
 from pgd_deploy.metrics import detections_to_coco, evaluate_coco
 from pgd_deploy.runtime.backends import Backend
 from pgd_deploy.runtime.timing import StageTimer
-from pgd_deploy.serve.batcher import Batch, iter_batches, load_item
+from pgd_deploy.serve.batcher import ImageBatch, iter_batches, load_item
 from pgd_deploy.serve.outputs import (
     FAILURES_NAME,
     METRICS_NAME,
@@ -142,7 +142,7 @@ def _progress(total: int, enabled: bool) -> tuple[Any, Any]:
 
 def _run_batch(
     backend: Backend,
-    batch: Batch,
+    batch: ImageBatch,
     *,
     timer: StageTimer,
     outputs: RunOutputs,
@@ -166,7 +166,7 @@ def _run_batch(
     return len(entries)
 
 
-def _record(summary: PredictSummary, batch: Batch, timer: StageTimer, n_dets: int) -> None:
+def _record(summary: PredictSummary, batch: ImageBatch, timer: StageTimer, n_dets: int) -> None:
     summary.processed += len(batch.items) + len(batch.failures)
     summary.succeeded += len(batch.items)
     summary.failed += len(batch.failures)
@@ -268,8 +268,8 @@ def run_predict(
 
 
 def _consume(
-    batches: Iterator[Batch],
-    step: Callable[[Batch], int],
+    batches: Iterator[ImageBatch],
+    step: Callable[[ImageBatch], int],
     summary: PredictSummary,
     timer: StageTimer,
     progress: bool,

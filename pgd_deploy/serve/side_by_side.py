@@ -2,9 +2,9 @@
 
 A request runs each model once (`DemoModel.run`: letterbox + inference, timed with
 `runtime.timing.StageTimer` after warm-up) and keeps the raw network outputs. Changing the score
-threshold or the NMS IoU only re-runs post-processing on those cached outputs (`compare`), so the
-sliders never re-run the models. `DemoApp` holds the two models, the latency history and the
-formatting that the gradio layer (`gradio_app`) displays.
+threshold or the NMS IoU only re-runs post-processing on those cached outputs
+(`compare_sides`), so the sliders never re-run the models. `DemoApp` holds the two models, the
+latency history and the formatting that the gradio layer (`gradio_app`) displays.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ class Comparison:
         return out
 
 
-def compare(
+def compare_sides(
     request: CachedRequest,
     models: Sequence[DemoModel],
     *,
@@ -319,7 +319,7 @@ class DemoApp:
         return comparison, request
 
     def rerender(self, request: CachedRequest, score: float, nms: float) -> Comparison:
-        return compare(
+        return compare_sides(
             request, self.models, score_thresh=score, nms_thresh=nms, max_det=self.cfg.max_det
         )
 

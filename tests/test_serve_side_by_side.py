@@ -1,4 +1,4 @@
-"""Tests of pgd_deploy.serve.compare (the web demo's logic, without gradio) on real backends."""
+"""Tests of pgd_deploy.serve.side_by_side (the web demo's logic, no gradio) on real backends."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from serve_helpers import coco128_images, onnx_model, student_checkpoint
 from pgd_deploy.config import ServeConfig
 from pgd_deploy.data.shapes import render_image
 from pgd_deploy.runtime.backends import load_backend
-from pgd_deploy.serve.compare import LATENCY_HEADERS, DemoApp, DemoModel, LatencyHistory
+from pgd_deploy.serve.side_by_side import LATENCY_HEADERS, DemoApp, DemoModel, LatencyHistory
 
 SCORE = 0.1
 
