@@ -115,52 +115,9 @@ def load_coco(
     images = _require(data, "images", list, str(path))
     annotations = _require(data, "annotations", list, str(path))
     categories = _require(data, "categories", list, str(path))
-    if not categories:
-        raise ValueError(f"{path}: field 'categories' is empty")
-    cat_ids, names = [], {}
-    for i, cat in enumerate(categories):
-        where = f"{path}: categories[{i}]"
-        cid = _require(cat, "id", int, where)
-        names[cid] = str(cat.get("name", cid))
-        cat_ids.append(cid)
-    cat_ids = sorted(set(cat_ids))
-    index_of = {cid: k for k, cid in enumerate(cat_ids)}
-    records: dict[int, dict[str, Any]] = {}
-    for i, img in enumerate(images):
-        where = f"{path}: images[{i}]"
-        iid = _require(img, "id", int, where)
-        records[iid] = {
-            "file_name": _require(img, "file_name", str, where),
-            "width": _require(img, "width", int, where),
-            "height": _require(img, "height", int, where),
-            "boxes": [],
-            "labels": [],
-            "annotations": 0,
-        }
-    num_crowd = num_degenerate = 0
-    for i, ann in enumerate(annotations):
-        where = f"{path}: annotations[{i}] (id {ann.get('id', '?')})"
-        iid = _require(ann, "image_id", int, where)
-        cid = _require(ann, "category_id", int, where)
-        bbox = _require(ann, "bbox", list, where)
-        if iid not in records:
-            raise ValueError(f"{where}: field 'image_id' refers to unknown image {iid}")
-        if cid not in index_of:
-            raise ValueError(f"{where}: field 'category_id' refers to unknown category {cid}")
-        if len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
-            raise ValueError(f"{where}: field 'bbox' must be [x, y, width, height], got {bbox}")
-        if not all(math.isfinite(v) for v in bbox):  # Python's JSON reads NaN and Infinity
-            raise ValueError(f"{where}: field 'bbox' must hold finite numbers, got {bbox}")
-        records[iid]["annotations"] += 1
-        if ann.get("iscrowd", 0):
-            num_crowd += 1
-            continue
-        x, y, w, h = (float(v) for v in bbox)
-        if w <= 0 or h <= 0 or w < min_box_size or h < min_box_size:
-            num_degenerate += 1
-            continue
-        records[iid]["boxes"].append([x, y, x + w, y + h])
-        records[iid]["labels"].append(index_of[cid])
+    cat_ids, names = _categories(path, categories)
+    records = _image_records(path, images)
+    num_crowd, num_degenerate = _add_annotations(path, annotations, records, cat_ids, min_box_size)
     if image_dir is not None:
         _check_files(path, Path(image_dir), records)
     out = [
@@ -185,6 +142,71 @@ def load_coco(
     return CocoAnnotations(
         path, out, cat_ids, [names[c] for c in cat_ids], data, num_crowd, num_degenerate
     )
+
+
+def _categories(path: Path, categories: list[Any]) -> tuple[list[int], dict[int, str]]:
+    """(sorted category ids, id -> name); each entry needs an integer 'id'."""
+    if not categories:
+        raise ValueError(f"{path}: field 'categories' is empty")
+    names: dict[int, str] = {}
+    for i, cat in enumerate(categories):
+        cid = _require(cat, "id", int, f"{path}: categories[{i}]")
+        names[cid] = str(cat.get("name", cid))
+    return sorted(names), names
+
+
+def _image_records(path: Path, images: list[Any]) -> dict[int, dict[str, Any]]:
+    """image id -> its fields, with empty box and label lists to fill."""
+    records: dict[int, dict[str, Any]] = {}
+    for i, img in enumerate(images):
+        where = f"{path}: images[{i}]"
+        iid = _require(img, "id", int, where)
+        records[iid] = {
+            "file_name": _require(img, "file_name", str, where),
+            "width": _require(img, "width", int, where),
+            "height": _require(img, "height", int, where),
+            "boxes": [],
+            "labels": [],
+            "annotations": 0,
+        }
+    return records
+
+
+def _add_annotations(
+    path: Path,
+    annotations: list[Any],
+    records: dict[int, dict[str, Any]],
+    cat_ids: list[int],
+    min_box_size: float,
+) -> tuple[int, int]:
+    """Check every annotation and add its box (xyxy) and contiguous label to its image; crowd
+    and degenerate boxes are counted, not added. Returns (crowd, degenerate) counts."""
+    index_of = {cid: k for k, cid in enumerate(cat_ids)}
+    num_crowd = num_degenerate = 0
+    for i, ann in enumerate(annotations):
+        where = f"{path}: annotations[{i}] (id {ann.get('id', '?')})"
+        iid = _require(ann, "image_id", int, where)
+        cid = _require(ann, "category_id", int, where)
+        bbox = _require(ann, "bbox", list, where)
+        if iid not in records:
+            raise ValueError(f"{where}: field 'image_id' refers to unknown image {iid}")
+        if cid not in index_of:
+            raise ValueError(f"{where}: field 'category_id' refers to unknown category {cid}")
+        if len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
+            raise ValueError(f"{where}: field 'bbox' must be [x, y, width, height], got {bbox}")
+        if not all(math.isfinite(v) for v in bbox):  # Python's JSON reads NaN and Infinity
+            raise ValueError(f"{where}: field 'bbox' must hold finite numbers, got {bbox}")
+        records[iid]["annotations"] += 1
+        if ann.get("iscrowd", 0):
+            num_crowd += 1
+            continue
+        x, y, w, h = (float(v) for v in bbox)
+        if w <= 0 or h <= 0 or w < min_box_size or h < min_box_size:
+            num_degenerate += 1
+            continue
+        records[iid]["boxes"].append([x, y, x + w, y + h])
+        records[iid]["labels"].append(index_of[cid])
+    return num_crowd, num_degenerate
 
 
 def _check_files(path: Path, image_dir: Path, records: dict[int, dict[str, Any]]) -> None:

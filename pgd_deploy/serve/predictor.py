@@ -221,50 +221,54 @@ def run_predict(
         check_evaluable(source, category_ids)
     category_ids = category_ids or range(1, 1 << 31)
     out_dir = Path(out_dir)
-    overrides = {
-        k: v
-        for k, v in (
-            ("score_thresh", score_thresh),
-            ("nms_thresh", nms_thresh),
-            ("max_det", max_det),
-        )
-        if v is not None
-    }
-    batch_size = max(1, min(batch_size, backend.max_batch))
+    thresholds = {"score_thresh": score_thresh, "nms_thresh": nms_thresh, "max_det": max_det}
     load = functools.partial(
         load_item, input_size=backend.input_size, max_pixels=max_pixels, keep_image=save_images
     )
-    summary = PredictSummary(total=len(source), out_dir=str(out_dir), backend=backend.describe())
-    timer = StageTimer(sync=backend.sync)
-    outputs = RunOutputs(out_dir, backend, save_images, draw_score)
     batches = iter_batches(
         source.items,
         load,
-        batch_size=batch_size,
+        batch_size=max(1, min(batch_size, backend.max_batch)),
         workers=workers,
         queue_size=queue_size,
         timeout=decode_timeout,
     )
+    summary = PredictSummary(total=len(source), out_dir=str(out_dir), backend=backend.describe())
+    outputs = RunOutputs(out_dir, backend, save_images, draw_score)
+    step = functools.partial(
+        _run_batch,
+        backend,
+        outputs=outputs,
+        category_ids=category_ids,
+        overrides={k: v for k, v in thresholds.items() if v is not None},
+    )
+    _run_all(batches, step, summary, outputs, backend, progress)
+    if evaluate and summary.processed:
+        summary.metrics = _evaluate(source, out_dir, summary.processed)
+    write_json(out_dir / SUMMARY_NAME, summary.to_dict())
+    return summary
+
+
+def _run_all(
+    batches: Any,
+    step: Callable[..., int],
+    summary: PredictSummary,
+    outputs: RunOutputs,
+    backend: Backend,
+    progress: bool,
+) -> None:
+    """Run `step` over every batch with a stage timer, then close the loader and the outputs
+    whatever happened; the summary gets the time, the interruption and the per-stage means."""
+    timer = StageTimer(sync=backend.sync)
     start = time.perf_counter()
     try:
-        step = functools.partial(
-            _run_batch,
-            backend,
-            timer=timer,
-            outputs=outputs,
-            category_ids=category_ids,
-            overrides=overrides,
-        )
-        summary.interrupted = not _consume(batches, step, summary, timer, progress)
+        timed = functools.partial(step, timer=timer)
+        summary.interrupted = not _consume(batches, timed, summary, timer, progress)
     finally:
         summary.seconds = time.perf_counter() - start
         batches.close()  # stops the loader threads
         summary.save_errors = outputs.close()
     summary.stage_ms = timer.per_image_ms(summary.succeeded)
-    if evaluate and summary.processed:
-        summary.metrics = _evaluate(source, out_dir, summary.processed)
-    write_json(out_dir / SUMMARY_NAME, summary.to_dict())
-    return summary
 
 
 def _consume(
