@@ -129,15 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from pgd_deploy.checkpoint import load_model
+    from pgd_deploy.checkpoint import checkpoint_config, load_checkpoint
     from pgd_deploy.data.dataset import resolve_split
     from pgd_deploy.export import bench, bench_report
     from pgd_deploy.export.command import parse_imgsz
     from pgd_deploy.io_utils import atomic_write_text, write_json
 
     fp32, qat = Path(args.fp32), Path(args.qat)
-    cfg = load_model(fp32)[1]
-    init = load_model(qat)[2]["qat"]["init"]
+    cfg = checkpoint_config(load_checkpoint(fp32), fp32)
+    init = load_checkpoint(qat)["qat"]["init"]
     if Path(init).resolve() != fp32.resolve():
         logging.warning("%s was fine-tuned from %s, not from --fp32 %s", qat, init, fp32)
     size = -(-cfg.data.max_size // 32) * 32

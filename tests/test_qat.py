@@ -312,7 +312,8 @@ def test_layerwise_parity_catches_wrong_int8_arithmetic(qat_run, qat_exports, tr
 
 
 def test_bench_table_shows_the_int8_target(qat_exports):
-    from pgd_deploy.export.bench import Target, format_table, run_bench
+    from pgd_deploy.export.bench import Target, run_bench
+    from pgd_deploy.export.bench_report import format_table
 
     targets = [Target(f"qat-{t}", path) for t, (path, _) in qat_exports.items()]
     rows = run_bench(targets, warmup=1, iters=1, min_seconds=0, device="cpu")
