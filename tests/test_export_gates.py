@@ -370,13 +370,6 @@ def test_report_dict_and_markdown() -> None:
             "score_thresh": 0.05,
             "iou": 0.9,
             "minimum": 0.99,
-            # the reference's post-processing (an NMS artifact's is the graph's own)
-            "reference_postprocess": {
-                "score_thresh": 0.05,
-                "nms_thresh": 0.6,
-                "topk_candidates": 1000,
-                "max_det": 100,
-            },
         },
     }
     parity = data["results"][0]
