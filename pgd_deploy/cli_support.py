@@ -47,6 +47,7 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     except (ValueError, OSError, ImportError) as err:
         return fail(prog, str(err))
     except RuntimeError as err:
+        logging.getLogger("pgd_deploy").debug("%s failed", prog, exc_info=True)  # -v: traceback
         return fail(prog, str(err), STEP_FAILED)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
