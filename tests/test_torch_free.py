@@ -15,6 +15,11 @@ MODULES = [
     "pgd_deploy.runtime.timing",
     "pgd_deploy.runtime.manifest",
     "pgd_deploy.runtime.backends",
+    "pgd_deploy.runtime.torch_backend",  # torch only when a checkpoint is opened
+    "pgd_deploy.runtime.contract",
+    "pgd_deploy.runtime.providers",
+    "pgd_deploy.config",
+    "pgd_deploy.cli_support",
     "pgd_deploy.serve",
     "pgd_deploy.serve.sources",
     "pgd_deploy.serve.batcher",
