@@ -42,7 +42,8 @@ def trained_run(tmp_path_factory) -> dict[str, Path]:
 
     Returns:
         {"checkpoint": best.pt, "root": dataset root, "val_json": COCO JSON of the validation
-        split, "val_images": its image folder, "work_dir": the run folder}.
+        split, "val_images": its image folder, "work_dir": the run folder, "overrides": the data
+        and model `--set` overrides of the run}.
     """
     from pgd_deploy.config import TrainJob, load_config
     from pgd_deploy.data.shapes import ShapesSpec, generate_shapes
@@ -54,17 +55,7 @@ def trained_run(tmp_path_factory) -> dict[str, Path]:
         TrainJob,
         None,
         [
-            f"data.root={str(root)!r}",
-            "data.train_images='train'",
-            "data.train_ann='annotations/train.json'",
-            "data.val_images='val'",
-            "data.val_ann='annotations/val.json'",
-            "data.min_size=64",
-            "data.max_size=64",
-            "data.workers=0",
-            "model.depth=18",
-            "model.fpn_channels=64",
-            "model.head_convs=2",
+            *_trained_run_overrides(root),
             "train.max_iters=150",
             "train.batch_size=8",
             "train.optimizer='adamw'",
@@ -87,4 +78,23 @@ def trained_run(tmp_path_factory) -> dict[str, Path]:
         "val_json": root / "annotations" / "val.json",
         "val_images": root / "val",
         "work_dir": base / "run",
+        "overrides": _trained_run_overrides(root),
     }
+
+
+def _trained_run_overrides(root: Path) -> list[str]:
+    """The data and model `--set` overrides of `trained_run`: its dataset and architecture
+    (a teacher loaded from it needs the same head)."""
+    return [
+        f"data.root={str(root)!r}",
+        "data.train_images='train'",
+        "data.train_ann='annotations/train.json'",
+        "data.val_images='val'",
+        "data.val_ann='annotations/val.json'",
+        "data.min_size=64",
+        "data.max_size=64",
+        "data.workers=0",
+        "model.depth=18",
+        "model.fpn_channels=64",
+        "model.head_convs=2",
+    ]

@@ -16,14 +16,11 @@ from pgd_deploy.distill import (
     Distiller,
     background_mask,
     build_distiller,
-    check_compatible,
     cls_distill_loss,
     gt_box_masks,
-    init_student_from_teacher,
     jitter_generator,
     kd_loss_weights,
     kd_term_names,
-    load_teacher,
     pgw_mask,
     quality_score,
     reg_distill_loss,
@@ -438,30 +435,6 @@ def test_load_state_dict_without_a_generator_state_changes_nothing() -> None:
     plain = Distiller(teacher=_narrow())
     plain.load_state_dict({"generator": before, "device": "cpu"})  # no generator: nothing to set
     assert plain.generator is None
-
-
-def test_wrapped_models_are_unwrapped() -> None:
-    class Wrapper(torch.nn.Module):  # what DistributedDataParallel looks like from outside
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-    teacher, student = _narrow(seed=1), _narrow(seed=2)
-    check_compatible(Wrapper(teacher), Wrapper(student))
-    with pytest.raises(ValueError, match="tower width: teacher 64 vs student 256"):
-        check_compatible(Wrapper(teacher), Wrapper(_r18()))
-    copied, _ = init_student_from_teacher(Wrapper(student), Wrapper(teacher))
-    assert "head.cls_logits.weight" in copied
-    assert torch.equal(student.head.cls_logits.weight, teacher.head.cls_logits.weight)
-
-
-def test_plain_state_dict_of_a_narrow_head_infers_its_width_and_depth(tmp_path: Path) -> None:
-    model = _narrow(seed=3)
-    path = tmp_path / "narrow.pt"
-    torch.save(model.state_dict(), path)
-    teacher = load_teacher(path, device="cpu", default_depth=18)
-    assert teacher.head.towers.cls_tower[0][0].out_channels == 64
-    assert len(teacher.head.towers.cls_tower) == 2 and teacher.num_classes == 3
 
 
 def test_build_distiller_passes_every_setting_on(r18_checkpoint: Path) -> None:

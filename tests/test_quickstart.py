@@ -34,19 +34,8 @@ def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(trained_run, 
     reuses it instead of training); the two students train for 2 iterations on its data. Each
     scoreboard AP must be what its checkpoint really scores, and the PGD student, which inherits
     the detecting teacher's neck and head, must beat the baseline student."""
-    root = trained_run["root"]
     overrides = [
-        "model.depth=18",
-        "model.fpn_channels=64",
-        "model.head_convs=2",  # the trained teacher's head: PGD needs identical taps
-        f"data.root='{root}'",
-        "data.train_images='train'",
-        "data.train_ann='annotations/train.json'",
-        "data.val_images='val'",
-        "data.val_ann='annotations/val.json'",
-        "data.min_size=64",
-        "data.max_size=64",
-        "data.workers=0",
+        *trained_run["overrides"],  # its data and head: PGD needs identical taps
         "train.max_iters=2",
         "train.batch_size=2",
         "train.warmup_iters=1",
