@@ -1,4 +1,4 @@
-"""Training-step throughput of FCOS R50 and R101, at one or more precisions, side by side in one run.
+"""Training-step throughput of FCOS R50 and R101 at one or more precisions, side by side.
 
     python bench/train_step.py [--size 512] [--batch 2] [--iters 5] [--amp off,bf16]
     python bench/train_step.py --size 128 --batch 8 --amp off,bf16       # the quickstart's steps
@@ -70,7 +70,9 @@ def main() -> None:
     targets = [{"boxes": box, "labels": torch.tensor([3, 17], device=device)}] * batch
     dtypes = {amp: autocast_setup(amp, device)[0] for amp in amps}
     steps = {
-        (d, amp): make_step(d, images, targets, device, dtypes[amp]) for amp in amps for d in (50, 101)
+        (d, amp): make_step(d, images, targets, device, dtypes[amp])
+        for amp in amps
+        for d in (50, 101)
     }
     for step in steps.values():  # warm-up (cudnn autotuning, allocator, oneDNN primitives)
         step()
@@ -90,7 +92,8 @@ def main() -> None:
         )
     print(f"device {name}, input {size}x{size}, batch {batch}")
     med = {key: statistics.median(t) for key, t in times.items()}
-    print(f"{'model':<10} {'amp':<5} {'dtype':<15} {'step ms':>9} {'images/s':>9} {'vs ' + amps[0]:>9}")
+    vs = "vs " + amps[0]
+    print(f"{'model':<10} {'amp':<5} {'dtype':<15} {'step ms':>9} {'images/s':>9} {vs:>9}")
     for (depth, amp), m in med.items():
         rel = m / med[(depth, amps[0])]
         print(

@@ -79,7 +79,7 @@ class TrainConfig:
     lr_gamma: float = 0.1  # LR step factor
     grad_clip: float = 0.0  # max gradient L2 norm; 0 = no clipping
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA/AMX CPUs, see trainer
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA and bf16 CPUs
     channels_last: Literal["auto", "on", "off"] = "auto"  # NHWC memory format; auto: on CUDA
     checkpoint_every: int = 0  # also checkpoint every N iterations (0 = at epoch ends only)
     eval_every: int = 1  # evaluate every N epochs (0 = only at the end)
