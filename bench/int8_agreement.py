@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -72,19 +73,17 @@ def _fake_quant(
     weights: str = "max",
     outputs: bool = True,
 ) -> Any:
-    """A calibrated fake-quant copy of `fp32` with the QAT placement."""
+    """A calibrated fake-quant copy of `fp32` with the QAT placement, calibrated on the first
+    `images` training images of `cfg.data`."""
     import modelopt.torch.quantization as mtq
     import torch
     from modelopt.torch.quantization.model_calib import enable_stats_collection
 
     from pgd_deploy import qat
-    from pgd_deploy.config import TrainJob, load_config
 
     model = copy.deepcopy(fp32)
     qat.fold_batchnorm(model)
-    calib_cfg = load_config(
-        TrainJob, RECIPE, [f"qat.init='{cfg.qat.init}'", f"qat.calib_images={images}"]
-    )
+    calib_cfg = dataclasses.replace(cfg, qat=dataclasses.replace(cfg.qat, calib_images=images))
     batches = list(qat.calibration_batches(calib_cfg, torch.device("cpu")))
 
     def loop(module: Any) -> None:
@@ -168,8 +167,6 @@ def _qat(
     cfg: Any, work: Path, *, lr: float, steps: int, out_weight: float, keep_inner: bool
 ) -> Any:
     """Fine-tune a QAT student from `cfg` and return it (fake quant, eval mode)."""
-    import dataclasses
-
     from pgd_deploy.distill import build_distiller
     from pgd_deploy.models import load_detector
     from pgd_deploy.trainer import fit
