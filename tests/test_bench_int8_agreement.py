@@ -137,3 +137,20 @@ def test_calibrations_differ_only_where_the_row_says(tiny, tmp_path) -> None:
     assert all(v["output"] is None for v in placement(no_out).values())
     assert all(v["output"] is not None for v in base.values())
     assert np.isfinite([v["input"] for v in base.values()]).all()
+
+
+def test_output_distillation_ignores_locations_the_fp32_student_scores_under_001(tiny) -> None:
+    import copy
+
+    bench = _module()
+    quiet = copy.deepcopy(tiny).eval()
+    with torch.no_grad():
+        quiet.head.cls_logits.bias.fill_(-10.0)  # every score ~ 5e-5: no location counts
+        images = torch.rand(2, 3, 64, 64)
+        moved = quiet(images)
+        moved.box_regression[0].add_(0.5)
+        moved.cls_logits[0].add_(3.0)
+        terms = bench.OutputDistillation(quiet, _Inner(), weight=1.0, keep_inner=True)(
+            images, moved, []
+        )
+    assert float(terms["out_box"]) == 0.0 and float(terms["out_cls"]) == 0.0
