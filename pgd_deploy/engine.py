@@ -47,6 +47,7 @@ class StepContext:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
     loss_weights: dict[str, float] = field(default_factory=dict)  # by loss name; 1.0 if absent
+    weighted_by_user: frozenset[str] = frozenset()  # train.loss_weights names: each must exist
     loss_provider: LossProvider | None = None
     grad_clip: float = 0.0
     autocast_dtype: torch.dtype | None = None
@@ -90,6 +91,12 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
         losses = unwrap(ctx.model).loss(outputs, batch.targets)
         if ctx.loss_provider is not None:
             losses.update(ctx.loss_provider(batch.images, outputs, batch.targets))
+    unknown = ctx.weighted_by_user - losses.keys()
+    if unknown:  # a misspelt name would otherwise weigh nothing, silently
+        raise ValueError(
+            f"train.loss_weights: no loss named {', '.join(sorted(unknown))}; this run's losses "
+            f"are {', '.join(sorted(losses))}"
+        )
     total = weighted_sum({k: v.float() for k, v in losses.items()}, ctx.loss_weights)
     finite = torch.isfinite(total.detach()).float()
     if dist.is_dist():  # every process must take the same decision
@@ -328,6 +335,7 @@ def build_step_context(
         device=device,
         # The provider's weights (e.g. the distiller's), times train.loss_weights.
         loss_weights=combine_weights(getattr(provider, "loss_weights", {}), cfg.train.loss_weights),
+        weighted_by_user=frozenset(cfg.train.loss_weights),
         loss_provider=provider,
         grad_clip=cfg.train.grad_clip,
         autocast_dtype=amp_dtype,

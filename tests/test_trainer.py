@@ -155,6 +155,14 @@ def test_provider_weights_times_train_weights_are_applied_once_and_logged_unweig
     assert row["loss"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_misspelt_loss_weight_is_refused_naming_the_losses(tmp_path):
+    """train.loss_weights={loss_bbox = 2} (mmdetection's name for loss_box) would weigh nothing."""
+    cfg = tiny_cfg(tmp_path / "cache", "train.max_iters=1", "train.loss_weights={loss_bbox = 2.0}")
+    with pytest.raises(ValueError, match="no loss named loss_bbox.*loss_box, loss_cls, loss_ctr"):
+        fit(cfg, work_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
