@@ -3,28 +3,16 @@ what the export README's table says they do."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from _bench_scripts import load_bench
 
 from pgd_deploy.structures import Detections
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "int8_agreement.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("int8_agreement", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_misses_are_counted_in_the_band_of_their_fp32_score() -> None:
-    bench = _module()
+    bench = load_bench("int8_agreement")
     box = [10.0, 10.0, 50.0, 50.0]
     ref = Detections(
         [box, [60, 60, 90, 90], [0, 60, 20, 90], [100, 100, 140, 140]],
@@ -78,7 +66,7 @@ def tiny():
 
 
 def test_output_distillation_is_zero_at_the_fp32_outputs_and_grows_away_from_them(tiny) -> None:
-    bench = _module()
+    bench = load_bench("int8_agreement")
     images = torch.rand(2, 3, 64, 64)
     provider = bench.OutputDistillation(tiny, _Inner(), weight=1.0, keep_inner=True)
     with torch.no_grad():
@@ -98,7 +86,7 @@ def test_output_distillation_is_zero_at_the_fp32_outputs_and_grows_away_from_the
 
 @pytest.mark.parametrize("keep_inner", [True, False])
 def test_output_distillation_alone_weighs_the_other_terms_zero(tiny, keep_inner) -> None:
-    bench = _module()
+    bench = load_bench("int8_agreement")
     weights = bench.OutputDistillation(
         tiny, _Inner(), weight=2.0, keep_inner=keep_inner
     ).loss_weights
@@ -113,7 +101,7 @@ def test_calibrations_differ_only_where_the_row_says(tiny, tmp_path) -> None:
     from pgd_deploy.config import TrainJob, load_config
     from pgd_deploy.qat import placement
 
-    bench = _module()
+    bench = load_bench("int8_agreement")
     cfg = load_config(
         TrainJob,
         bench.RECIPE,
@@ -142,7 +130,7 @@ def test_calibrations_differ_only_where_the_row_says(tiny, tmp_path) -> None:
 def test_output_distillation_ignores_locations_the_fp32_student_scores_under_001(tiny) -> None:
     import copy
 
-    bench = _module()
+    bench = load_bench("int8_agreement")
     quiet = copy.deepcopy(tiny).eval()
     with torch.no_grad():
         quiet.head.cls_logits.bias.fill_(-10.0)  # every score ~ 5e-5: no location counts

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import statistics
@@ -12,20 +11,14 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from _bench_scripts import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "kd_ablation.py"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("kd_ablation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_paired_difference_is_a_t_interval_of_the_per_seed_differences() -> None:
-    ablation = _module()
+    ablation = load_bench("kd_ablation")
     d = ablation.paired_difference([10.0, 12.0, 17.0], [9.0, 9.0, 11.0])  # differences 1, 3, 6
     sd = statistics.stdev([1.0, 3.0, 6.0])
     assert d["mean"] == pytest.approx(10 / 3) and d["n"] == 3
