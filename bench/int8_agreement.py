@@ -120,6 +120,19 @@ def _fake_quant(
     return model.eval()
 
 
+class _Bf16:
+    """`model.predict` under CPU bf16 autocast."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def predict(self, images: Any, transforms: Any) -> Any:
+        import torch
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model.predict(images, transforms)
+
+
 class OutputDistillation:
     """Loss provider: the PGD distiller's terms (optional) plus the fake-quant student matching the
     frozen fp32 student's outputs at the locations the fp32 student scores >= 0.01."""
@@ -237,16 +250,8 @@ def main() -> None:
     fp32 = load_detector(args.fp32, device="cpu").detector.eval()
     ref, ref_ap = _val_predictions(fp32, cfg)
 
-    def bf16() -> Any:
-        class Bf16:
-            def predict(self, images: Any, transforms: Any) -> Any:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return fp32.predict(images, transforms)
-
-        return Bf16()
-
     rows: list[tuple[str, Any]] = [
-        ("bf16 autocast (no int8)", bf16),
+        ("bf16 autocast (no int8)", lambda: _Bf16(fp32)),
         ("int8, max ranges, 64 images (QAT start)", lambda: _fake_quant(fp32, cfg, images=64)),
         ("int8, max ranges, 256 images", lambda: _fake_quant(fp32, cfg, images=256)),
         ("int8, MSE weight ranges", lambda: _fake_quant(fp32, cfg, images=64, weights="mse")),
@@ -287,24 +292,24 @@ def main() -> None:
                     ),
                 )
             )
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
+    from tqdm import tqdm
+
     table: list[dict[str, Any]] = []
     breakdown = None
-    progress = tqdm(rows, desc="rows", file=sys.stderr) if tqdm else rows
-    for name, build in progress:
-        with contextlib.redirect_stdout(sys.stderr):
-            model = build()
-            dets, ap = _val_predictions(model, cfg)
-        agree = {
-            t: detection_agreement(ref, dets, iou_thresh=0.9, score_thresh=t) for t in THRESHOLDS
-        }
-        table.append({"row": name, **ap, **{f"agreement@{t:g}": a for t, a in agree.items()}})
-        if breakdown is None and name.startswith("int8, max ranges, 64"):
-            breakdown = _unmatched_by_score(ref, dets)
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:  # the QAT rows leave two checkpoints each in tmp
+        for name, build in tqdm(rows, desc="rows", file=sys.stderr):
+            with contextlib.redirect_stdout(sys.stderr):
+                model = build()
+                dets, ap = _val_predictions(model, cfg)
+            agree = {
+                t: detection_agreement(ref, dets, iou_thresh=0.9, score_thresh=t)
+                for t in THRESHOLDS
+            }
+            table.append({"row": name, **ap, **{f"agreement@{t:g}": a for t, a in agree.items()}})
+            if breakdown is None and name.startswith("int8, max ranges, 64"):
+                breakdown = _unmatched_by_score(ref, dets)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
     print(
         f"\nfp32 student {args.fp32}: AP {ref_ap['AP']:.2f}, AP50 {ref_ap['AP50']:.2f}, "
