@@ -37,6 +37,55 @@ def init_distributed(device: torch.device) -> None:
 BF16_ISA = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags, fastest first
 
 
+# /proc/cpuinfo flags that choose the floating-point kernels of ATen and oneDNN, oldest first
+KERNEL_ISA = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def _cpuinfo(cpuinfo: str) -> tuple[str, list[str]]:
+    """(model name, flags) of the first processor in `cpuinfo`; ("", []) where unreadable."""
+    model, flags = "", []
+    try:
+        with open(cpuinfo) as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = value.split()
+    except OSError:
+        pass
+    return model, flags
+
+
+def describe_cpu(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """One line naming the CPU and the kernel paths this process runs, for reports whose
+    figures or outcomes depend on them (the test summary, benchmarks):
+
+        AMD EPYC (x86_64, 2 threads): avx2, no avx512f, no avx512_vnni, no avx512_bf16,
+        no amx_bf16; ATen AVX2, oneDNN native, bf16 kernels no
+
+    ATen picks its vectorized kernels by instruction set (`ATEN_CPU_CAPABILITY=default|avx2|
+    avx512` lowers the choice) and oneDNN its convolutions (`ONEDNN_MAX_CPU_ISA=SSE41|AVX2|...`);
+    both are named as this process runs them, with the variable where it is set.
+    """
+    import platform
+
+    model, flags = _cpuinfo(cpuinfo)
+    isa = ", ".join(f if f in flags else f"no {f}" for f in KERNEL_ISA)
+    isa = isa if flags else "flags unknown"
+    aten = torch.backends.cpu.get_cpu_capability()
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        aten += f" (ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']})"
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    onednn = f"max {onednn}" if onednn else "native"
+    bf16 = "yes" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+    name = model or platform.processor() or "unknown CPU"
+    return (
+        f"{name} ({platform.machine()}, {torch.get_num_threads()} threads): {isa}; "
+        f"ATen {aten}, oneDNN {onednn}, bf16 kernels {bf16}"
+    )
+
+
 def cpu_bf16_isa(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     """The CPU's bf16 instructions that oneDNN's convolutions use ("amx_bf16" on Sapphire Rapids
     and later, "avx512_bf16" on Cooper Lake and AMD Zen 4), or None.

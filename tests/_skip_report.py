@@ -5,8 +5,13 @@ Every skip falls in one kind:
 - real-image: the coco128 images were not found (the reason names coco128);
 - library: an optional library failed to import (`pytest.importorskip`: "could not import");
 - gpu: a test marked `gpu` or `trt` (no CUDA GPU or TensorRT here);
+- cpu: a test of kernels this CPU lacks (the reason starts "this CPU has no", e.g. bf16);
 - browser: the headless-browser test without Chromium;
 - other: anything else (e.g. a test only meaningful where TensorRT is NOT installed).
+
+The summary names the CPU and the kernel paths the run took (`pgd_deploy.devices.describe_cpu`):
+outcomes of the trained-fixture tests depend on them (`make test-isa`), and a reader must know
+which paths ran. The same line heads the run.
 
 With PGD_TEST_STRICT=1 (set by `.ci/run`) a run that skipped real-image or library tests fails
 (exit 1) even when everything that ran passed: `make test` must not go green having tested much
@@ -23,10 +28,12 @@ import pytest
 
 STRICT_ENV = "PGD_TEST_STRICT"
 FAILING_KINDS = ("real-image", "library")
+CPU_REASON = "this CPU has no"  # how a skip for missing instructions starts
 TITLES = {
     "real-image": "real-image tests (coco128 not found)",
     "library": "tests whose optional library failed to import",
     "gpu": "GPU / TensorRT tests (no CUDA GPU or TensorRT here)",
+    "cpu": "tests of kernels this CPU lacks (they run on CPUs that have them)",
     "browser": "browser test (Chromium not installed)",
     "other": "other skips",
 }
@@ -46,11 +53,22 @@ def skip_kind(report: pytest.CollectReport | pytest.TestReport) -> str:
         return "real-image"
     if "gpu" in keywords or "trt" in keywords:
         return "gpu"
+    if reason.startswith(CPU_REASON):
+        return "cpu"
     if "chromium" in reason.lower():
         return "browser"
     if reason.startswith("could not import"):
         return "library"
     return "other"
+
+
+def cpu_line() -> str:
+    """The CPU and the kernel paths of this run, or why they are unknown."""
+    try:
+        from pgd_deploy.devices import describe_cpu
+    except ImportError as err:  # torch missing: nothing in the suite runs kernels then
+        return f"unknown ({err})"
+    return describe_cpu()
 
 
 @dataclass(eq=False)  # a plugin object must stay hashable
@@ -70,6 +88,9 @@ class SkipReport:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self._record(report)
 
+    def pytest_report_header(self) -> str:
+        return f"cpu: {cpu_line()}"
+
     def failing(self) -> int:
         return sum(len(self.skips[kind]) for kind in FAILING_KINDS)
 
@@ -84,20 +105,22 @@ class SkipReport:
         if not total:
             return
         tr.write_sep("=", f"NOT TESTED: {total} skipped (what and why)", yellow=True, bold=True)
+        tr.write_line(f"ran on: {cpu_line()}")
         for kind in TITLES:
             items = self.skips.get(kind, [])
             if not items:
                 continue
             loud = kind in FAILING_KINDS or kind == "browser"
+            named = loud or kind == "cpu"  # which tests: another kind of CPU must run them
             tr.write_line(f"{len(items)} {TITLES[kind]}:", red=loud, bold=True)
             by_reason: dict[str, list[str]] = defaultdict(list)
             for nodeid, reason in items:
                 by_reason[reason].append(nodeid)
             for reason, nodeids in by_reason.items():
                 tr.write_line(f"  {len(nodeids)} x {reason}")
-                for nodeid in nodeids[:8] if loud else ():
+                for nodeid in nodeids[:8] if named else ():
                     tr.write_line(f"      {nodeid}")
-                if loud and len(nodeids) > 8:
+                if named and len(nodeids) > 8:
                     tr.write_line(f"      ... and {len(nodeids) - 8} more")
         if self.failing():
             counts = ", ".join(

@@ -44,3 +44,22 @@ def test_auto_amp_on_the_cpu_follows_the_bf16_instructions(monkeypatch, isa, dty
 def test_fp16_on_the_cpu_is_refused():
     with pytest.raises(ValueError, match="needs CUDA"):
         devices.autocast_setup("fp16", torch.device("cpu"))
+
+
+def test_describe_cpu_names_the_model_the_kernel_instructions_and_the_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    line = devices.describe_cpu(_cpuinfo(tmp_path, " avx512_bf16"))
+    assert line.startswith("test (")
+    isa = line.split(": ", 1)[1].split(";")[0]
+    assert isa == "avx2, avx512f, avx512_vnni, avx512_bf16, no amx_bf16"
+    assert "ATEN_CPU_CAPABILITY=default" in line and "oneDNN max SSE41" in line
+    assert f"ATen {torch.backends.cpu.get_cpu_capability()}" in line
+    assert f"{torch.get_num_threads()} threads" in line
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    avx2_only = devices.describe_cpu(_cpuinfo(tmp_path, ""))
+    assert "oneDNN native" in avx2_only and "no avx512_bf16" in avx2_only
+
+
+def test_describe_cpu_without_cpuinfo_says_the_flags_are_unknown(tmp_path):
+    assert "flags unknown" in devices.describe_cpu(str(tmp_path / "absent"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from _data_paths import SKIP_REASON
 
+from pgd_deploy.devices import describe_cpu
+
 CONFTEST = """
 import _skip_report
 
@@ -46,6 +48,9 @@ def test_engine():
 def test_browser():
     pytest.skip("Debian's chromium is not installed at /usr/bin/chromium")
 
+def test_bf16_kernels():
+    pytest.skip("this CPU has no bf16 kernels (avx512_bf16 or amx_bf16)")
+
 @pytest.mark.xfail(reason="known")
 def test_expected_failure():
     assert False
@@ -64,9 +69,13 @@ def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.
 def test_summary_names_every_skip_and_its_kind(suite: pytest.Pytester) -> None:
     result = suite.runpytest_inprocess("-p", "no:cacheprovider")
     assert result.ret == 0  # not strict: the report only
-    result.assert_outcomes(passed=1, skipped=5, xfailed=1)
+    result.assert_outcomes(passed=1, skipped=6, xfailed=1)
     out = result.stdout.str()
-    assert "NOT TESTED: 5 skipped (what and why)" in out
+    assert "NOT TESTED: 6 skipped (what and why)" in out
+    # which CPU and kernel paths ran, at the head of the run and of the summary
+    assert f"cpu: {describe_cpu()}" in out and f"ran on: {describe_cpu()}" in out
+    assert "1 tests of kernels this CPU lacks (they run on CPUs that have them):" in out
+    assert "test_devices.py::test_bf16_kernels" in out  # named: another CPU must run it
     assert "1 real-image tests (coco128 not found):" in out
     assert "test_real.py::test_needs_coco128" in out
     assert "1 tests whose optional library failed to import:" in out
@@ -90,7 +99,7 @@ def test_strict_mode_accepts_gpu_trt_and_browser_skips(suite, monkeypatch) -> No
     monkeypatch.setenv("PGD_TEST_STRICT", "1")
     result = suite.runpytest_inprocess("-p", "no:cacheprovider", "test_devices.py")
     assert result.ret == 0
-    result.assert_outcomes(skipped=3, xfailed=1)
+    result.assert_outcomes(skipped=4, xfailed=1)
     out = result.stdout.str()
     assert "1 browser test (Chromium not installed):" in out  # reported, loudly
     assert "FAILS" not in out

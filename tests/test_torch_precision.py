@@ -21,7 +21,8 @@ from pgd_deploy.serve.artifacts import open_gated
 
 IMGSZ = (96, 128)
 needs_cpu_bf16 = pytest.mark.skipif(
-    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no bf16 kernels"
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    reason="this CPU has no bf16 kernels (avx512_bf16 or amx_bf16)",
 )
 
 
