@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint mutate clean
+.PHONY: install demo test test-isa lint mutate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The trained-fixture tests (marker `trained`) once per CPU kernel path: native, ATen and oneDNN
+# lowered to SSE4.1, to AVX2, and one thread (tests/_isa_matrix.py; README, Development). For
+# contributors before a change to a trained fixture or a margin; CI runs `make test`.
+#   make test-isa ISA_PATHS='sse41'   ISA_ARGS='-x -k qat'
+ISA_PATHS ?=
+ISA_ARGS ?=
+test-isa: $(STAMP)
+	$(PY) tests/_isa_matrix.py $(ISA_PATHS) -- $(ISA_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pgd_deploy tests bench

@@ -17,6 +17,14 @@ def pytest_configure(config: pytest.Config) -> None:
     _skip_report.register(config)  # the end-of-run list of skipped tests; PGD_TEST_STRICT
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test of the trained checkpoint is `trained` (`make test-isa` runs them under other
+    kernel paths); tests that train a model themselves carry the marker in their module."""
+    for item in items:
+        if "trained_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.trained)
+
+
 @pytest.fixture(scope="session")
 def coco128() -> Path:
     """The coco128 folder (128 train + 128 val COCO images, YOLO labels); skip when absent."""

@@ -26,6 +26,7 @@ def test_paired_difference_is_a_t_interval_of_the_per_seed_differences() -> None
     assert d["mean"] - d["lo"] == pytest.approx(d["hi"] - d["mean"])
 
 
+@pytest.mark.trained
 def test_quick_ablation_trains_each_variant_as_named(tmp_path: Path) -> None:
     out = tmp_path / "ablation"
     proc = subprocess.run(

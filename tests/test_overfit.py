@@ -13,6 +13,7 @@ from pgd_deploy.models import build_detector
 
 
 @pytest.mark.slow
+@pytest.mark.trained
 def test_fcos_r18_overfits_four_images(shapes_root):
     torch.manual_seed(0)
     coco = load_coco(shapes_root / "annotations" / "train.json").subset(4)

@@ -5,6 +5,7 @@ fp16 and channels-last on CUDA are in tests/test_gpu.py."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,13 @@ def test_demo_sides_take_their_own_settings():
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    os.environ.get("ATEN_CPU_CAPABILITY") == "default",
+    raises=torch._dynamo.exc.BackendCompilerFailed,
+    strict=False,
+    reason="torch 2.14's inductor emits at::vec code that does not compile without a vector ISA "
+    "(ATEN_CPU_CAPABILITY=default, make test-isa's sse41 path): 'at::vec has not been declared'",
+)
 def test_compiled_backend_matches_fp32_eager_and_passes_the_gates(trained_run):
     """torch.compile (inductor, C++ on the CPU): minutes on a 2-core machine the first time.
     A trained checkpoint: random weights tie thousands of scores, and the max_det cut among

@@ -20,6 +20,8 @@ from pgd_deploy.models import load_detector
 from pgd_deploy.trainer import fit
 
 ROOT = Path(__file__).resolve().parents[1]
+# exact resume, DDP and the recipes all run the training kernels: `make test-isa` runs them all
+pytestmark = pytest.mark.trained
 
 
 def tiny_overrides(cache: Path, *extra: str) -> list[str]:
