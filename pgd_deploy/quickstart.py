@@ -27,6 +27,7 @@ import torch
 
 from pgd_deploy.checkpoint import load_checkpoint
 from pgd_deploy.config import TrainJob, dumps_toml, load_config
+from pgd_deploy.devices import describe_cpu
 from pgd_deploy.io_utils import write_json
 from pgd_deploy.models import load_detector
 from pgd_deploy.runtime.timing import measure
@@ -247,12 +248,16 @@ def run_quickstart(
     folder = _recipes_dir(recipes)
     start = time.perf_counter()
     runs: list[tuple[str, Path, TrainJob]] = []
+    minutes_per_stage: dict[str, float] = {}  # wall clock; a reused run takes ~0
     teacher = f"distill.teacher='{work_dir / 'teacher' / 'best.pt'}'"
     for name, recipe in STAGES:
         extra = [*overrides, teacher] if name == "pgd" else list(overrides)
         cfg = load_config(TrainJob, folder / f"{recipe}.toml", extra)
+        began = time.perf_counter()
         _train_stage(name, recipe, cfg, work_dir / name)
+        minutes_per_stage[name] = (time.perf_counter() - began) / 60
         runs.append((name, work_dir / name, cfg))
+    began = time.perf_counter()
     int8_name, recipe = INT8_STAGE
     int8_dir = work_dir / int8_name
     qat_init = f"qat.init='{work_dir / 'pgd' / 'best.pt'}'"
@@ -264,9 +269,12 @@ def run_quickstart(
     rows = [score(name, d, cfg, ms) for (name, d, cfg), ms in zip(runs, latencies)]
     rows.append(int8_score(onnx_path, manifest, int8_dir, qat_cfg, latencies[-1]))
     write_json(work_dir / "scoreboard.json", rows)
+    minutes_per_stage["int8 (QAT, export, latencies)"] = (time.perf_counter() - began) / 60
     minutes = (time.perf_counter() - start) / 60
     print(f"\nquickstart scoreboard (synthetic shapes validation split), {minutes:.1f} min\n")
     print(format_scoreboard(rows))
     print(f"\n{int8_note(rows[-1])}")
+    print("\nminutes: " + ", ".join(f"{k} {v:.1f}" for k, v in minutes_per_stage.items()))
+    print(f"measured on: {describe_cpu()}")  # the kernels decide the figures (bf16 or fp32)
     print(f"\nwritten to {work_dir / 'scoreboard.json'}")
     return rows

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pgd_deploy.config import TrainJob, load_config, save_config
+from pgd_deploy.devices import describe_cpu
 from pgd_deploy.engine import evaluate_checkpoint
 from pgd_deploy.io_utils import write_json
 from pgd_deploy.quickstart import run_quickstart
@@ -29,7 +30,9 @@ def _stop_at_second_step(student, device):
     return provider
 
 
-def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(trained_run, tmp_path, caplog):
+def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(
+    trained_run, tmp_path, caplog, capsys
+):
     """The teacher stage is the session's trained checkpoint, placed as a finished run (the demo
     reuses it instead of training); the two students train for 2 iterations on its data. Each
     scoreboard AP must be what its checkpoint really scores, and the PGD student, which inherits
@@ -55,6 +58,10 @@ def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(trained_run, 
     with caplog.at_level("INFO", logger="pgd_deploy.quickstart"):
         rows = run_quickstart(work, overrides=overrides, recipes=ROOT / "train")
     assert caplog.text.count("reusing the finished run") == 1  # the teacher only
+    printed = capsys.readouterr().out
+    assert f"measured on: {describe_cpu()}" in printed  # the figures name their machine
+    stages = printed.split("minutes: ", 1)[1].splitlines()[0]
+    assert stages.startswith("teacher 0.0, student ") and "int8 (QAT, export, latencies)" in stages
     board = json.loads((work / "scoreboard.json").read_text())
     assert board == rows
     assert [r["name"] for r in board] == ["teacher", "student", "pgd", "pgd-int8"]
