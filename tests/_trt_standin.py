@@ -74,6 +74,8 @@ def install(monkeypatch: Any) -> StandIn:
         )
 
     monkeypatch.setattr(to_tensorrt, "build_engine", build_engine)
+    # the export's preflight asks for TensorRT before any work; the stand-in answers for it
+    monkeypatch.setattr(to_tensorrt, "import_tensorrt", lambda: SimpleNamespace(__version__="0"))
     monkeypatch.setattr(trt_backend, "TrtBackend", _ortplan_backend(trt_backend.TrtBackend))
     return record
 

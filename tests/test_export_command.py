@@ -351,3 +351,53 @@ def test_manifest_is_json_beside_the_artifact(ckpt, tmp_path):
     ]
     assert manifest["outputs"][1]["shape"] == [-1, 30, 4]
     assert manifest["postprocess"]["score_thresh"] == 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# Checked before any work (issue 32, part 4): no checkpoint is loaded, nothing is written
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../escape", ".hidden", "-x", "a b", "a/b", ".."])
+def test_a_name_no_output_can_use_is_refused_before_the_checkpoint_loads(name, tmp_path, capsys):
+    # the checkpoint does not exist: the name must be what the error is about
+    argv = ["--checkpoint", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "out")]
+    rc = main([*argv, f"--name={name}", "--format", "triton", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--name {name!r}" in err and "not starting with '.' or '-'" in err, err
+    assert "absent.pt" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escape").exists()
+
+
+def test_a_checkpoint_whose_stem_gives_no_name_asks_for_one(ckpt, tmp_path, capsys):
+    odd = tmp_path / "-odd.pt"
+    odd.write_bytes(ckpt.read_bytes())
+    rc = main(["--checkpoint", str(odd), "--out", str(tmp_path / "out"), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'-odd_fp32'" in err and "--name" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("tensorrt") is not None,
+    reason="only meaningful where tensorrt is not installed",
+)
+@pytest.mark.parametrize(
+    "fmt",
+    [["--format", "tensorrt"], ["--format", "triton", "--set", "export.triton_source='tensorrt'"]],
+)
+def test_a_plan_without_tensorrt_is_refused_before_the_onnx_and_its_gates(
+    ckpt, tmp_path, capsys, fmt
+):
+    rc = main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), *fmt, *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pgd-deploy[trt]" in err
+    assert not (tmp_path / "out").exists()  # no ONNX left behind that says "passed"
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_first(ckpt, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    rc = main(["--checkpoint", str(ckpt), "--out", str(blocker / "out"), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--out {blocker / 'out'}: not a writable folder" in err, err

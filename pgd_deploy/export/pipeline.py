@@ -1,6 +1,7 @@
 """The end-to-end export behind `pgd-export`: checkpoint -> artifact(s) -> gates -> manifest.
 
-Steps: validate the profile; load the checkpoint; export the dense fp32 ONNX (legacy exporter,
+Steps: check all that needs no checkpoint (flags, name, output folder, TensorRT for a plan:
+`preflight`); load the checkpoint; export the dense fp32 ONNX (legacy exporter,
 opset 17, onnxslim); convert its precision (fp16 / int8 Q/DQ for the int8 target, CPU; a
 quantization-aware checkpoint exports its learned scales, `qat_export.py`); append in-graph NMS when
 asked; write the ONNX with its manifest; run the three gates with ONNX Runtime against PyTorch;
@@ -19,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from pgd_deploy.config import ExportConfig, ExportJob, save_config, to_dict
-from pgd_deploy.export import qat_export
+from pgd_deploy.export import qat_export, to_tensorrt
 from pgd_deploy.export.deploy_model import check_imgsz
 from pgd_deploy.export.gates import GateReport, run_gates
 from pgd_deploy.export.manifest import dense_twin_manifest, describe_io, record_gates
 from pgd_deploy.export.nms import validate_nms
 from pgd_deploy.export.plan import DENSE_TWIN
 from pgd_deploy.export.to_tensorrt import check_build_options, validate_profile
+from pgd_deploy.export.triton import NAME, NAME_RULE
 from pgd_deploy.io_utils import atomic_write_text
 from pgd_deploy.runtime.manifest import write_manifest
 
@@ -122,11 +124,62 @@ def wants_plan(cfg: ExportConfig) -> bool:
 
 
 def default_name(checkpoint: str | Path, cfg: ExportConfig) -> str:
-    """`<checkpoint stem>_<precision>[_nms]`, e.g. `best_fp16`."""
-    name = cfg.name or f"{Path(checkpoint).stem}_{cfg.precision}" + (
-        "_nms" if cfg.nms == "onnx" else ""
-    )
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    """`--name`, else `<checkpoint stem>_<precision>[_nms]` (e.g. `best_fp16`) with characters
+    outside `NAME` replaced by '_'.
+
+    Raises:
+        ValueError: a `--name` outside `NAME` (it is refused, not rewritten), or a checkpoint
+            stem that gives no usable name.
+    """
+    if cfg.name:
+        if not NAME.fullmatch(cfg.name):
+            raise ValueError(
+                f"--name {cfg.name!r}: expected {NAME_RULE} (the artifact's file stem and "
+                "Triton's model name)"
+            )
+        return cfg.name
+    name = f"{Path(checkpoint).stem}_{cfg.precision}" + ("_nms" if cfg.nms == "onnx" else "")
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    if not NAME.fullmatch(name):
+        raise ValueError(
+            f"{checkpoint}: its file name gives the export name {name!r}; name it with --name "
+            f"({NAME_RULE})"
+        )
+    return name
+
+
+def check_output_folder(out: str | Path) -> Path:
+    """Create `out` and prove it writable (a temporary file written and removed).
+
+    Raises:
+        ValueError: `--out` cannot be created or written; the message names it and the cause.
+    """
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".pgd_write_check_"):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {out}: not a writable folder ({err.strerror or err})") from None
+    return path
+
+
+def preflight(checkpoint: str | Path, cfg: ExportConfig) -> str:
+    """Everything about an export that can be checked before its checkpoint is loaded: the
+    flags (`validate_export_config`), the name, the output folder, and the libraries its format
+    needs (TensorRT for a plan). A bad value is found in a second, not after the export and its
+    gates ran. Returns the export's name.
+
+    Raises:
+        ValueError: a bad flag, name or output folder. ImportError: a missing library (the
+            message names the extra to install).
+    """
+    validate_export_config(cfg)
+    name = default_name(checkpoint, cfg)
+    if wants_plan(cfg):
+        to_tensorrt.import_tensorrt()
+    check_output_folder(cfg.out)
+    return name
 
 
 @dataclass
@@ -343,6 +396,7 @@ def run_export(checkpoint: str | Path, job: ExportJob) -> ExportResult:
         ImportError: a missing optional dependency (the message names the extra).
         TensorRTBuildError: the TensorRT parser or builder failed.
     """
+    preflight(checkpoint, job.export)
     with tempfile.TemporaryDirectory(prefix="pgd_export_") as tmp:
         ctx = _prepare(checkpoint, job, Path(tmp))
         result = ExportResult()

@@ -31,6 +31,11 @@ from pgd_deploy.export.pbtxt import (
 from pgd_deploy.io_utils import atomic_write_text
 from pgd_deploy.runtime.manifest import write_manifest
 
+# Every export's name (its file stem, and the model name in a Triton repository): letters, digits,
+# '_', '.', '-'; no path separator; no leading '.' (hidden, or '..') or '-' (read as an option)
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+NAME_RULE = "letters, digits, '_', '.', '-', not starting with '.' or '-'"
+
 # Triton containers by TensorRT major.minor (NGC release notes; a plan needs the same version).
 # Assumed, not probed: the README shows how to confirm inside the container. Versions past the
 # table (tensorrt>=10.0 also installs 11.x) get a tag the user sets: `container_tag`.
@@ -209,8 +214,8 @@ def write_repository(
         ValueError: a name Triton cannot use, an artifact format without a Triton platform, or a
             generated config that does not parse back to the manifest's tensors.
     """
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError(f"--name {name!r}: Triton model names use letters, digits, '_', '.', '-'")
+    if not NAME.fullmatch(name):
+        raise ValueError(f"--name {name!r}: expected {NAME_RULE} (a Triton model name)")
     if manifest.get("format") not in PLATFORMS:
         raise ValueError(f"manifest format {manifest.get('format')!r}: expected onnx or tensorrt")
     if not 1 <= max_batch_size <= manifest["batch"]["max"]:
