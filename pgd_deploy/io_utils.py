@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,8 +28,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Delete the temporary files that `atomic_open` left in `folder` when its process died
-    mid-write (kill -9, power loss): `.NAME.PID.tmp` whose PID is no longer running.
+    """Delete what a process that died mid-work (kill -9, power loss) left in `folder`: the
+    temporary files of `atomic_open` and the folders of `scratch_folder`, both `.NAME.PID.tmp`,
+    whose PID is no longer running.
 
     Returns:
         The removed paths.
@@ -39,13 +41,30 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     removed = []
     for path in folder.iterdir():
         found = re.fullmatch(r"\.(.+)\.(\d+)\.tmp", path.name)
-        if not found or not path.is_file():
+        if not found or path.is_symlink() or not (path.is_file() or path.is_dir()):
             continue
         pid = int(found.group(2))
         if pid != os.getpid() and not _pid_alive(pid):
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+@contextmanager
+def scratch_folder(parent: str | Path, label: str) -> Iterator[Path]:
+    """A scratch folder `.LABEL.PID.tmp` in `parent`, removed on exit. Kept beside the outputs
+    (not in the system's temp folder) so that what a killed process leaves is found and removed
+    by the next run into the same output (`remove_stale_temp_files`)."""
+    path = Path(parent) / f".{label}.{os.getpid()}.tmp"
+    shutil.rmtree(path, ignore_errors=True)  # this process's own, from an earlier call
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -401,3 +402,26 @@ def test_an_output_folder_that_cannot_be_written_is_refused_first(ckpt, tmp_path
     rc = main(["--checkpoint", str(ckpt), "--out", str(blocker / "out"), *FAST])
     err = capsys.readouterr().err
     assert rc == 2 and f"--out {blocker / 'out'}: not a writable folder" in err, err
+
+
+def test_an_export_removes_what_a_killed_export_left_in_its_output(ckpt, tmp_path, caplog):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID that no longer runs
+    out = tmp_path / "out"
+    (out / f".pgd_export.{dead.pid}.tmp").mkdir(parents=True)  # its scratch folder
+    (out / f".pgd_export.{dead.pid}.tmp" / "dense.onnx").write_bytes(b"partial")
+    (out / f".student_fp32.onnx.{dead.pid}.tmp").write_bytes(b"partial")  # a write cut short
+    (out / "triton").mkdir()
+    (out / "triton" / f".README.md.{dead.pid}.tmp").write_text("partial")
+    alive = out / f".other.onnx.{os.getppid()}.tmp"  # another export, still running
+    alive.write_bytes(b"in progress")
+    with caplog.at_level("INFO", logger="pgd_deploy.export.pipeline"):
+        rc = main(["--checkpoint", str(ckpt), "--out", str(out), *FAST])
+    assert rc == 0
+    left = sorted(p.name for p in out.rglob("*") if p.name.startswith("."))
+    assert left == [alive.name]  # the export's own scratch folder is gone too
+    assert caplog.text.count("left by an export that was killed") == 3
+    assert f".student_fp32.onnx.{dead.pid}.tmp" in caplog.text

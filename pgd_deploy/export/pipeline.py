@@ -28,7 +28,7 @@ from pgd_deploy.export.nms import validate_nms
 from pgd_deploy.export.plan import DENSE_TWIN
 from pgd_deploy.export.to_tensorrt import check_build_options, validate_profile
 from pgd_deploy.export.triton import NAME, NAME_RULE
-from pgd_deploy.io_utils import atomic_write_text
+from pgd_deploy.io_utils import atomic_write_text, remove_stale_temp_files, scratch_folder
 from pgd_deploy.runtime.manifest import write_manifest
 
 logger = logging.getLogger(__name__)
@@ -397,8 +397,11 @@ def run_export(checkpoint: str | Path, job: ExportJob) -> ExportResult:
         TensorRTBuildError: the TensorRT parser or builder failed.
     """
     preflight(checkpoint, job.export)
-    with tempfile.TemporaryDirectory(prefix="pgd_export_") as tmp:
-        ctx = _prepare(checkpoint, job, Path(tmp))
+    out = Path(job.export.out)
+    for leftover in [*remove_stale_temp_files(out), *remove_stale_temp_files(out / "triton")]:
+        logger.info("removed %s, left by an export that was killed", leftover)
+    with scratch_folder(out, "pgd_export") as tmp:
+        ctx = _prepare(checkpoint, job, tmp)
         result = ExportResult()
         artifact, manifest = _export_onnx_artifact(ctx, result)
         if wants_plan(ctx.cfg) and result.reports[-1].passed:
