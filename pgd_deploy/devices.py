@@ -95,11 +95,7 @@ def cpu_bf16_isa(cpuinfo: str = "/proc/cpuinfo") -> str | None:
     faster with AMX. Without them oneDNN emulates bf16: 2.1x the fp32 step time on the same EPYC
     with the instructions hidden (`bench/train_step.py`, train/README.md).
     """
-    try:
-        with open(cpuinfo) as fh:
-            flags = next((line.split() for line in fh if line.startswith("flags")), [])
-    except OSError:
-        return None
+    flags = _cpuinfo(cpuinfo)[1]
     return next((isa for isa in BF16_ISA if isa in flags), None)
 
 
