@@ -14,20 +14,16 @@ artifact, marks its manifest "failed" and sets the exit code of the first failin
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pgd_deploy.config import ExportConfig, ExportJob, save_config, to_dict
-from pgd_deploy.export import qat_export, to_tensorrt
-from pgd_deploy.export.deploy_model import check_imgsz
+from pgd_deploy.export import qat_export
 from pgd_deploy.export.gates import GateReport, run_gates
 from pgd_deploy.export.manifest import dense_twin_manifest, describe_io, record_gates
-from pgd_deploy.export.nms import validate_nms
 from pgd_deploy.export.plan import DENSE_TWIN
-from pgd_deploy.export.to_tensorrt import check_build_options, validate_profile
-from pgd_deploy.export.triton import NAME, NAME_RULE
+from pgd_deploy.export.preflight import Checked, preflight, resolve_int8_target, wants_plan
 from pgd_deploy.io_utils import atomic_write_text, remove_stale_temp_files, scratch_folder
 from pgd_deploy.runtime.manifest import write_manifest
 
@@ -64,124 +60,6 @@ class ExportResult:
         return "\n".join(r.to_markdown() for r in self.reports)
 
 
-def validate_export_config(cfg: ExportConfig) -> tuple[tuple[int, int], Any]:
-    """Check the flags that do not need a checkpoint; returns ((H, W), batch profile).
-
-    Raises:
-        ValueError: the message names the flag and the expected value.
-    """
-    imgsz = check_imgsz(tuple(cfg.imgsz))
-    profile = validate_profile(cfg.batch_min, cfg.batch_opt, cfg.batch_max)
-    if not 7 <= cfg.opset <= 20:
-        raise ValueError(f"--opset: expected 17 (7..20 accepted), got {cfg.opset}")
-    if cfg.gate_images < 1:
-        raise ValueError(
-            f"--gate-images: every export runs the gates, expected >= 1, got {cfg.gate_images}"
-        )
-    if cfg.precision == "int8" and cfg.calib_images < 1:
-        raise ValueError(f"--calib-images: expected >= 1 for int8, got {cfg.calib_images}")
-    resolve_int8_target(cfg)
-    if cfg.nms == "onnx":
-        validate_nms(cfg.max_det, cfg.conf, cfg.iou, cfg.nms_topk)
-    if wants_plan(cfg):
-        check_build_options(
-            hw_compat=cfg.hw_compat, opt_level=cfg.builder_opt_level, workspace_gb=cfg.workspace_gb
-        )
-    if cfg.format == "triton" and cfg.triton_source == "tensorrt" and cfg.batch_min > 1:
-        raise ValueError(
-            f"--batch-min {cfg.batch_min} with --format triton and triton_source tensorrt: "
-            "Triton's dynamic batcher sends batches from 1 up to max_batch_size, and a plan "
-            "refuses any batch below its profile minimum; use --batch-min 1"
-        )
-    if cfg.triton_instances < 1:
-        raise ValueError(f"export.triton_instances: expected >= 1, got {cfg.triton_instances}")
-    return imgsz, profile
-
-
-def resolve_int8_target(cfg: ExportConfig) -> str | None:
-    """The int8 target of this export ("cpu" or "tensorrt"), None unless int8.
-
-    Raises:
-        ValueError: `--int8-target cpu` for an export that builds a TensorRT plan.
-    """
-    if cfg.precision != "int8":
-        return None
-    if not wants_plan(cfg):
-        return "cpu" if cfg.int8_target == "auto" else cfg.int8_target
-    if cfg.int8_target == "cpu":
-        what = "--format tensorrt" if cfg.format == "tensorrt" else "a Triton plan"
-        raise ValueError(
-            f"--int8-target cpu with {what}: TensorRT's explicit quantization needs symmetric int8 "
-            "activations (zero point 0), the cpu target has uint8 ones; use --int8-target "
-            "tensorrt (the default for plans)"
-        )
-    return "tensorrt"
-
-
-def wants_plan(cfg: ExportConfig) -> bool:
-    """Whether this export builds a TensorRT plan."""
-    return cfg.format == "tensorrt" or (cfg.format == "triton" and cfg.triton_source == "tensorrt")
-
-
-def default_name(checkpoint: str | Path, cfg: ExportConfig) -> str:
-    """`--name`, else `<checkpoint stem>_<precision>[_nms]` (e.g. `best_fp16`) with characters
-    outside `NAME` replaced by '_'.
-
-    Raises:
-        ValueError: a `--name` outside `NAME` (it is refused, not rewritten), or a checkpoint
-            stem that gives no usable name.
-    """
-    if cfg.name:
-        if not NAME.fullmatch(cfg.name):
-            raise ValueError(
-                f"--name {cfg.name!r}: expected {NAME_RULE} (the artifact's file stem and "
-                "Triton's model name)"
-            )
-        return cfg.name
-    name = f"{Path(checkpoint).stem}_{cfg.precision}" + ("_nms" if cfg.nms == "onnx" else "")
-    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-    if not NAME.fullmatch(name):
-        raise ValueError(
-            f"{checkpoint}: its file name gives the export name {name!r}; name it with --name "
-            f"({NAME_RULE})"
-        )
-    return name
-
-
-def check_output_folder(out: str | Path) -> Path:
-    """Create `out` and prove it writable (a temporary file written and removed).
-
-    Raises:
-        ValueError: `--out` cannot be created or written; the message names it and the cause.
-    """
-    path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".pgd_write_check_"):
-            pass
-    except OSError as err:
-        raise ValueError(f"--out {out}: not a writable folder ({err.strerror or err})") from None
-    return path
-
-
-def preflight(checkpoint: str | Path, cfg: ExportConfig) -> str:
-    """Everything about an export that can be checked before its checkpoint is loaded: the
-    flags (`validate_export_config`), the name, the output folder, and the libraries its format
-    needs (TensorRT for a plan). A bad value is found in a second, not after the export and its
-    gates ran. Returns the export's name.
-
-    Raises:
-        ValueError: a bad flag, name or output folder. ImportError: a missing library (the
-            message names the extra to install).
-    """
-    validate_export_config(cfg)
-    name = default_name(checkpoint, cfg)
-    if wants_plan(cfg):
-        to_tensorrt.import_tensorrt()
-    check_output_folder(cfg.out)
-    return name
-
-
 @dataclass
 class ExportContext:
     """Everything the steps of one export share (built once by `_prepare`)."""
@@ -213,7 +91,7 @@ def export_postprocess(detector_post: dict[str, Any], cfg: ExportConfig) -> dict
     return post
 
 
-def _prepare(checkpoint: str | Path, job: ExportJob, tmp: Path) -> ExportContext:
+def _prepare(checkpoint: str | Path, job: ExportJob, checked: Checked, tmp: Path) -> ExportContext:
     import torch
 
     from pgd_deploy.export.images import gate_images
@@ -221,7 +99,7 @@ def _prepare(checkpoint: str | Path, job: ExportJob, tmp: Path) -> ExportContext
     from pgd_deploy.runtime.torch_backend import TorchBackend
 
     cfg = job.export
-    imgsz, profile = validate_export_config(cfg)
+    imgsz, profile, name, out = checked.imgsz, checked.profile, checked.name, checked.out
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -242,10 +120,7 @@ def _prepare(checkpoint: str | Path, job: ExportJob, tmp: Path) -> ExportContext
         postprocess=postprocess,
     )
     images = gate_images(cfg, src.config.data, cfg.gate_images)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     gate_batch = max(1, min(cfg.batch_opt, cfg.batch_max, len(images)))
-    name = default_name(checkpoint, cfg)
     level_sizes = list(reference.level_sizes)
     return ExportContext(
         job,
@@ -396,12 +271,12 @@ def run_export(checkpoint: str | Path, job: ExportJob) -> ExportResult:
         ImportError: a missing optional dependency (the message names the extra).
         TensorRTBuildError: the TensorRT parser or builder failed.
     """
-    preflight(checkpoint, job.export)
-    out = Path(job.export.out)
+    checked = preflight(checkpoint, job.export)
+    out = checked.out
     for leftover in [*remove_stale_temp_files(out), *remove_stale_temp_files(out / "triton")]:
         logger.info("removed %s, left by an export that was killed", leftover)
     with scratch_folder(out, "pgd_export") as tmp:
-        ctx = _prepare(checkpoint, job, tmp)
+        ctx = _prepare(checkpoint, job, checked, tmp)
         result = ExportResult()
         artifact, manifest = _export_onnx_artifact(ctx, result)
         if wants_plan(ctx.cfg) and result.reports[-1].passed:
