@@ -99,6 +99,13 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_copy(source: str | Path, path: str | Path) -> Path:
+    """Copy `source` to `path` through a temporary file beside `path` (`atomic_open`)."""
+    with open(source, "rb") as src, atomic_open(path) as fh:
+        shutil.copyfileobj(src, fh, 1 << 20)
+    return Path(path)
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """Pretty JSON, written atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

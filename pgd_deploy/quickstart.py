@@ -171,10 +171,15 @@ def export_int8(checkpoint: Path, cfg: TrainJob, out: Path) -> tuple[Path, dict[
     from pgd_deploy.export.pipeline import run_export
     from pgd_deploy.io_utils import file_sha256
     from pgd_deploy.runtime.manifest import read_manifest
+    from pgd_deploy.runtime.verify import artifact_sha256
 
     path = out / "pgd-int8.onnx"
     manifest = read_manifest(path) if path.is_file() else None
-    if manifest and manifest.get("source", {}).get("sha256") == file_sha256(checkpoint):
+    finished = manifest and manifest.get("status") in ("passed", "failed")  # its gates ran
+    if finished and manifest.get("sha256") != artifact_sha256(path):
+        logger.info("pgd-int8: %s is not the file its manifest describes: exporting again", path)
+        finished = False
+    if finished and manifest.get("source", {}).get("sha256") == file_sha256(checkpoint):
         logger.info("pgd-int8: reusing the export %s (%s)", path, manifest.get("status"))
         return path, manifest
     val = resolve_split(cfg.data, "val")

@@ -65,13 +65,26 @@ def student_checkpoint(factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def onnx_model(factory: pytest.TempPathFactory, checkpoint: Path) -> Path:
-    """The fp32 ONNX export (with manifest) of `checkpoint`, at 128x128, batch up to 8."""
-    out = checkpoint.with_suffix(".onnx")
-    if not out.exists():
-        to_onnx = pytest.importorskip("pgd_deploy.export.to_onnx")
-        to_onnx.export_checkpoint_onnx(checkpoint, out, imgsz=(IMGSZ, IMGSZ), batch=(1, 4, 8))
+def export_onnx(
+    checkpoint: Path, out: Path, *, imgsz: int = IMGSZ, batch: tuple[int, int] = (4, 8)
+) -> Path:
+    """`out`, the fp32 ONNX export of `checkpoint` by a real `pgd-export` run (gated on 2 images):
+    its manifest says `passed` and records its sha256, as `pgd-serve` requires
+    (`runtime.verify`). `batch`: (opt, max)."""
+    pytest.importorskip("onnx")
+    from pgd_deploy.export.command import main as export_main
+
+    argv = ["--checkpoint", str(checkpoint), "--out", str(out.parent), "--name", out.stem]
+    argv += ["--imgsz", f"{imgsz}x{imgsz}", "--batch-opt", str(batch[0])]
+    argv += ["--batch-max", str(batch[1]), "--gate-images", "2"]
+    assert export_main(argv) == 0, f"pgd-export of {checkpoint} failed"
     return out
+
+
+def onnx_model(factory: pytest.TempPathFactory, checkpoint: Path) -> Path:
+    """The gated fp32 ONNX export of `checkpoint` (`export_onnx`), 128x128, batch up to 8."""
+    out = checkpoint.with_suffix(".onnx")
+    return out if out.exists() else export_onnx(checkpoint, out)
 
 
 def coco128_images(coco128: Path, count: int) -> list[Path]:

@@ -22,6 +22,14 @@ from pgd_deploy.export.triton import (
     write_repository,
 )
 from pgd_deploy.runtime.manifest import read_manifest
+from pgd_deploy.runtime.verify import UnverifiedArtifactError
+
+
+def _vouched(manifest, artifact):
+    """`manifest` recording `artifact`'s sha256, as pgd-export's gates complete it."""
+    from pgd_deploy.io_utils import file_sha256
+
+    return {**manifest, "sha256": file_sha256(artifact)}
 
 
 def _manifest(fmt="onnx", nms=False, trt=None, compatible=False, batch_min=1):
@@ -64,7 +72,9 @@ def _manifest(fmt="onnx", nms=False, trt=None, compatible=False, batch_min=1):
 def test_repository_layout_parses_back_with_the_right_shapes(tmp_path, fmt, nms, filename):
     artifact = tmp_path / "artifact.bin"
     artifact.write_bytes(b"model bytes")
-    manifest = _manifest(fmt, nms, trt="10.3.0.26" if fmt == "tensorrt" else None)
+    manifest = _vouched(
+        _manifest(fmt, nms, trt="10.3.0.26" if fmt == "tensorrt" else None), artifact
+    )
     model_dir = write_repository(
         tmp_path / "repo", "student", artifact, manifest, max_batch_size=16, instances=2
     )
@@ -107,7 +117,9 @@ def test_container_tag_follows_the_tensorrt_version():
 def _readme(tmp_path, manifest):
     artifact = tmp_path / "a.bin"
     artifact.write_bytes(b"x")
-    write_repository(tmp_path / "repo", "m", artifact, manifest, max_batch_size=4)
+    write_repository(
+        tmp_path / "repo", "m", artifact, _vouched(manifest, artifact), max_batch_size=4
+    )
     return (tmp_path / "repo" / "README.md").read_text()
 
 
@@ -137,9 +149,8 @@ def test_plan_with_batch_min_above_one_is_refused(tmp_path):
     manifest = _manifest("tensorrt", trt="10.3.0.26", batch_min=2)
     with pytest.raises(ValueError, match="dynamic batcher.*--batch-min 1"):
         write_repository(tmp_path / "repo", "m", artifact, manifest, max_batch_size=4)
-    write_repository(
-        tmp_path / "repo", "m", artifact, _manifest("onnx", batch_min=2), max_batch_size=4
-    )
+    onnx = _vouched(_manifest("onnx", batch_min=2), artifact)
+    write_repository(tmp_path / "repo", "m", artifact, onnx, max_batch_size=4)
 
 
 def test_wildcard_dims_are_refused():
@@ -216,6 +227,30 @@ def test_write_repository_refuses_bad_names_and_batches(tmp_path):
         write_repository(tmp_path, "bad name", artifact, _manifest(), max_batch_size=4)
     with pytest.raises(ValueError, match="--batch-max"):
         write_repository(tmp_path, "ok", artifact, _manifest(), max_batch_size=64)
+
+
+@pytest.mark.parametrize(
+    "change, check",
+    [
+        (lambda m: m, None),
+        (lambda m: {**m, "status": "unchecked"}, "says status 'unchecked'"),
+        (lambda m: {**m, "status": "failed"}, "says status 'failed'"),
+        (lambda m: {k: v for k, v in m.items() if k != "sha256"}, "records no sha256"),
+        (lambda m: {**m, "sha256": "0" * 64}, "sha256 mismatch: .* records 0{64} but"),
+    ],
+)
+def test_write_repository_copies_only_what_the_manifest_vouches_for(tmp_path, change, check):
+    """It used to copy any file next to any manifest into the repository."""
+    artifact = tmp_path / "a.onnx"
+    artifact.write_bytes(b"model bytes")
+    manifest = change(_vouched(_manifest(), artifact))
+    if check is None:
+        write_repository(tmp_path / "repo", "m", artifact, manifest, max_batch_size=4)
+        assert (tmp_path / "repo" / "m" / "1" / "model.onnx").read_bytes() == b"model bytes"
+        return
+    with pytest.raises(UnverifiedArtifactError, match=check):
+        write_repository(tmp_path / "repo", "m", artifact, manifest, max_batch_size=4)
+    assert not (tmp_path / "repo").exists()
 
 
 def test_triton_format_end_to_end(tmp_path):

@@ -73,6 +73,7 @@ def test_backend_interface_pieces(artifacts):
 def test_in_graph_nms_outputs_are_post_processed(artifacts, tmp_path):
     import onnx
 
+    from pgd_deploy.export.manifest import describe_io
     from pgd_deploy.export.nms import append_nms
     from pgd_deploy.runtime.manifest import read_manifest, write_manifest
 
@@ -80,7 +81,7 @@ def test_in_graph_nms_outputs_are_post_processed(artifacts, tmp_path):
     model = append_nms(onnx.load(str(onnx_path)), imgsz=IMGSZ, max_det=20, conf=0.05, iou=0.6)
     path = tmp_path / "nms.onnx"
     path.write_bytes(model.SerializeToString())
-    write_manifest(path, read_manifest(onnx_path))
+    write_manifest(path, {**read_manifest(onnx_path), "outputs": describe_io(model)[1]})
     backend = load_backend(path)
     assert backend.in_graph_nms
     image = load_image(sorted(coco128().glob("*.jpg"))[0])

@@ -20,6 +20,7 @@ from pgd_deploy.runtime.contract import (  # noqa: E402
     check_output_shapes,
 )
 from pgd_deploy.runtime.manifest import write_manifest  # noqa: E402
+from pgd_deploy.runtime.verify import UnverifiedArtifactError  # noqa: E402
 
 N, C = 12, 3
 META = {
@@ -184,11 +185,13 @@ def test_predict_refuses_a_foreign_model_with_exit_2(tmp_path, capsys):
     from PIL import Image
 
     Image.new("RGB", (40, 30)).save(images / "a.png")
-    rc = main(
-        ["predict", "--model", str(path), "--source", str(images), "--out", str(tmp_path / "o")]
-    )
+    argv = ["predict", "--model", str(path), "--source", str(images), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2  # no manifest: refused before it is opened (runtime.verify)
     err = capsys.readouterr().err
-    assert rc == 2 and str(path) in err and "no pgd-export metadata" in err
+    assert f"{path}: not served, it is not verified: no manifest" in err
+    assert main([*argv, "--allow-unverified"]) == 2  # opened, then refused by the contract
+    err = capsys.readouterr().err
+    assert str(path) in err and "no pgd-export metadata" in err
     assert "invalid literal" not in err and "Traceback" not in err
 
 
@@ -198,8 +201,10 @@ def test_demo_refuses_a_foreign_model(tmp_path):
 
     good = _model(tmp_path / "good.onnx", manifest=META)
     bad = _model(tmp_path / "bad.onnx", manifest={**META, "class_names": ["a"]})
+    with pytest.raises(ValueError, match=f"{good}: not served.*status None"):
+        open_app(good, bad, device="cpu")  # hand-written manifests vouch for nothing
     with pytest.raises(ValueError, match=f"{bad}: 'scores' has 3 classes"):
-        open_app(good, bad, device="cpu")
+        open_app(good, bad, device="cpu", allow_unverified=True)
 
 
 def test_plan_io_is_checked_with_the_same_rules(tmp_path, monkeypatch):
@@ -221,3 +226,12 @@ def test_plan_io_is_checked_with_the_same_rules(tmp_path, monkeypatch):
     write_manifest(good, {**manifest, "class_names": ["a"]})
     with pytest.raises(ValueError, match="'scores' has 3 classes but the metadata names 1"):
         load_backend(good)
+    # the manifest's own I/O must be the engine's (runtime.verify, check 4)
+    boxes = {"name": "boxes", "dtype": "float32", "shape": [-1, N, 4]}
+    scores = {"name": "scores", "dtype": "float32", "shape": [-1, N + 1, C]}
+    write_manifest(good, {**manifest, "outputs": [boxes, scores]})
+    message = rf"{good}: not served.*gives output 'scores' the shape \[-1, 13, 3\] but the model"
+    with pytest.raises(UnverifiedArtifactError, match=message):
+        load_backend(good)
+    backend = load_backend(good, allow_unverified=True)
+    assert len(backend.warnings) == 1 and "'scores' the shape" in backend.warnings[0]

@@ -12,7 +12,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from serve_helpers import IMGSZ, default_sigint, make_checkpoint, onnx_model, student_checkpoint
+from serve_helpers import (
+    default_sigint,
+    export_onnx,
+    make_checkpoint,
+    onnx_model,
+    student_checkpoint,
+)
 
 from pgd_deploy.serve.command import _config, _parser, main
 
@@ -165,7 +171,6 @@ def test_predict_applies_the_artifacts_post_processing_unless_told(tmp_path: Pat
     from PIL import Image
 
     from pgd_deploy.checkpoint import load_checkpoint, save_checkpoint
-    from pgd_deploy.export.to_onnx import export_checkpoint_onnx
     from pgd_deploy.runtime.manifest import read_manifest
 
     # scores around 0.27 (many candidates); this model keeps 3 per image above 0.1
@@ -173,7 +178,7 @@ def test_predict_applies_the_artifacts_post_processing_unless_told(tmp_path: Pat
     state["config"]["model"].update(score_thresh=0.1, max_detections=3)
     ckpt = save_checkpoint({k: v for k, v in state.items() if k != "format"}, tmp_path / "s.pt")
     model = tmp_path / "s.onnx"
-    export_checkpoint_onnx(ckpt, model, imgsz=(IMGSZ, IMGSZ), batch=(1, 2, 2))
+    export_onnx(ckpt, model, batch=(2, 2))
     post = read_manifest(model)["postprocess"]
     assert (post["score_thresh"], post["max_det"]) == (0.1, 3)
     src = tmp_path / "src"

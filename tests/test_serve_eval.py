@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from serve_helpers import export_onnx
 
 from pgd_deploy.checkpoint import load_checkpoint
 from pgd_deploy.serve.command import main
@@ -15,10 +16,7 @@ from pgd_deploy.serve.command import main
 
 def test_predict_eval_reproduces_the_checkpoints_ap(trained_run, tmp_path, capsys) -> None:
     pytest.importorskip("pycocotools")
-    to_onnx = pytest.importorskip("pgd_deploy.export.to_onnx")
-    model = to_onnx.export_checkpoint_onnx(
-        trained_run["checkpoint"], tmp_path / "model.onnx", imgsz=(64, 64), batch=(1, 4, 8)
-    )
+    model = export_onnx(trained_run["checkpoint"], tmp_path / "model.onnx", imgsz=64)
     recorded = load_checkpoint(trained_run["checkpoint"])["metrics"]
     assert recorded["AP50"] > 0.1  # the model detects: the comparison is not 0 == 0
     out = tmp_path / "out"

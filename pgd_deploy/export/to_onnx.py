@@ -28,6 +28,7 @@ from pgd_deploy.export.deploy_model import (
 from pgd_deploy.export.manifest import STATUS_UNCHECKED, build_manifest, describe_io, source_info
 from pgd_deploy.io_utils import atomic_write_bytes
 from pgd_deploy.runtime.backends import ONNX_METADATA_KEY
+from pgd_deploy.runtime.contract import ONNX_METADATA_FIELDS
 from pgd_deploy.runtime.manifest import write_manifest
 
 logger = logging.getLogger(__name__)
@@ -188,19 +189,7 @@ def set_metadata(model: Any, metadata: dict[str, Any]) -> Any:
     return model
 
 
-METADATA_KEYS = (
-    "format",
-    "precision",
-    "imgsz",
-    "batch",
-    "level_sizes",
-    "class_names",
-    "category_ids",
-    "preprocess",
-    "postprocess",
-    "nms",
-    "int8_target",
-)
+METADATA_KEYS = ONNX_METADATA_FIELDS
 
 
 def save_onnx(model: Any, path: str | Path, manifest: dict[str, Any] | None = None) -> Path:

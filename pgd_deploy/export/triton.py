@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,9 @@ from pgd_deploy.export.pbtxt import (
     read_repository_config,
     validate_config,
 )
-from pgd_deploy.io_utils import atomic_write_text
+from pgd_deploy.io_utils import atomic_copy, atomic_write_text
 from pgd_deploy.runtime.manifest import write_manifest
+from pgd_deploy.runtime.verify import check_vouches, same_file_as_manifest
 
 # Every export's name (its file stem, and the model name in a Triton repository): letters, digits,
 # '_', '.', '-'; no path separator; no leading '.' (hidden, or '..') or '-' (read as an option)
@@ -210,9 +210,13 @@ def write_repository(
 ) -> Path:
     """Write `<repo>/<name>/` (config, model, manifest) and `<repo>/README.md`; verify the config.
 
+    The artifact is checked against `manifest` first (`runtime.verify.check_vouches`: status
+    passed, its sha256), and its copy in the repository after it was written.
+
     Raises:
         ValueError: a name Triton cannot use, an artifact format without a Triton platform, or a
             generated config that does not parse back to the manifest's tensors.
+        UnverifiedArtifactError: the artifact, or its copy, is not what its manifest vouches for.
     """
     if not NAME.fullmatch(name):
         raise ValueError(f"--name {name!r}: expected {NAME_RULE} (a Triton model name)")
@@ -228,12 +232,14 @@ def write_repository(
             f"plan profile starts at batch {manifest['batch']['min']}: Triton's dynamic batcher "
             "sends batches from 1 up, which the plan would refuse; export with --batch-min 1"
         )
+    check_vouches(artifact, manifest)
     repo = Path(repo)
     model_dir = repo / name
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
     target = version_dir / PLATFORMS[manifest["format"]][1]
-    shutil.copyfile(artifact, target)
+    atomic_copy(artifact, target)
+    same_file_as_manifest(target, manifest)
     write_manifest(target, dict(manifest))
     text = render_config(name, manifest, max_batch_size=max_batch_size, instances=instances)
     validate_config(parse_pbtxt(text), manifest, name=name, max_batch_size=max_batch_size)

@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 
 from pgd_deploy.labels import class_labels
-from pgd_deploy.runtime.contract import check_io_contract, check_metadata, check_output_shapes
+from pgd_deploy.runtime.contract import (
+    ORT_DTYPES,
+    check_io_contract,
+    check_metadata,
+    check_output_shapes,
+    manifest_disagreements,
+)
 from pgd_deploy.runtime.manifest import read_manifest
 from pgd_deploy.runtime.postprocess import postprocess_batch
 from pgd_deploy.runtime.preprocess import ImageTransform, preprocess
@@ -42,12 +48,15 @@ class Backend:
         level_sizes: locations per FPN level (per-level top-k in post-processing), or None.
         postprocess_kwargs: score_thresh, nms_thresh, topk_candidates, max_det.
         max_batch: largest batch one `infer` call accepts.
+        warnings: the verification checks it failed and was served despite
+            (`runtime.verify`, `--allow-unverified` / `--allow-failed`); empty when verified.
     """
 
     name = "backend"
     precision = "fp32"
     max_batch = 64
     in_graph_nms = False
+    warnings: Sequence[str] = ()
 
     def __init__(self, meta: dict[str, Any]) -> None:
         self.input_size: tuple[int, int] = (int(meta["imgsz"][0]), int(meta["imgsz"][1]))
@@ -121,6 +130,8 @@ class OrtBackend(Backend):
         device: auto, cpu, cuda[:N] or tensorrt[:N] (`runtime.providers`).
         threads: intra-op threads (0 = ONNX Runtime's default).
         meta: metadata to use instead of the manifest (the export's own dense twin).
+        allow_unverified: serve a model whose manifest disagrees with what the model declares
+            (its I/O, its embedded metadata), with a warning, instead of refusing it.
 
     Attributes:
         provider: the execution provider that runs the model (e.g. "CUDAExecutionProvider").
@@ -129,6 +140,7 @@ class OrtBackend(Backend):
         FileNotFoundError: no such file.
         ValueError: not a loadable ONNX model, not the export contract (the message names the
             file and what differs), or a GPU device this onnxruntime cannot provide.
+        UnverifiedArtifactError: its manifest disagrees with the model (not `allow_unverified`).
     """
 
     name = "onnxruntime"
@@ -140,15 +152,19 @@ class OrtBackend(Backend):
         device: str = "auto",
         threads: int = 0,
         meta: dict[str, Any] | None = None,
+        allow_unverified: bool = False,
     ) -> None:
         path = Path(path)
         self.session, self.provider = _open_session(path, device, threads)
-        meta = dict(meta or read_manifest(path) or _onnx_meta(self.session))
+        manifest = None if meta else read_manifest(path)
+        meta = dict(meta or manifest or _onnx_meta(self.session))
         inputs = [(i.name, list(i.shape)) for i in self.session.get_inputs()]
         self._declared = {o.name: list(o.shape) for o in self.session.get_outputs()}
         check_metadata(path, meta)
         check_io_contract(path, inputs, list(self._declared.items()), meta)
         super().__init__(meta)
+        if manifest is not None:
+            self.warnings = self._check_manifest(path, manifest, allow_unverified)
         self.path = path
         self.precision = meta.get("precision", "fp32")
         self.max_batch = int(meta.get("batch", {}).get("max", 64))
@@ -159,6 +175,24 @@ class OrtBackend(Backend):
         self.output_names = list(self._declared)
         self.in_graph_nms = "det_boxes" in self.output_names
         self.providers = self.session.get_providers()
+
+    def _check_manifest(
+        self, path: Path, manifest: dict[str, Any], allow_unverified: bool
+    ) -> list[str]:
+        """Check 4 of `runtime.verify`: the manifest agrees with the model's own I/O and the
+        metadata pgd-export stored inside it."""
+        from pgd_deploy.runtime.verify import refuse_or_warn
+
+        def tensors(values: Any) -> list[tuple[str, list[Any], str | None]]:
+            return [(v.name, list(v.shape), ORT_DTYPES.get(v.type)) for v in values]
+
+        problems = manifest_disagreements(
+            manifest,
+            tensors(self.session.get_inputs()),
+            tensors(self.session.get_outputs()),
+            embedded=_onnx_meta(self.session),
+        )
+        return refuse_or_warn(path, problems, allow_unverified)
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         feed = {self.input_name: np.ascontiguousarray(images, dtype=self.input_dtype)}
@@ -208,6 +242,7 @@ def load_backend(
     compile: bool = False,
     compile_mode: str = "default",
     channels_last: str = "auto",
+    allow_unverified: bool = False,
 ) -> Backend:
     """Open an artifact by its extension (and manifest): .pt -> PyTorch, .onnx -> ONNX Runtime,
     .plan/.engine -> TensorRT.
@@ -217,6 +252,8 @@ def load_backend(
             `runtime.providers`; a plan or a checkpoint: GPU N).
         precision, compile, compile_mode, channels_last: how a checkpoint runs (`TorchBackend`);
             an export's precision was fixed when it was exported.
+        allow_unverified: an export whose manifest disagrees with the model is served with a
+            warning instead of refused (the checks before loading: `runtime.verify`).
 
     Raises:
         ValueError: an unknown extension (the message lists the known ones), an artifact that
@@ -243,12 +280,13 @@ def load_backend(
             "exported (pgd-export --precision)"
         )
     if suffix == ".onnx":
-        return OrtBackend(path, device=device)
+        return OrtBackend(path, device=device, allow_unverified=allow_unverified)
     if suffix in (".plan", ".engine"):
         from pgd_deploy.runtime import trt_backend
 
         index = device.partition(":")[2]  # "cuda:1" / "tensorrt:1": GPU 1
-        return trt_backend.TrtBackend(path, device=int(index) if index.isdigit() else 0)
+        gpu = int(index) if index.isdigit() else 0
+        return trt_backend.TrtBackend(path, device=gpu, allow_unverified=allow_unverified)
     raise ValueError(
         f"{path}: unknown artifact type {suffix!r}; expected a checkpoint (.pt), an ONNX model "
         "(.onnx) or a TensorRT plan (.plan/.engine) with its .manifest.json"

@@ -175,3 +175,84 @@ def check_output_shapes(
                 f"{path}: output '{name}' came out {list(shape)} but the model declares "
                 f"{_fmt(dims)}; {EXPORT_HINT}"
             )
+
+
+# What pgd-export also stores inside an ONNX model (metadata_props["pgd_deploy"], as JSON): the
+# manifest's fields that pre- and post-processing rely on.
+ONNX_METADATA_FIELDS = (
+    "format",
+    "precision",
+    "imgsz",
+    "batch",
+    "level_sizes",
+    "class_names",
+    "category_ids",
+    "preprocess",
+    "postprocess",
+    "nms",
+    "int8_target",
+)
+# ONNX Runtime's type strings -> the manifest's numpy dtype names
+ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(uint8)": "uint8",
+}
+
+
+def _tensors_differ(
+    kind: str, listed: Any, declared: Sequence[tuple[str, Sequence[Any], str | None]]
+) -> list[str]:
+    """How the manifest's `inputs`/`outputs` entries differ from the artifact's tensors."""
+    if not isinstance(listed, list) or not all(isinstance(t, dict) for t in listed):
+        return [f"its manifest's '{kind}' is {listed!r}, expected a list of tensors"]
+    names = [t.get("name") for t in listed]
+    if names != [name for name, _, _ in declared]:
+        return [
+            f"its manifest lists {kind} {names} but the model has {[n for n, _, _ in declared]}"
+        ]
+    problems = []
+    for entry, (name, dims, dtype) in zip(listed, declared):
+        shape = entry.get("shape")
+        same = isinstance(shape, list) and len(shape) == len(dims)
+        if not same or any(fixed(a) != fixed(b) for a, b in zip(shape, dims)):
+            problems.append(
+                f"its manifest gives {kind[:-1]} '{name}' the shape {shape} but the model "
+                f"declares {_fmt(dims)}"
+            )
+        if dtype is not None and entry.get("dtype") not in (None, dtype):
+            problems.append(
+                f"its manifest gives {kind[:-1]} '{name}' dtype {entry.get('dtype')} but the "
+                f"model's is {dtype}"
+            )
+    return problems
+
+
+def manifest_disagreements(
+    manifest: Mapping[str, Any],
+    inputs: Sequence[tuple[str, Sequence[Any], str | None]],
+    outputs: Sequence[tuple[str, Sequence[Any], str | None]],
+    embedded: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """How a manifest disagrees with the artifact it sits beside (empty: it agrees).
+
+    Args:
+        manifest: the manifest the runtime will use.
+        inputs, outputs: [(name, dims, numpy dtype name or None)] as the opened model declares
+            them (a dtype of None is not compared: a plan may run other I/O types).
+        embedded: the metadata stored inside the model (ONNX), compared field by field
+            (`ONNX_METADATA_FIELDS`) where both have the field.
+    """
+    problems = []
+    for kind, declared in (("inputs", inputs), ("outputs", outputs)):
+        if kind in manifest:
+            problems += _tensors_differ(kind, manifest[kind], declared)
+    for key in ONNX_METADATA_FIELDS:
+        if embedded and key in embedded and key in manifest and embedded[key] != manifest[key]:
+            problems.append(
+                f"its manifest says {key} {manifest[key]!r} but the model itself records "
+                f"{embedded[key]!r}"
+            )
+    return problems

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from pgd_deploy.runtime.backends import Backend
-from pgd_deploy.runtime.contract import check_io_contract, check_metadata
+from pgd_deploy.runtime.contract import check_io_contract, check_metadata, manifest_disagreements
 from pgd_deploy.runtime.manifest import manifest_path, read_manifest
+from pgd_deploy.runtime.verify import refuse_or_warn
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,8 @@ class TrtBackend(Backend):
     Args:
         path: the `.plan` / `.engine` file (its `.manifest.json` must be beside it).
         device: CUDA device index.
+        allow_unverified: serve a plan whose manifest disagrees with the engine's I/O, with a
+            warning, instead of refusing it (`runtime.verify`).
 
     Raises:
         FileNotFoundError: the plan or its manifest is missing.
@@ -167,7 +170,9 @@ class TrtBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, path: str | Path, *, device: int = 0) -> None:
+    def __init__(
+        self, path: str | Path, *, device: int = 0, allow_unverified: bool = False
+    ) -> None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: TensorRT plan not found")
@@ -185,6 +190,10 @@ class TrtBackend(Backend):
         self._open(device)
         shapes = self._io_shapes()
         check_io_contract(path, shapes[0], shapes[1], meta)
+        # check 4 of runtime.verify; dtypes not compared (a plan may run other I/O types)
+        inputs, outputs = ([(n, d, None) for n, d in io] for io in shapes)
+        problems = manifest_disagreements(meta, inputs, outputs)
+        self.warnings = refuse_or_warn(path, problems, allow_unverified)
 
     def _open(self, device: int) -> None:
         """Import TensorRT and a buffer library, check the plan fits this machine, load it."""

@@ -33,6 +33,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="serve an export whose manifest says it failed its accuracy gates (with a warning)",
     )
     p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="serve an export its manifest does not vouch for (no manifest, gates unfinished, "
+        "sha256 or fields differing from the file) with a warning in the log and summary.json",
+    )
+    p.add_argument(
         "--precision",
         choices=choices(ServeConfig, "precision"),
         help="checkpoints (.pt): autocast precision (fp16 needs CUDA; bf16 a CUDA GPU or a CPU "
@@ -164,12 +170,14 @@ def _run_options(args: argparse.Namespace, cfg: ServeConfig) -> dict[str, Any]:
 
 
 def _predict(args: argparse.Namespace, cfg: ServeConfig) -> int:
-    from pgd_deploy.serve.artifacts import check_export_status, open_gated
+    from pgd_deploy.runtime.verify import verify_artifact
+    from pgd_deploy.serve.artifacts import open_gated
     from pgd_deploy.serve.predictor import format_summary, run_predict
     from pgd_deploy.serve.sources import first_images, resolve_source
 
     source = resolve_source(args.source, image_root=args.image_root)
-    check_export_status(args.model, allow_failed=args.allow_failed)
+    trust = {"allow_failed": args.allow_failed, "allow_unverified": args.allow_unverified}
+    verify_artifact(args.model, **trust)  # before the source's images are read for the gates
     options = cfg.torch_options()
     gated = options["precision"] != "fp32" or options["compile"]
     images = first_images(source, cfg.gate_images, cfg.max_pixels) if gated else []
@@ -178,7 +186,7 @@ def _predict(args: argparse.Namespace, cfg: ServeConfig) -> int:
         images,
         device=args.device,
         options=options,
-        allow_failed=args.allow_failed,
+        **trust,
         source=f"the first {len(images)} readable inputs of {args.source}",
     )
     with _sigterm_as_ctrl_c():
@@ -202,6 +210,7 @@ def _demo(args: argparse.Namespace, cfg: ServeConfig) -> int:
             examples_dir=args.examples,
             device=args.device,
             allow_failed=args.allow_failed,
+            allow_unverified=args.allow_unverified,
         )
     return 0
 

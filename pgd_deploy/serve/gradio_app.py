@@ -23,7 +23,8 @@ import numpy as np
 
 from pgd_deploy.config import ServeConfig
 from pgd_deploy.runtime.preprocess import load_image
-from pgd_deploy.serve.artifacts import check_export_status, open_gated
+from pgd_deploy.runtime.verify import verify_artifact
+from pgd_deploy.serve.artifacts import open_gated
 from pgd_deploy.serve.draw import HIGHLIGHT
 from pgd_deploy.serve.examples import DemoExamples
 from pgd_deploy.serve.side_by_side import (
@@ -272,6 +273,7 @@ def open_app(
     cfg: ServeConfig | None = None,
     device: str = "auto",
     allow_failed: bool = False,
+    allow_unverified: bool = False,
     gate_images: Sequence[np.ndarray] = (),
     gate_source: str = "",
 ) -> DemoApp:
@@ -281,14 +283,16 @@ def open_app(
     against fp32 eager on `gate_images` first (`serve.artifacts.open_gated`).
 
     Raises:
-        ValueError: unreadable artifacts, an export whose manifest says it failed its gates
-            or a checkpoint setting that fails them (unless `allow_failed`), or teacher and
-            student with different class lists.
+        ValueError: unreadable artifacts, an export its manifest does not vouch for (unless
+            `allow_unverified`; `runtime.verify`), an export whose manifest says it failed its
+            gates or a checkpoint setting that fails them (unless `allow_failed`), or teacher
+            and student with different class lists.
     """
     _import_gradio()  # fail before loading models when gradio is missing
     cfg = cfg or ServeConfig()
-    for path in (teacher, student):
-        check_export_status(path, allow_failed=allow_failed)
+    trust = {"allow_failed": allow_failed, "allow_unverified": allow_unverified}
+    for path in (teacher, student):  # both, before either loads (the hash is computed once)
+        verify_artifact(path, **trust)
     models = [
         DemoModel(
             role,
@@ -298,7 +302,7 @@ def open_app(
                 gate_images,
                 device=device,
                 options=cfg.torch_options(role),
-                allow_failed=allow_failed,
+                **trust,
                 source=gate_source,
             ),
         )
@@ -348,6 +352,7 @@ def launch_demo(
     device: str = "auto",
     block: bool = True,
     allow_failed: bool = False,
+    allow_unverified: bool = False,
 ) -> Any:
     """`pgd-serve demo`: open both artifacts and serve the demo (127.0.0.1:7860 by default).
 
@@ -368,6 +373,7 @@ def launch_demo(
             cfg=cfg,
             device=device,
             allow_failed=allow_failed,
+            allow_unverified=allow_unverified,
             gate_images=[load_image(p) for p in shown],
             gate_source=f"{len(shown)} demo examples",
         )

@@ -6,7 +6,8 @@ Outputs under the output folder:
                        (Ctrl-C) or a crash leaves what was done
     failures.json      [{"index", "path", "image_id", "error"}] for inputs that could not be used
     images/            annotated copies (with `save_images`), names derived safely from the inputs
-    summary.json       counts, per-stage milliseconds per image, images/s, metrics
+    summary.json       counts, per-stage milliseconds per image, images/s, metrics, and
+                       `warnings`: the checks a model served anyway failed (`runtime.verify`)
 
 Decoding and letterboxing run in worker threads ahead of the model (`batcher`); inference and
 post-processing run in the calling thread and are timed with `runtime.timing.StageTimer`, the
@@ -56,6 +57,8 @@ class PredictSummary:
             "post", and "wait" (time the model waited for inputs).
         interrupted: stopped by Ctrl-C.
         metrics: COCO metrics when evaluated, else None.
+        warnings: the checks the model failed and was served despite (`--allow-unverified`,
+            `--allow-failed`; `runtime.verify`); empty when it was verified.
     """
 
     total: int
@@ -70,6 +73,7 @@ class PredictSummary:
     backend: str = ""
     metrics: dict[str, float] | None = None
     save_errors: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def images_per_second(self) -> float:
@@ -101,6 +105,9 @@ def format_summary(summary: PredictSummary) -> str:
         ("images / s", f"{summary.images_per_second:.2f} ({summary.seconds:.2f} s wall)"),
         ("output", summary.out_dir),
     ]
+    if summary.warnings:
+        failed = f"{len(summary.warnings)} check(s) failed, see 'warnings' in {SUMMARY_NAME}"
+        rows.insert(0, ("model", f"NOT VERIFIED, served anyway ({failed})"))
     if summary.interrupted:
         rows.insert(0, ("status", "INTERRUPTED: outputs hold the inputs done so far"))
     width = max(len(k) for k, _ in rows)
@@ -233,7 +240,12 @@ def run_predict(
         queue_size=queue_size,
         timeout=decode_timeout,
     )
-    summary = PredictSummary(total=len(source), out_dir=str(out_dir), backend=backend.describe())
+    summary = PredictSummary(
+        total=len(source),
+        out_dir=str(out_dir),
+        backend=backend.describe(),
+        warnings=list(backend.warnings),
+    )
     outputs = RunOutputs(out_dir, backend, save_images, draw_score)
     step = functools.partial(
         _run_batch,

@@ -86,7 +86,10 @@ class DemoModel:
         return dets, 1e3 * timer.last["post"]
 
     def describe(self) -> str:
-        return f"{self.backend.describe()} · {len(self.backend.class_names)} classes"
+        """Backend and classes, and "NOT VERIFIED" when it is served despite a failed check
+        (`runtime.verify`; the log says which)."""
+        text = f"{self.backend.describe()} · {len(self.backend.class_names)} classes"
+        return text + (" · NOT VERIFIED (see the log)" if self.backend.warnings else "")
 
 
 @dataclass
