@@ -1,8 +1,17 @@
-"""Small torch-free file helpers: atomic writes and their leftovers, hashing, safe output paths."""
+"""Small torch-free file helpers: atomic writes and their leftovers, hashing, safe output paths.
+
+Every file that train, export and serve write goes through `atomic_open` (a temporary file in
+the same folder, flushed, fsynced, renamed over the target), so a crash or a full disk never
+leaves a half-written file under the real name; a failed write raises `WriteError`, which names
+the file and the free space left on its filesystem.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -11,6 +20,86 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def format_bytes(count: float) -> str:
+    """1536 -> "1.5 KiB"; under 1 KiB: "512 bytes"."""
+    if count < 1024:
+        return f"{int(count)} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        count /= 1024
+        if count < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes on the filesystem that holds `path` (its nearest existing folder), or None."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+class WriteError(OSError):
+    """A write that failed, in words: "disk full while writing runs/x/last.pt: 0 bytes free".
+
+    Attributes:
+        path: the file that could not be written.
+        free: free bytes left on its filesystem (None when unknown).
+    """
+
+    def __init__(self, path: str | Path, cause: BaseException) -> None:
+        self.path = Path(path)
+        self.free = free_bytes(self.path)
+        code = getattr(cause, "errno", None)
+        if code in _DISK_FULL or (code is None and self.free == 0):
+            what = "disk full"
+        else:
+            what = f"could not write ({getattr(cause, 'strerror', None) or cause})"
+        room = "free space unknown" if self.free is None else f"{format_bytes(self.free)} free"
+        self.message = f"{what} while writing {self.path}: {room}"
+        super().__init__(code, self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _RecordingFile:
+    """The handle `atomic_open` yields: the real file, remembering the OSError a write raised,
+    for writers that replace it with their own (torch.save raises RuntimeError)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._fh.flush()
+        except OSError as err:
+            self.error = err
+            raise
+
+    def fileno(self) -> int:
+        # Hidden on purpose: PIL writes straight to a file descriptor when it has one and
+        # ignores a short write (a full disk), which would leave a truncated image; through
+        # `write` a short write raises.
+        raise io.UnsupportedOperation("fileno")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
 
 
 def _temp_path(path: Path, pid: int) -> Path:
@@ -72,20 +161,36 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file handle whose content replaces `path` only if the block completes.
 
     Writes go to a temporary file beside `path`, which is fsynced and renamed over `path` at the
-    end; an exception (or a crash) inside the block leaves any previous `path` untouched.
+    end; an exception (or a crash) inside the block leaves any previous `path` untouched and no
+    temporary file behind.
+
+    Raises:
+        WriteError: a write, the fsync or the rename failed (also when the writer inside the
+            block turned the OSError into its own exception); names `path` and the free space.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path, os.getpid())
     try:
-        with open(tmp, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as raw:
+            fh = _RecordingFile(raw)
+            try:
+                yield fh  # type: ignore[misc]
+                raw.flush()
+                os.fsync(raw.fileno())
+            except Exception as err:
+                cause = err if isinstance(err, OSError) else fh.error
+                if cause is None or isinstance(err, WriteError):
+                    raise
+                raise WriteError(path, cause) from err
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as err:  # creating the folder or the file, closing it, renaming it
+        raise WriteError(path, err) from err
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pgd_deploy.io_utils import atomic_open
+
 logger = logging.getLogger(__name__)
 
 
@@ -148,8 +150,11 @@ class TrainingLog:
             ax_ap.legend()
         fig.suptitle(str(self.work_dir))
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        try:
+            with atomic_open(path) as fh:
+                fig.savefig(fh, format="png", dpi=100)
+        finally:
+            plt.close(fig)
         return path
 
 

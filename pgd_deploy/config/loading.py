@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar
 
 import tomllib
 
+from pgd_deploy.io_utils import atomic_write_text
+
 C = TypeVar("C")
 
 # --------------------------------------------------------------------------------------------
@@ -254,9 +256,4 @@ def dumps_toml(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as TOML (atomically), loadable with `load_config`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps_toml(cfg))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, dumps_toml(cfg))

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from pgd_deploy.io_utils import atomic_open, atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross")
@@ -143,7 +145,8 @@ def _coco_split(out: Path, split: str, count: int, seed: int, spec: ShapesSpec) 
     for i in range(count):
         img, objects = render_image(seed, split, i, spec)
         name = f"{i:06d}.jpg"
-        img.save(img_dir / name, quality=92)
+        with atomic_open(img_dir / name) as fh:
+            img.save(fh, format="JPEG", quality=92)
         images.append({"id": i + 1, "file_name": name, "width": spec.size, "height": spec.size})
         for cls, (x1, y1, x2, y2) in objects:
             w, h = x2 - x1, y2 - y1
@@ -177,9 +180,8 @@ def generate_shapes(
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     for split, count in (("train", train), ("val", val)):
         coco = _coco_split(out, split, count, seed, spec)
-        tmp = out / "annotations" / f".{split}.json.tmp"
-        tmp.write_text(json.dumps(coco))
-        tmp.replace(out / "annotations" / f"{split}.json")  # written last: marks the split done
+        # written last, atomically: marks the split done
+        atomic_write_text(out / "annotations" / f"{split}.json", json.dumps(coco))
     logger.info("synthetic shapes: %d train + %d val images in %s", train, val, out)
     return out
 

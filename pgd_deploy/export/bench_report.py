@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pgd_deploy.export.bench import BenchRow
+from pgd_deploy.io_utils import atomic_open
 
 
 def environment_line() -> str:
@@ -129,7 +130,9 @@ def plot_speed_accuracy(
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_open(path) as fh:
+            fig.savefig(fh, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pgd_deploy.io_utils import safe_child
+from pgd_deploy.io_utils import atomic_open, safe_child
 from pgd_deploy.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ def synthetic_examples(folder: str | Path, count: int = NUM_SYNTHETIC_EXAMPLES) 
     for i in range(count):
         image, _ = render_image(SYNTHETIC_EXAMPLE_SEED, "val", i, ShapesSpec())
         path = folder / f"shapes_val_{i:02d}.png"
-        image.save(path)
+        with atomic_open(path) as fh:
+            image.save(fh, format="PNG")
         paths.append(path)
     return paths
 
@@ -79,7 +80,8 @@ def copy_folder_examples(
             logger.warning("--examples: skipped %s", err)
             continue
         out = safe_child(dest, f"example_{len(copies):02d}_{path.stem}.png")
-        Image.fromarray(image).save(out, compress_level=1)
+        with atomic_open(out) as fh:
+            Image.fromarray(image).save(fh, format="PNG", compress_level=1)
         copies.append(out)
     if not copies:
         raise ValueError(f"--examples {folder}: no readable images ({', '.join(EXAMPLE_SUFFIXES)})")

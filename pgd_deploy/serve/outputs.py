@@ -8,14 +8,24 @@ writes annotated images on a background thread under names that cannot leave the
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import json
 import logging
+import os
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pgd_deploy.io_utils import safe_child
+from pgd_deploy.io_utils import (
+    WriteError,
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_text,
+    remove_stale_temp_files,
+    safe_child,
+    write_json,
+)
 from pgd_deploy.runtime.backends import Backend
 from pgd_deploy.serve.batcher import LoadedItem
 from pgd_deploy.serve.draw import draw_detections
@@ -33,37 +43,105 @@ IMAGES_MARKER = ".pgd-serve-images"  # beside IMAGES_DIR: its images were writte
 
 
 class JsonArrayWriter:
-    """A JSON array on disk that is complete and valid after every `extend`.
+    """A JSON array on disk that is complete and valid after every `extend`, and after a write
+    that failed (a full disk).
 
-    Each call overwrites the closing bracket with the new entries and a new closing bracket, so
-    at any moment between calls the file parses, without rewriting what is already there.
+    The file always ends with the closing bracket. Each `extend` is one positioned write that
+    replaces that bracket with the new entries and a new bracket, so what is there is never
+    rewritten. A write that fails (ENOSPC, short) is undone: the file is cut back to the entries
+    before it and its bracket is put back in place (in bytes the file already held, so this needs
+    no free space), then `io_utils.WriteError` names the file and the free space.
     """
+
+    TAIL = b"\n]\n"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "wb")  # closed in `close`
-        self._fh.write(b"[\n]\n")
-        self._fh.flush()
-        self._end = 1  # byte offset just after "["
+        self._fd: int | None = None
+        atomic_write_bytes(self.path, b"[" + self.TAIL)  # replaces a previous file whole
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY)
+        except OSError as err:
+            raise WriteError(self.path, err) from err
+        self._end = 1  # byte offset just after "[" (then after the last entry)
         self.count = 0
+
+    def _write_at(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            if written == 0:
+                raise OSError(errno.ENOSPC, "short write")
+            view, offset = view[written:], offset + written
 
     def extend(self, entries: Sequence[dict[str, Any]]) -> None:
         if not entries:
             return
         body = ",\n".join(json.dumps(e, separators=(",", ":")) for e in entries)
-        text = (",\n" if self.count else "\n") + body
-        data = text.encode("utf-8")
-        self._fh.seek(self._end)
-        self._fh.write(data + b"\n]\n")
-        self._fh.truncate()
-        self._fh.flush()
+        data = ((",\n" if self.count else "\n") + body).encode("utf-8")
+        try:
+            self._write_at(self._end, data + self.TAIL)
+        except OSError as err:
+            self._undo()
+            raise WriteError(self.path, err) from err
         self._end += len(data)
         self.count += len(entries)
 
+    def _undo(self) -> None:
+        """Back to the entries written before the failed write (module docstring)."""
+        try:
+            os.ftruncate(self._fd, self._end + len(self.TAIL))
+            self._write_at(self._end, self.TAIL)
+        except OSError as err:
+            logger.error("%s: could not restore the file after a failed write: %s", self.path, err)
+
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        """fsync and close (once)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.fsync(fd)
+        except OSError as err:
+            raise WriteError(self.path, err) from err
+        finally:
+            os.close(fd)
+
+
+class SummaryFile:
+    """summary.json, whose room on disk is taken when the run starts (the JSON padded with
+    spaces to `ROOM` bytes), so that a run stopped by a full disk can still say why: `record`
+    then overwrites those bytes in place, which needs no free space. `write` replaces the file
+    atomically at the normal end of a run."""
+
+    ROOM = 16 * 1024
+
+    def __init__(self, path: str | Path, first: dict[str, Any]) -> None:
+        self.path = Path(path)
+        atomic_write_bytes(self.path, self._padded(first) or b"")
+
+    def _padded(self, obj: dict[str, Any]) -> bytes | None:
+        data = json.dumps(obj, indent=2).encode("utf-8")
+        return data + b" " * (self.ROOM - len(data) - 1) + b"\n" if len(data) < self.ROOM else None
+
+    def write(self, obj: dict[str, Any]) -> None:
+        write_json(self.path, obj)
+
+    def record(self, obj: dict[str, Any]) -> None:
+        """Overwrite the reserved bytes with `obj` (the failure path; `write` when it is too big
+        or the reservation is gone)."""
+        data = self._padded(obj)
+        if data is None or not self.path.is_file() or self.path.stat().st_size != self.ROOM:
+            self.write(obj)
+            return
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, 0)
+            os.fsync(fd)
+        except OSError as err:
+            raise WriteError(self.path, err) from err
+        finally:
+            os.close(fd)
 
 
 class ImageSaver:
@@ -108,7 +186,8 @@ class ImageSaver:
 
     def _write(self, image: Any, dets: Detections, path: Path) -> None:
         drawn = draw_detections(image, dets.filter(self.min_score), self.class_names)
-        drawn.save(path, quality=90)
+        with atomic_open(path) as fh:  # a full disk leaves no truncated JPEG under the name
+            drawn.save(fh, format="JPEG", quality=90)
 
     def _collect(self, future: cf.Future) -> None:
         try:
@@ -159,9 +238,10 @@ def prepare_images_dir(out_dir: Path, *, save_images: bool) -> None:
         logger.info("removed %d annotated image(s) of the previous run in %s", removed, folder)
     if save_images:
         folder.mkdir(parents=True, exist_ok=True)
-        (out_dir / IMAGES_MARKER).write_text(
+        atomic_write_text(
+            out_dir / IMAGES_MARKER,
             f"{IMAGES_DIR}/ holds annotated images written by pgd-serve predict; the next run "
-            "into this folder replaces them.\n"
+            "into this folder replaces them.\n",
         )
 
 
@@ -169,12 +249,16 @@ class RunOutputs:
     """The files of one run, opened together and always closed together.
 
     A previous run's outputs in `out_dir` are replaced, never mixed with this run's: its
-    annotated images are removed, and its summary and metrics until this run writes its own.
+    annotated images are removed, and its summary and metrics until this run writes its own
+    (`SummaryFile`). Temporary files that a killed run left are removed, and logged.
     """
 
     def __init__(
         self, out_dir: Path, backend: Backend, save_images: bool, draw_score: float
     ) -> None:
+        for folder in (out_dir, out_dir / IMAGES_DIR):  # a killed run's temporary files
+            for leftover in remove_stale_temp_files(folder):
+                logger.info("removed %s, left by a run that was killed", leftover)
         prepare_images_dir(out_dir, save_images=save_images)
         for name in (SUMMARY_NAME, METRICS_NAME):
             (out_dir / name).unlink(missing_ok=True)
@@ -202,9 +286,20 @@ class RunOutputs:
             logger.warning("skipped: %s", f.error)
 
     def close(self) -> int:
-        self.results.close()
-        self.failures.close()
-        if self.saver is None:
-            return 0
-        self.saver.close()
-        return self.saver.errors
+        """Close every file (all of them, even when one fails); returns the images that could
+        not be saved.
+
+        Raises:
+            WriteError: predictions.json or failures.json could not be synced.
+        """
+        errors = 0
+        try:
+            if self.saver is not None:
+                self.saver.close()
+                errors = self.saver.errors
+        finally:
+            try:
+                self.results.close()
+            finally:
+                self.failures.close()
+        return errors

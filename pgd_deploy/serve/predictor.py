@@ -2,12 +2,15 @@
 
 Outputs under the output folder:
     predictions.json   COCO results (image_id, category_id of the training dataset, xywh bbox,
-                       score); a valid JSON array after every batch, so an interrupted run
-                       (Ctrl-C) or a crash leaves what was done
+                       score); a valid JSON array after every batch and after a failed write
+                       (a full disk), so an interrupted run (Ctrl-C), a crash or a full disk
+                       leaves what was done (`outputs.JsonArrayWriter`)
     failures.json      [{"index", "path", "image_id", "error"}] for inputs that could not be used
-    images/            annotated copies (with `save_images`), names derived safely from the inputs
-    summary.json       counts, per-stage milliseconds per image, images/s, metrics, and
-                       `warnings`: the checks a model served anyway failed (`runtime.verify`)
+    images/            annotated copies (with `save_images`), names derived safely from the
+                       inputs, each written atomically (never a truncated JPEG)
+    summary.json       `status` (running, done, interrupted, failed), `error`, counts, per-stage
+                       milliseconds per image, images/s, metrics, and `warnings`: the checks a
+                       model served anyway failed (`runtime.verify`)
 
 Decoding and letterboxing run in worker threads ahead of the model (`batcher`); inference and
 post-processing run in the calling thread and are timed with `runtime.timing.StageTimer`, the
@@ -26,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pgd_deploy.io_utils import write_json
+from pgd_deploy.io_utils import WriteError, write_json
 from pgd_deploy.metrics import detections_to_coco, evaluate_coco
 from pgd_deploy.runtime.backends import Backend
 from pgd_deploy.runtime.timing import StageTimer
@@ -37,6 +40,7 @@ from pgd_deploy.serve.outputs import (
     RESULTS_NAME,
     SUMMARY_NAME,
     RunOutputs,
+    SummaryFile,
 )
 from pgd_deploy.serve.sources import Source
 
@@ -59,6 +63,7 @@ class PredictSummary:
         metrics: COCO metrics when evaluated, else None.
         warnings: the checks the model failed and was served despite (`--allow-unverified`,
             `--allow-failed`; `runtime.verify`); empty when it was verified.
+        error: why the run stopped early (a failed write: the file and the free space).
     """
 
     total: int
@@ -74,6 +79,7 @@ class PredictSummary:
     metrics: dict[str, float] | None = None
     save_errors: int = 0
     warnings: list[str] = field(default_factory=list)
+    error: str = ""
 
     @property
     def images_per_second(self) -> float:
@@ -86,8 +92,18 @@ class PredictSummary:
             return 130
         return 1 if self.processed and not self.succeeded else 0
 
+    @property
+    def status(self) -> str:
+        """ "failed" (a write failed), "interrupted" (Ctrl-C) or "done"; summary.json says
+        "running" while the run goes on (and after a kill)."""
+        return "failed" if self.error else "interrupted" if self.interrupted else "done"
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "images_per_second": self.images_per_second}
+        return {
+            "status": self.status,
+            **asdict(self),
+            "images_per_second": self.images_per_second,
+        }
 
 
 def format_summary(summary: PredictSummary) -> str:
@@ -220,6 +236,9 @@ def run_predict(
 
     Raises:
         ValueError: `evaluate` with a source that cannot be evaluated.
+        WriteError: an output could not be written (a full disk): predictions.json and
+            failures.json hold the inputs done before it, and summary.json (its room is taken
+            when the run starts) says why the run stopped: `status` "failed", `error`.
     """
     # The backend filled in missing ids (`labels.class_labels`). Without any class list, the
     # same label + 1 convention, for any label.
@@ -247,6 +266,7 @@ def run_predict(
         warnings=list(backend.warnings),
     )
     outputs = RunOutputs(out_dir, backend, save_images, draw_score)
+    summary_file = SummaryFile(out_dir / SUMMARY_NAME, {**summary.to_dict(), "status": "running"})
     step = functools.partial(
         _run_batch,
         backend,
@@ -254,10 +274,19 @@ def run_predict(
         category_ids=category_ids,
         overrides={k: v for k, v in thresholds.items() if v is not None},
     )
-    _run_all(batches, step, summary, outputs, backend, progress)
+    try:
+        _run_all(batches, step, summary, outputs, backend, progress)
+    except Exception as err:  # e.g. a full disk: what was written stays valid; say why it stopped
+        summary.error = str(err) or type(err).__name__
+        logger.error("stopped after %d inputs: %s", summary.processed, err)
+        try:
+            summary_file.record(summary.to_dict())
+        except WriteError as again:
+            logger.error("%s", again)
+        raise
     if evaluate and summary.processed:
         summary.metrics = _evaluate(source, out_dir, summary.processed)
-    write_json(out_dir / SUMMARY_NAME, summary.to_dict())
+    summary_file.write(summary.to_dict())
     return summary
 
 
