@@ -43,7 +43,7 @@ class StandIn:
 def install(monkeypatch: Any) -> StandIn:
     """Replace the engine build and the runner (see the module docstring)."""
     from pgd_deploy.export import to_tensorrt
-    from pgd_deploy.runtime import trt_backend
+    from pgd_deploy.runtime import cuda_buffers, trt_backend
 
     real_build = to_tensorrt.build_engine
     signature = inspect.signature(real_build)
@@ -76,6 +76,7 @@ def install(monkeypatch: Any) -> StandIn:
     monkeypatch.setattr(to_tensorrt, "build_engine", build_engine)
     # the export's preflight asks for TensorRT before any work; the stand-in answers for it
     monkeypatch.setattr(to_tensorrt, "import_tensorrt", lambda: SimpleNamespace(__version__="0"))
+    monkeypatch.setattr(cuda_buffers, "select_library", lambda: ("stand-in", None))
     monkeypatch.setattr(trt_backend, "TrtBackend", _ortplan_backend(trt_backend.TrtBackend))
     return record
 

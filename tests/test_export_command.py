@@ -396,6 +396,29 @@ def test_a_plan_without_tensorrt_is_refused_before_the_onnx_and_its_gates(
     assert not (tmp_path / "out").exists()  # no ONNX left behind that says "passed"
 
 
+def test_a_plan_without_a_device_buffer_library_is_refused_first(
+    ckpt, tmp_path, capsys, monkeypatch
+):
+    """TensorRT alone is not enough: the plan's gates run it through pycuda, cuda-python or
+    torch with CUDA. Without any, the export used to fail after the ONNX and its gates."""
+    from types import SimpleNamespace
+
+    from pgd_deploy.export import to_tensorrt
+    from pgd_deploy.runtime import cuda_buffers
+
+    def missing() -> None:
+        raise ImportError("not installed")
+
+    monkeypatch.setattr(to_tensorrt, "import_tensorrt", lambda: SimpleNamespace(__version__="10"))
+    monkeypatch.setattr(cuda_buffers, "IMPORTERS", dict.fromkeys(cuda_buffers.LIBRARIES, missing))
+    argv = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--format", "tensorrt"]
+    assert main([*argv, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "--format tensorrt gates the plan it builds, and the TensorRT runner needs" in err
+    assert "pycuda: not installed" in err and "cuda-python: not installed" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_output_folder_that_cannot_be_written_is_refused_first(ckpt, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")

@@ -132,7 +132,7 @@ def check_output_folder(out: str | Path) -> Path:
 def preflight(checkpoint: str | Path, cfg: ExportConfig) -> Checked:
     """Everything about an export that can be checked before its checkpoint is loaded: the
     flags (`validate_export_config`), the name, the output folder, and the libraries its format
-    needs (TensorRT for a plan).
+    needs (TensorRT and a device buffer library for a plan).
 
     Raises:
         ValueError: a bad flag, name or output folder. ImportError: a missing library (the
@@ -141,5 +141,5 @@ def preflight(checkpoint: str | Path, cfg: ExportConfig) -> Checked:
     imgsz, profile = validate_export_config(cfg)
     name = default_name(checkpoint, cfg)
     if wants_plan(cfg):
-        to_tensorrt.import_tensorrt()
+        to_tensorrt.check_plan_libraries()
     return Checked(imgsz, profile, name, check_output_folder(cfg.out))

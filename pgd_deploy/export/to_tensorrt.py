@@ -77,6 +77,22 @@ def import_tensorrt() -> Any:
     return trt
 
 
+def check_plan_libraries() -> None:
+    """What building and gating a plan needs, checked before any work: TensorRT, and a device
+    buffer library for the runner that gates it (pycuda, cuda-python or torch with CUDA).
+
+    Raises:
+        ImportError: the message names what is missing and what to install.
+    """
+    import_tensorrt()
+    from pgd_deploy.runtime.cuda_buffers import select_library
+
+    try:
+        select_library()
+    except ImportError as err:
+        raise ImportError(f"--format tensorrt gates the plan it builds, and {err}") from None
+
+
 def trt_major(trt: Any) -> int:
     return int(str(trt.__version__).split(".")[0])
 
