@@ -71,7 +71,7 @@ def build_table(paths: list[tuple[str, Path]], bench_rows: list[Any], fp32: Path
     """One dict per table row: the fp32 PyTorch student first, then each artifact."""
     from pgd_deploy.runtime.manifest import read_manifest
 
-    latency = {r.path: r.p50 / r.batch for r in bench_rows}
+    latency = {r.path: r.ms_per_image for r in bench_rows}
     first = read_manifest(paths[0][1])
     rows = [
         {

@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                         st.p99,
                         1000.0 * batch / st.mean,
                         first_call_s=first,
+                        ms=st.ms,
+                        spread=st.spread,
                     )
                 )
                 logging.info(
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                     label,
                     name,
                     batch,
-                    st.p50 / batch,
+                    st.ms / batch,
                     first,
                 )
                 del backend, x

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pgd_deploy.checkpoint import load_checkpoint
@@ -30,7 +29,7 @@ from pgd_deploy.config import TrainJob, dumps_toml, load_config
 from pgd_deploy.devices import describe_cpu
 from pgd_deploy.io_utils import write_json
 from pgd_deploy.models import load_detector
-from pgd_deploy.runtime.timing import measure
+from pgd_deploy.runtime.timing import OtherLoad, RobustLatency, interleave, latency_warnings
 from pgd_deploy.trainer import fit
 from pgd_deploy.workdir import run_files
 
@@ -80,12 +79,13 @@ def _same_config(work_dir: Path, cfg: TrainJob) -> bool:
 
 def cpu_latencies_ms(
     checkpoints: Sequence[Path], size: int, *, onnx: Sequence[Path] = (), rounds: int = 8
-) -> list[float]:
-    """Median single-image CPU latency (network + decode + post-processing) of each checkpoint
-    (PyTorch eager) and then of each ONNX model (ONNX Runtime, CPU), ms.
+) -> tuple[list[RobustLatency], OtherLoad]:
+    """Single-image CPU latency (network + post-processing) of each checkpoint (PyTorch eager)
+    and then of each ONNX model (ONNX Runtime, CPU), and how busy the machine was meanwhile.
 
-    The models are timed round-robin (a few runs each per round) so that machine noise hits all
-    of them alike; the ratios between them are what the scoreboard is for.
+    The models are timed round-robin, 5 calls each per round (`runtime.timing.interleave`): the
+    figure is the median of the per-round minimums, with their interquartile range as spread, so
+    that a burst of load on the machine moves neither the figures nor the ratios between them.
     """
     from pgd_deploy.runtime.backends import OrtBackend
 
@@ -98,16 +98,12 @@ def cpu_latencies_ms(
     for path in onnx:
         backend = OrtBackend(path, device="cpu")
         runners.append(lambda b=backend: b.postprocess(b.infer(batch), [None]))
-    samples: list[list[float]] = [[] for _ in runners]
-    for run in runners:  # warm-up
-        measure(run, warmup=3, iters=1)
-    for _ in range(rounds):
-        for run, out in zip(runners, samples):
-            out.append(measure(run, warmup=0, iters=5).p50)
-    return [float(np.median(s)) for s in samples]
+    with OtherLoad() as load:
+        latencies = interleave(runners, rounds=rounds, per_round=5, warmup=3)
+    return latencies, load
 
 
-def score(name: str, work_dir: Path, cfg: TrainJob, latency_ms: float) -> dict[str, Any]:
+def score(name: str, work_dir: Path, cfg: TrainJob, latency: RobustLatency) -> dict[str, Any]:
     import json
 
     metrics = json.loads((work_dir / "metrics.json").read_text())
@@ -119,7 +115,8 @@ def score(name: str, work_dir: Path, cfg: TrainJob, latency_ms: float) -> dict[s
         "AP": round(metrics.get("AP", 0.0), 4),
         "AP50": round(metrics.get("AP50", 0.0), 4),
         "params": sum(p.numel() for p in model.parameters()),
-        "cpu_ms_per_image": round(latency_ms, 2),
+        "cpu_ms_per_image": round(latency.ms, 2),
+        "cpu_ms_spread": round(latency.spread, 2),
         "train_iters": int(state["iteration"]),
         "seed": cfg.train.seed,
         "depth": cfg.model.depth,
@@ -129,7 +126,7 @@ def score(name: str, work_dir: Path, cfg: TrainJob, latency_ms: float) -> dict[s
 
 def format_scoreboard(rows: Sequence[dict[str, Any]]) -> str:
     header = (
-        f"{'model':<8} {'depth':>5} {'AP':>6} {'AP50':>6} {'params':>8} {'CPU ms/img':>10} "
+        f"{'model':<8} {'depth':>5} {'AP':>6} {'AP50':>6} {'params':>8} {'CPU ms/img':>13} "
         f"{'iters':>6} {'seed':>4}"
     )
     lines = [header, "-" * len(header)]
@@ -137,10 +134,27 @@ def format_scoreboard(rows: Sequence[dict[str, Any]]) -> str:
         iters = f"{r['base_iters']}+{r['train_iters']}" if "base_iters" in r else r["train_iters"]
         lines.append(
             f"{r['name']:<8} {'R' + str(r['depth']):>5} {100 * r['AP']:6.1f} "
-            f"{100 * r['AP50']:6.1f} {r['params'] / 1e6:7.1f}M {r['cpu_ms_per_image']:10.1f} "
+            f"{100 * r['AP50']:6.1f} {r['params'] / 1e6:7.1f}M {_latency(r):>13} "
             f"{iters:>6} {r['seed']:4d}"
         )
     return "\n".join(lines)
+
+
+def _latency(row: dict[str, Any]) -> str:
+    spread = row.get("cpu_ms_spread")
+    return f"{row['cpu_ms_per_image']:.1f}" + (f" ±{spread:.1f}" if spread is not None else "")
+
+
+def scoreboard_warnings(rows: Sequence[dict[str, Any]], load: OtherLoad | None) -> list[str]:
+    """A busy machine, or two rows of one network and runtime (student and pgd) whose
+    latencies differ by more than their spreads (`runtime.timing.latency_warnings`)."""
+    return latency_warnings(
+        [
+            (r["name"], (r["depth"], r["runtime"]), r["cpu_ms_per_image"], r["cpu_ms_spread"])
+            for r in rows
+        ],
+        load,
+    )
 
 
 def _train_stage(name: str, recipe: str, cfg: TrainJob, stage_dir: Path) -> None:
@@ -204,7 +218,11 @@ def export_int8(checkpoint: Path, cfg: TrainJob, out: Path) -> tuple[Path, dict[
 
 
 def int8_score(
-    onnx_path: Path, manifest: dict[str, Any], stage_dir: Path, cfg: TrainJob, ms: float
+    onnx_path: Path,
+    manifest: dict[str, Any],
+    stage_dir: Path,
+    cfg: TrainJob,
+    latency: RobustLatency,
 ) -> dict[str, Any]:
     """The scoreboard row of the int8 export: AP from its mAP gate (ONNX Runtime), with the fp32
     PGD student's AP through the same evaluator and the detection agreement beside it."""
@@ -219,7 +237,8 @@ def int8_score(
         "AP": round(ap["exported"]["AP"], 4),
         "AP50": round(ap["exported"]["AP50"], 4),
         "params": sum(p.numel() for p in model.parameters()),
-        "cpu_ms_per_image": round(ms, 2),
+        "cpu_ms_per_image": round(latency.ms, 2),
+        "cpu_ms_spread": round(latency.spread, 2),
         "train_iters": int(state["iteration"]),
         "base_iters": int(init["iteration"]),
         "seed": cfg.train.seed,
@@ -270,7 +289,8 @@ def run_quickstart(
     _train_stage(int8_name, recipe, qat_cfg, int8_dir)
     onnx_path, manifest = export_int8(int8_dir / "best.pt", qat_cfg, int8_dir)
     size = -(-runs[0][2].data.max_size // 32) * 32
-    latencies = cpu_latencies_ms([d / "best.pt" for _, d, _ in runs], size, onnx=[onnx_path])
+    checkpoints = [d / "best.pt" for _, d, _ in runs]
+    latencies, load = cpu_latencies_ms(checkpoints, size, onnx=[onnx_path])
     rows = [score(name, d, cfg, ms) for (name, d, cfg), ms in zip(runs, latencies)]
     rows.append(int8_score(onnx_path, manifest, int8_dir, qat_cfg, latencies[-1]))
     write_json(work_dir / "scoreboard.json", rows)
@@ -278,6 +298,12 @@ def run_quickstart(
     minutes = (time.perf_counter() - start) / 60
     print(f"\nquickstart scoreboard (synthetic shapes validation split), {minutes:.1f} min\n")
     print(format_scoreboard(rows))
+    print(
+        "CPU ms/img: single image, network + post-processing, median over 8 interleaved rounds "
+        "of each round's fastest of 5 calls, ± the interquartile range of those"
+    )
+    for warning in scoreboard_warnings(rows, load):
+        print(f"WARNING: {warning}")
     print(f"\n{int8_note(rows[-1])}")
     print("\nminutes: " + ", ".join(f"{k} {v:.1f}" for k, v in minutes_per_stage.items()))
     print(f"measured on: {describe_cpu()}")  # the kernels decide the figures (bf16 or fp32)

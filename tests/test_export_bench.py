@@ -54,8 +54,9 @@ def test_table_has_the_issue_columns_and_ratios():
     assert [r.vs_teacher for r in rows] == [0.5, 0.4, 0.25, 1.0, 0.75, 0.125, 1.0, 0.25, 0.5]
     table = format_table(rows).splitlines()
     assert table[0] == (
-        "| model | runtime | precision | int8 target | MB | batch | p50 ms | ms/img | p99 ms "
-        "| img/s | vs own PyTorch fp32 eager | vs teacher PyTorch fp32 eager | first call s |"
+        "| model | runtime | precision | int8 target | MB | batch | ms (± spread) | ms/img "
+        "| p99 ms | img/s | vs own PyTorch fp32 eager | vs teacher PyTorch fp32 eager "
+        "| first call s |"
     )
     # batch 1 first; per runtime and precision, teacher and student next to each other
     assert [line.split(" | ")[:3] for line in table[2:]] == [
@@ -69,10 +70,10 @@ def test_table_has_the_issue_columns_and_ratios():
         ["| teacher", "torch (CPU)", "fp32"],
         ["| student", "torch compiled (CPU)", "fp32"],
     ]
-    assert "| student | onnxruntime (CPU) | int8 | cpu | 10.0 | 1 | 5.00 | 5.00 |" in table[7]
+    assert "| student | onnxruntime (CPU) | int8 | cpu | 10.0 | 1 | 5.00 ±0.00 | 5.00 |" in table[7]
     assert table[-1] == (
-        "| student | torch compiled (CPU) | fp32 | - | 10.0 | 8 | 40.00 | 5.00 | 40.00 | 25.0 "
-        "| 0.50x | 0.25x | 93.4 |"
+        "| student | torch compiled (CPU) | fp32 | - | 10.0 | 8 | 40.00 ±0.00 | 5.00 | 40.00 "
+        "| 25.0 | 0.50x | 0.25x | 93.4 |"
     )
     assert not any(" AP |" in line for line in table)
 
@@ -140,6 +141,8 @@ def test_bench_command_measures_artifact_and_its_pytorch_source(tmp_path, capsys
         ("onnxruntime", "fp32", 2),
     }
     assert all(r["ratio"] is not None and r["vs_teacher"] is None for r in rows)  # no teacher
-    assert all(r["ms_per_image"] == r["p50"] / r["batch"] for r in rows)
+    assert all(r["ms_per_image"] == r["ms"] / r["batch"] for r in rows)
+    assert all(r["spread"] >= 0 and r["ms"] > 0 for r in rows)
+    assert "median over interleaved rounds of each round's fastest call" in out
     assert "vs own PyTorch fp32 eager" in out
     assert "| student | onnxruntime (CPUExecutionProvider) |" in out  # the provider that ran

@@ -3,12 +3,14 @@ speed-accuracy plot.
 
 One run measures every artifact given and, for each checkpoint (given, or the source recorded in
 an export's manifest), PyTorch at every requested precision (fp32 eager, bf16/fp16 autocast,
-optionally compiled) on the same input size. Two ratios, both p50 / p50 at the same batch: "vs
-own eager" against the same model's PyTorch fp32 eager (what the runtime buys), and "vs teacher"
-against the teacher's PyTorch fp32 eager (what distillation plus the runtime buy; the model
-labelled "teacher"). Timing follows `runtime.timing` (warm-up, then timed runs with a device
-sync, percentiles), with the runtimes interleaved round by round so that a busy machine slows
-them all alike; the first call of each (where torch.compile compiles) is timed on its own.
+optionally compiled) on the same input size. Two ratios, both of the robust latency at the same
+batch: "vs own eager" against the same model's PyTorch fp32 eager (what the runtime buys), and
+"vs teacher" against the teacher's PyTorch fp32 eager (what distillation plus the runtime buy;
+the model labelled "teacher"). Timing follows `runtime.timing.interleave`: the runtimes take
+turns round by round, and each row's latency is the median of its per-round fastest calls, with
+their interquartile range as spread, so that a burst of load moves neither the figures nor the
+ratios; `OtherLoad` records how busy the machine was, and `BenchResult.warnings` says when the
+figures cannot be trusted. The first call of each (where torch.compile compiles) is timed alone.
 Only the network call is timed; pre/post-processing is the same numpy code for every runtime.
 """
 
@@ -25,7 +27,7 @@ import numpy as np
 
 from pgd_deploy.runtime.backends import Backend, load_backend
 from pgd_deploy.runtime.manifest import read_manifest
-from pgd_deploy.runtime.timing import LatencyStats, measure
+from pgd_deploy.runtime.timing import OtherLoad, RobustLatency, interleave, latency_warnings
 from pgd_deploy.runtime.torch_backend import TorchBackend
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class BenchRow:
-    """One (model, runtime, batch) measurement; latencies in ms per batch."""
+    """One (model, runtime, batch) measurement; latencies in ms per batch (`ms`: the robust
+    figure, median of per-round minimums; `spread`: their interquartile range; p50/p90/p99: the
+    distribution of every timed call)."""
 
     model: str
     runtime: str
@@ -50,10 +54,17 @@ class BenchRow:
     int8_target: str = ""  # "cpu" / "tensorrt" for int8 artifacts (their manifest), else ""
     vs_teacher: float | None = None  # p50 / the teacher's PyTorch fp32 eager p50, same batch
     first_call_s: float | None = None  # the first call alone (torch.compile compiles in it)
+    ms: float | None = None  # the robust latency (`runtime.timing.RobustLatency`); None: p50
+    spread: float = 0.0
+
+    @property
+    def latency(self) -> float:
+        """The figure the table, the ratios and the plot use: `ms` (else p50)."""
+        return self.ms if self.ms is not None else self.p50
 
     @property
     def ms_per_image(self) -> float:
-        return self.p50 / self.batch
+        return self.latency / self.batch
 
 
 @dataclass(frozen=True)
@@ -194,6 +205,7 @@ def run_bench(
     precisions: Sequence[str] = ("fp32",),
     compile: bool = False,
     compile_mode: str = "default",
+    warnings: list[str] | None = None,
 ) -> list[BenchRow]:
     """Measure every target (and its PyTorch source at each precision) at each batch size.
 
@@ -209,6 +221,9 @@ def run_bench(
         precisions: PyTorch precisions of each checkpoint (`torch_precisions`); ones this
             device cannot run are skipped with a warning.
         compile, compile_mode: also time each checkpoint precision under torch.compile.
+        warnings: filled with why the figures may not hold (`runtime.timing.latency_warnings`:
+            a busy machine, two rows of one network and runtime further apart than their
+            spreads).
     """
     loaded = _backends(targets, imgsz, threads, device, precisions, compile, compile_mode)
     aps = [_evaluate(b, val_images) if val_images is not None else None for _, b, _, _ in loaded]
@@ -219,7 +234,10 @@ def run_bench(
             logger.warning("%s: batch %d exceeds its profile, skipped", loaded[i][3], batch)
         calls = [_call(loaded[i][1], batch) for i in runnable]
         firsts = [_first_call(call) for call in calls]
-        stats = _interleaved(calls, warmup=warmup, iters=iters, min_seconds=min_seconds)
+        with OtherLoad() as load:
+            stats = _interleaved(calls, warmup=warmup, iters=iters, min_seconds=min_seconds)
+        if warnings is not None:
+            warnings += latency_warnings([], load)
         for i, st, first in zip(runnable, stats, firsts):
             label, backend, size_mb, path = loaded[i]
             runtime = backend.name + _variant_note(backend) + _provider_note(backend)
@@ -239,10 +257,32 @@ def run_bench(
                     path,
                     str(backend.meta.get("int8_target") or ""),
                     first_call_s=first,
+                    ms=st.ms,
+                    spread=st.spread,
                 )
             )
     _fill_ratios(rows)
+    if warnings is not None:
+        warnings += latency_warnings(
+            [
+                (
+                    f"{r.model} ({r.runtime} {r.precision} bs{r.batch})",
+                    _same_network(r),
+                    r.ms,
+                    r.spread,
+                )
+                for r in rows
+                if r.ms is not None
+            ]
+        )
     return rows
+
+
+def _same_network(row: BenchRow) -> tuple[str, str, str, int, float]:
+    """Rows with this key run one architecture the same way (same runtime, precision, batch and
+    weight size, e.g. a student and its PGD twin): their latencies should agree within their
+    spreads."""
+    return (row.runtime, row.precision, row.int8_target, row.batch, row.size_mb)
 
 
 def _first_call(call: Any) -> float:
@@ -274,24 +314,12 @@ def _call(backend: Backend, batch: int) -> Any:
 
 def _interleaved(
     calls: Sequence[Any], *, warmup: int, iters: int, min_seconds: float, block: int = 5
-) -> list[LatencyStats]:
-    """Time the calls in round-robin blocks so that load changes on a shared machine hit every
-    runtime alike. Each block starts with one untimed call: thread pools that spin after their
-    last call (ONNX Runtime, OpenMP) would otherwise slow the next runtime's first call.
-    At least `iters` timed calls each and `min_seconds` in total."""
-    for call in calls:
-        measure(call, warmup=warmup, iters=0)
-    block = max(1, min(block, iters))
-    samples: list[list[float]] = [[] for _ in calls]
-    start = time.perf_counter()
-    while len(samples[0]) < iters or time.perf_counter() - start < min_seconds:
-        for call, bucket in zip(calls, samples):
-            call()
-            for _ in range(block):
-                t0 = time.perf_counter()
-                call()
-                bucket.append(time.perf_counter() - t0)
-    return [LatencyStats.from_samples(s) for s in samples]
+) -> list[RobustLatency]:
+    """`runtime.timing.interleave` with rounds of `block` timed calls: at least `iters` timed
+    calls each and `min_seconds` in total."""
+    block = max(1, min(block, iters)) if iters else block
+    rounds = max(1, -(-iters // block))
+    return interleave(calls, rounds=rounds, per_round=block, warmup=warmup, min_seconds=min_seconds)
 
 
 def _provider_note(backend: Backend) -> str:
@@ -313,12 +341,12 @@ def is_fp32_eager(row: BenchRow) -> bool:
 
 
 def _fill_ratios(rows: list[BenchRow], teacher: str = "teacher") -> None:
-    eager = {(r.model, r.batch): r.p50 for r in rows if is_fp32_eager(r)}
+    eager = {(r.model, r.batch): r.latency for r in rows if is_fp32_eager(r)}
     for r in rows:
         base = eager.get((r.model, r.batch))
-        r.ratio = r.p50 / base if base else None
+        r.ratio = r.latency / base if base else None
         base = eager.get((teacher, r.batch))
-        r.vs_teacher = r.p50 / base if base else None
+        r.vs_teacher = r.latency / base if base else None
 
 
 def _evaluate(backend: Backend, images: Any) -> float:

@@ -50,8 +50,8 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     show_ap = any(r.ap is not None for r in rows)
     show_first = any("compiled" in r.runtime for r in rows)
     head = (
-        "| model | runtime | precision | int8 target | MB | batch | p50 ms | ms/img | p99 ms "
-        "| img/s | vs own PyTorch fp32 eager | vs teacher PyTorch fp32 eager |"
+        "| model | runtime | precision | int8 target | MB | batch | ms (± spread) | ms/img "
+        "| p99 ms | img/s | vs own PyTorch fp32 eager | vs teacher PyTorch fp32 eager |"
     )
     sep = "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     if show_first:
@@ -75,7 +75,8 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     ):
         line = (
             f"| {r.model} | {r.runtime} | {r.precision} | {r.int8_target or '-'} | "
-            f"{r.size_mb:.1f} | {r.batch} | {r.p50:.2f} | {r.ms_per_image:.2f} | {r.p99:.2f} | "
+            f"{r.size_mb:.1f} | {r.batch} | {r.latency:.2f} ±{r.spread:.2f} | "
+            f"{r.ms_per_image:.2f} | {r.p99:.2f} | "
             f"{r.img_s:.1f} | {x(r.ratio)} | {x(r.vs_teacher)} |"
         )
         if show_first:
@@ -85,6 +86,12 @@ def format_table(rows: Sequence[BenchRow]) -> str:
             line += f" {r.ap:.1f} |" if r.ap is not None else " - |"
         lines.append(line)
     return "\n".join(lines)
+
+
+LATENCY_NOTE = (
+    "ms: per batch, the median over interleaved rounds of each round's fastest call, ± the "
+    "interquartile range of those minimums; p99 over every timed call; ratios of the ms column"
+)
 
 
 def rows_to_json(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
@@ -123,7 +130,7 @@ def plot_speed_accuracy(
                 textcoords="offset points",
             )
     where = "every batch" if batch is None else f"batch {batch}"
-    ax.set_xlabel(f"latency p50, ms / image ({where})")
+    ax.set_xlabel(f"latency, ms / image ({where}; median of per-round minimums)")
     ax.set_ylabel("COCO AP")
     ax.set_title("Speed vs accuracy")
     ax.grid(alpha=0.3)

@@ -206,6 +206,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from pgd_deploy.export import bench, bench_report
 
     batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
+    warnings: list[str] = []
     rows = bench.run_bench(
         bench.parse_targets(args.artifact),
         batches=batches,
@@ -219,8 +220,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         precisions=bench.torch_precisions(args.torch_precision, args.device),
         compile=args.compile,
         compile_mode=args.compile_mode,
+        warnings=warnings,
     )
     print(f"{bench_report.environment_line()}\n\n{bench_report.format_table(rows)}")
+    print(bench_report.LATENCY_NOTE)
+    for warning in warnings:
+        print(f"WARNING: {warning}")
     if args.json:
         from pgd_deploy.io_utils import write_json
 
