@@ -419,6 +419,28 @@ def test_a_plan_without_a_device_buffer_library_is_refused_first(
     assert not (tmp_path / "out").exists()
 
 
+def test_imgsz_defaults_to_the_size_the_checkpoint_was_trained_at(ckpt, tmp_path, caplog):
+    """It used to be 800x1344 whatever the checkpoint: a five-minute silent export of a 128-px
+    demo model that hit the 100-detections cap."""
+    flags = [f for f in FAST if f not in ("--imgsz", "64x96")]
+    with caplog.at_level("INFO", logger="pgd_deploy.export.pipeline"):
+        rc = main(["--checkpoint", str(ckpt), "--out", str(tmp_path), "--name", "m", *flags])
+    assert rc == 0
+    manifest = read_manifest(tmp_path / "m.onnx")
+    assert manifest["imgsz"] == [128, 128]  # its data config: min_size = max_size = 128
+    assert manifest["export_config"]["export"]["imgsz"] == [128, 128]
+    assert f"--imgsz 128x128: the size {ckpt} was trained and evaluated at" in caplog.text
+    assert "imgsz = [128, 128]" in (tmp_path / "m.export.toml").read_text()
+
+
+def test_help_says_where_the_default_input_size_comes_from(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "the size the checkpoint was trained and evaluated at" in " ".join(
+        capsys.readouterr().out.split()
+    )
+
+
 def test_an_output_folder_that_cannot_be_written_is_refused_first(ckpt, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")

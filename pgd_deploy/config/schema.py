@@ -60,6 +60,11 @@ class DataConfig:
     filter_empty: bool = False  # training: drop images with no annotation at all (mmdet)
     min_box_size: float = 0.0  # training: drop boxes narrower or shorter than this, px (mmdet: 1)
 
+    def input_size(self) -> tuple[int, int]:
+        """The (H, W) letterbox a model trained on this data is evaluated and served at:
+        min_size x max_size, each rounded up to a multiple of 32 (800x1333 -> 800x1344)."""
+        return (-(-self.min_size // 32) * 32, -(-self.max_size // 32) * 32)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -141,7 +146,9 @@ class ExportConfig:
     # symmetric int8 (zero point 0; the only choice for a plan); "auto" = tensorrt when a plan is
     # built, else cpu
     int8_target: Literal["auto", "cpu", "tensorrt"] = "auto"
-    imgsz: tuple[int, ...] = (800, 1344)  # (H, W) fixed letterbox input size
+    # (H, W) fixed letterbox input size; () = the size the checkpoint was trained and evaluated
+    # at (its data config: `DataConfig.input_size`, e.g. 800x1344 for COCO, 128x128 for the demo)
+    imgsz: tuple[int, ...] = ()
     batch_min: int = 1  # optimisation profile: smallest batch
     batch_opt: int = 8  # optimisation profile: batch tuned for
     batch_max: int = 16  # optimisation profile: largest batch

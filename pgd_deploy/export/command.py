@@ -87,7 +87,13 @@ def _export_parser() -> argparse.ArgumentParser:
         help="int8 Q/DQ rules: cpu = uint8 activations (ONNX Runtime on x86), tensorrt = "
         "symmetric int8 (plans, Triton plans); auto (default) = tensorrt when a plan is built",
     )
-    p.add_argument("--imgsz", type=parse_imgsz, help="fixed input HxW, multiples of 32")
+    p.add_argument(
+        "--imgsz",
+        type=parse_imgsz,
+        help="fixed input HxW, multiples of 32 (default: the size the checkpoint was trained and "
+        "evaluated at, from the data config it records: e.g. 800x1344 for COCO, 128x128 for "
+        "the demo models)",
+    )
     for flag in ("batch-min", "batch-opt", "batch-max"):
         p.add_argument(f"--{flag}", type=int, help="optimisation profile batch")
     p.add_argument(

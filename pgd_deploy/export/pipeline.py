@@ -14,12 +14,13 @@ artifact, marks its manifest "failed" and sets the exit code of the first failin
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pgd_deploy.config import ExportConfig, ExportJob, save_config, to_dict
 from pgd_deploy.export import qat_export
+from pgd_deploy.export.deploy_model import check_imgsz
 from pgd_deploy.export.gates import GateReport, run_gates
 from pgd_deploy.export.manifest import dense_twin_manifest, describe_io, record_gates
 from pgd_deploy.export.plan import DENSE_TWIN
@@ -107,6 +108,11 @@ def _prepare(checkpoint: str | Path, job: ExportJob, checked: Checked, tmp: Path
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     src = load_source(checkpoint, device)
+    if imgsz is None:  # the size the checkpoint was trained and evaluated at
+        imgsz = check_imgsz(src.config.data.input_size())
+        logger.info("--imgsz %dx%d: the size %s was trained and evaluated at", *imgsz, checkpoint)
+        cfg = replace(cfg, imgsz=imgsz)
+        job = replace(job, export=cfg)  # what the manifest and .export.toml record
     qat_export.check_qat_export(src, cfg.precision)
     postprocess = export_postprocess(src.postprocess_kwargs, cfg)
     fp32 = None

@@ -20,22 +20,23 @@ from pgd_deploy.export.triton import NAME, NAME_RULE
 
 @dataclass(frozen=True)
 class Checked:
-    """What `preflight` established: the input size, the batch profile, the export's name and
-    its (created, writable) output folder."""
+    """What `preflight` established: the input size (None: the checkpoint's, known once it is
+    loaded), the batch profile, the export's name and its (created, writable) output folder."""
 
-    imgsz: tuple[int, int]
+    imgsz: tuple[int, int] | None
     profile: Any
     name: str
     out: Path
 
 
-def validate_export_config(cfg: ExportConfig) -> tuple[tuple[int, int], Any]:
-    """Check the flags that do not need a checkpoint; returns ((H, W), batch profile).
+def validate_export_config(cfg: ExportConfig) -> tuple[tuple[int, int] | None, Any]:
+    """Check the flags that do not need a checkpoint; returns ((H, W) or None when --imgsz was
+    not given, batch profile).
 
     Raises:
         ValueError: the message names the flag and the expected value.
     """
-    imgsz = check_imgsz(tuple(cfg.imgsz))
+    imgsz = check_imgsz(tuple(cfg.imgsz)) if cfg.imgsz else None  # None: the checkpoint's
     profile = validate_profile(cfg.batch_min, cfg.batch_opt, cfg.batch_max)
     if not 7 <= cfg.opset <= 20:
         raise ValueError(f"--opset: expected 17 (7..20 accepted), got {cfg.opset}")

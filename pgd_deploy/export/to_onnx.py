@@ -203,7 +203,7 @@ def export_checkpoint_onnx(
     checkpoint: str | Path,
     out: str | Path,
     *,
-    imgsz: Sequence[int] = (800, 1344),
+    imgsz: Sequence[int] | None = None,
     batch: Sequence[int] = (1, 1, 8),
     simplify: bool = True,
 ) -> Path:
@@ -215,7 +215,8 @@ def export_checkpoint_onnx(
     Args:
         checkpoint: a checkpoint of this project.
         out: the `.onnx` file to write (its manifest goes beside it).
-        imgsz: (H, W) fixed input size, multiples of 32.
+        imgsz: (H, W) fixed input size, multiples of 32 (None: the size the checkpoint was
+            trained and evaluated at).
         batch: (min, opt, max) batch range recorded in the manifest.
 
     Raises:
@@ -225,7 +226,7 @@ def export_checkpoint_onnx(
 
     src = load_source(checkpoint)
     out = Path(out)
-    imgsz = check_imgsz(tuple(imgsz))
+    imgsz = check_imgsz(tuple(imgsz or src.config.data.input_size()))
     model = export_onnx(src.detector, imgsz=imgsz, simplify=simplify)
     manifest = onnx_manifest(src, model, imgsz=imgsz, batch=batch, status=STATUS_UNCHECKED)
     save_onnx(model, out, manifest)
