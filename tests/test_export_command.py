@@ -433,6 +433,35 @@ def test_imgsz_defaults_to_the_size_the_checkpoint_was_trained_at(ckpt, tmp_path
     assert "imgsz = [128, 128]" in (tmp_path / "m.export.toml").read_text()
 
 
+def test_the_map_gate_uses_the_checkpoints_own_labels_by_default(ckpt, tmp_path):
+    """It was skipped unless --val named the annotations, even for the checkpoint's own
+    annotated validation split (the synthetic shapes here)."""
+    argv = ["--checkpoint", str(ckpt), "--out", str(tmp_path), *FAST]
+    assert main([*argv, "--name", "own"]) == 0
+    manifest = read_manifest(tmp_path / "own.onnx")
+    gate = {r["name"]: r for r in manifest["gates"]["results"]}["map"]
+    assert gate["passed"] is True and gate["value"] != "skipped"
+    assert "with their labels" in manifest["gate_images"]
+    assert main([*argv, "--name", "unlabelled", "--no-own-val-labels"]) == 0
+    manifest = read_manifest(tmp_path / "unlabelled.onnx")
+    assert {r["name"]: r for r in manifest["gates"]["results"]}["map"]["value"] == "skipped"
+
+
+def test_a_dataset_roots_own_val_annotations_are_used(ckpt, tmp_path):
+    from pgd_deploy.checkpoint import load_checkpoint, save_checkpoint
+    from pgd_deploy.data.shapes import ShapesSpec, generate_shapes
+
+    root = generate_shapes(tmp_path / "data", train=1, val=3, spec=ShapesSpec(size=96))
+    state = load_checkpoint(ckpt)
+    state["config"]["data"].update(root=str(root), val_ann="annotations/val.json", val_images="val")
+    moved = save_checkpoint({k: v for k, v in state.items() if k != "format"}, tmp_path / "c.pt")
+    assert main(["--checkpoint", str(moved), "--out", str(tmp_path / "o"), *FAST]) == 0
+    manifest = read_manifest(tmp_path / "o" / "c_fp32.onnx")
+    assert manifest["gate_images"].startswith(str(root / "annotations" / "val.json"))
+    assert manifest["gates"]["images"] == 3  # all it has (4 asked)
+    assert {r["name"]: r for r in manifest["gates"]["results"]}["map"]["value"] != "skipped"
+
+
 def test_help_says_where_the_default_input_size_comes_from(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -173,6 +173,10 @@ class ExportConfig:
     name: str = ""  # artifact base name ("" = derived from the checkpoint)
     val: str = ""  # gate images: COCO JSON or dataset root (+ mAP gate), or a plain image folder
     val_images: str = ""  # image folder of a --val JSON ("" = beside the JSON or ../images)
+    # without --val: gate on the checkpoint's own annotated validation split (its data config's
+    # val_ann, or the synthetic shapes' labels), which turns the mAP gate on; false: its images
+    # without labels (no mAP gate)
+    own_val_labels: bool = True
     calib_data: str = ""  # int8 calibration image folder ("" = the checkpoint's training images)
     fp32_reference: str = ""  # QAT checkpoint: fp32 model of agreement/mAP ("" = its qat.init)
     trt_version_compatible: bool = False  # TensorRT VERSION_COMPATIBLE (lean runtime in the plan)

@@ -138,15 +138,16 @@ def render_image(
     return img, objects
 
 
-def _coco_split(out: Path, split: str, count: int, seed: int, spec: ShapesSpec) -> dict:
-    img_dir = out / split
-    img_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+def coco_split(
+    split: str, count: int, seed: int, spec: ShapesSpec
+) -> tuple[list[Image.Image], dict]:
+    """The first `count` images of a synthetic split, rendered in memory, and their COCO dict
+    (the same ids, boxes and categories that `generate_shapes` writes)."""
+    rendered, images, annotations = [], [], []
     for i in range(count):
         img, objects = render_image(seed, split, i, spec)
+        rendered.append(img)
         name = f"{i:06d}.jpg"
-        with atomic_open(img_dir / name) as fh:
-            img.save(fh, format="JPEG", quality=92)
         images.append({"id": i + 1, "file_name": name, "width": spec.size, "height": spec.size})
         for cls, (x1, y1, x2, y2) in objects:
             w, h = x2 - x1, y2 - y1
@@ -164,7 +165,17 @@ def _coco_split(out: Path, split: str, count: int, seed: int, spec: ShapesSpec) 
         {"id": k + 1, "name": SHAPE_CLASSES[k], "supercategory": "shape"}
         for k in range(spec.num_classes)
     ]
-    return {"images": images, "annotations": annotations, "categories": categories}
+    return rendered, {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _coco_split(out: Path, split: str, count: int, seed: int, spec: ShapesSpec) -> dict:
+    img_dir = out / split
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rendered, coco = coco_split(split, count, seed, spec)
+    for img, record in zip(rendered, coco["images"]):
+        with atomic_open(img_dir / record["file_name"]) as fh:
+            img.save(fh, format="JPEG", quality=92)
+    return coco
 
 
 def generate_shapes(

@@ -34,6 +34,7 @@ EXPORT_FLAGS = {  # CLI flag (argparse dest) -> ExportConfig key
     "iou": "iou",
     "val": "val",
     "val_images": "val_images",
+    "own_val_labels": "own_val_labels",
     "gate_images": "gate_images",
     "calib_images": "calib_images",
     "calib_method": "calib_method",
@@ -110,6 +111,13 @@ def _export_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--val", help="gate images: COCO JSON / dataset root (adds mAP) or a folder")
     p.add_argument("--val-images", help="image folder of a --val JSON")
+    p.add_argument(
+        "--own-val-labels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="without --val: gate on the checkpoint's own annotated validation split when its "
+        "labels are here, which adds the mAP gate (default on)",
+    )
     p.add_argument("--gate-images", type=int, help="images used by the gates")
     p.add_argument("--calib-images", type=int, help="int8 calibration images")
     p.add_argument("--calib-method", choices=choices(ExportConfig, "calib_method"))
@@ -178,6 +186,13 @@ def _bench_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--val", help="COCO JSON (or dataset root) for AP and the plot")
     p.add_argument("--val-images", help="image folder of a --val JSON")
+    p.add_argument(
+        "--own-val-labels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="without --val: gate on the checkpoint's own annotated validation split when its "
+        "labels are here, which adds the mAP gate (default on)",
+    )
     p.add_argument("--val-count", type=int, default=500, help="validation images for AP")
     p.add_argument("--plot", help="speed-accuracy PNG (needs --val)")
     p.add_argument("--json", help="also write the rows as JSON")

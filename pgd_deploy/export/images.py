@@ -1,8 +1,11 @@
 """Where gate and calibration images come from, letterboxed exactly as in serving.
 
 Gate images (`--gate-images N`): from `--val` when given (a COCO JSON or a dataset root, which also
-enables the mAP gate, or a plain folder of images), else from the checkpoint's own validation
-images, else the built-in synthetic images rendered in memory. Calibration images
+enables the mAP gate, or a plain folder of images), else the checkpoint's own validation split
+with its labels when they are here (its data config's `val_ann` and `val_images`, or the
+synthetic shapes rendered in memory with their boxes), which turns the mAP gate on by default
+(`export.own_val_labels = false`: the same images without labels), else its validation images
+without labels, else the built-in synthetic images. Calibration images
 (`--calib-images N`, int8): from `export.calib_data` when given, else the checkpoint's training
 images, else synthetic training images. Every choice is recorded in the manifest.
 """
@@ -105,6 +108,27 @@ def _synthetic(data: DataConfig, split: str, count: int) -> ImageSet:
     return ImageSet(source=f"synthetic shapes ({split}, seed {data.shapes_seed})", arrays=arrays)
 
 
+def _own_labelled_val(data: DataConfig, count: int) -> ImageSet | None:
+    """The checkpoint's own validation split with its annotations (mAP gate), or None when its
+    annotation file or images are not here."""
+    if not data.root:
+        from pgd_deploy.data.shapes import ShapesSpec, coco_split
+
+        spec = ShapesSpec(size=data.shapes_size)
+        rendered, coco = coco_split("val", min(count, data.shapes_val), data.shapes_seed, spec)
+        return ImageSet(
+            source=f"synthetic shapes (val, seed {data.shapes_seed}, with their labels)",
+            arrays=[np.asarray(img.convert("RGB")) for img in rendered],
+            image_ids=[r["id"] for r in coco["images"]],
+            annotations=coco,
+        )
+    ann, folder = Path(data.root) / data.val_ann, Path(data.root) / data.val_images
+    if ann.is_file() and folder.is_dir():
+        logger.info("gating on the checkpoint's own validation split %s (mAP gate on)", ann)
+        return _coco_set(ann, folder, count)
+    return None
+
+
 def _dataset_split(data: DataConfig, split: str, count: int) -> ImageSet | None:
     """The checkpoint's own images of `split`, label-free, or None when unavailable here."""
     if not data.root:
@@ -142,7 +166,8 @@ def gate_images(cfg: ExportConfig, data: DataConfig, count: int) -> ImageSet:
             f"--val {val}: expected a COCO annotation JSON, a dataset root with {data.val_ann}, "
             "or a folder of images"
         )
-    found = _dataset_split(data, "val", count)
+    found = _own_labelled_val(data, count) if cfg.own_val_labels else None
+    found = found if found is not None else _dataset_split(data, "val", count)
     return found if found is not None else _synthetic(data, "val", count)
 
 
