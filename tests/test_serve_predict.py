@@ -179,6 +179,15 @@ def test_eval_on_coco128_val_prints_metrics(
     ann.write_text(json.dumps(data))
     out = tmp_path / "out"
     argv = ["predict", "--model", str(model), "--source", str(ann), "--image-root", str(val)]
+    # The model's ids 1-3 are circle, square, triangle; in COCO they are person, bicycle, car.
+    # That used to give AP 0.0 without a word.
+    assert main([*argv, "--out", str(tmp_path / "refused"), "--eval", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "1: 'circle' vs 'person', 2: 'square' vs 'bicycle', 3: 'triangle' vs 'car'" in err
+    assert "the dataset it was trained on" in err and not (tmp_path / "refused").exists()
+    for category in data["categories"][:3]:  # a dataset labelled with the model's classes
+        category["name"] = ["circle", "Square", "triangle"][category["id"] - 1]
+    ann.write_text(json.dumps(data))
     assert main([*argv, "--out", str(out), "--eval", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "COCO bbox (12 images)" in printed and "AP50" in printed

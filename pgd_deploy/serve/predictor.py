@@ -130,11 +130,22 @@ def format_summary(summary: PredictSummary) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def check_evaluable(source: Source, category_ids: Sequence[int]) -> None:
-    """`--eval` needs a COCO source whose categories include the model's.
+def _same_name(a: str, b: str) -> bool:
+    """ "traffic light" = "Traffic_Light" = "traffic-light"."""
+    norm = lambda s: " ".join(str(s).replace("_", " ").replace("-", " ").lower().split())
+    return norm(a) == norm(b)
+
+
+def check_evaluable(
+    source: Source, category_ids: Sequence[int], class_names: Sequence[str] = ()
+) -> None:
+    """`--eval` needs a COCO source whose categories include the model's, under the same names
+    (a shapes model's ids 1-3 exist in COCO too, as person, bicycle, car: an AP of 0.0 without a
+    word). Default names ("0", "1", ...) say nothing and are not compared.
 
     Raises:
-        ValueError: not a COCO JSON source, or category ids the annotations do not have.
+        ValueError: not a COCO JSON source, category ids the annotations do not have, or ids
+            whose names differ (the message lists both).
     """
     if source.annotations is None:
         raise ValueError(
@@ -146,6 +157,23 @@ def check_evaluable(source: Source, category_ids: Sequence[int]) -> None:
         raise ValueError(
             f"{source.spec}: field 'categories' lacks the model's category ids {unknown[:10]} "
             "(was the model trained on another label set?)"
+        )
+    if list(class_names) == [str(i) for i in range(len(class_names))]:
+        return
+    theirs = dict(zip(source.annotations.category_ids, source.annotations.class_names))
+    differ = [
+        (cid, mine, theirs[cid])
+        for cid, mine in zip(category_ids, class_names)
+        if not _same_name(mine, theirs[cid])
+    ]
+    if differ:
+        shown = ", ".join(f"{cid}: {mine!r} vs {other!r}" for cid, mine, other in differ[:10])
+        raise ValueError(
+            f"{source.spec}: the model's category ids name other classes in these annotations "
+            f"(id: model vs annotations: {shown}{', ...' if len(differ) > 10 else ''}), so "
+            f"--eval would score detections against the wrong objects (AP near 0). The model's "
+            f"classes: {list(class_names)[:20]}; the annotations': "
+            f"{[theirs[c] for c in category_ids][:20]}. Evaluate on the dataset it was trained on"
         )
 
 
@@ -244,7 +272,7 @@ def run_predict(
     # same label + 1 convention, for any label.
     category_ids = backend.category_ids
     if evaluate:
-        check_evaluable(source, category_ids)
+        check_evaluable(source, category_ids, backend.class_names)
     category_ids = category_ids or range(1, 1 << 31)
     out_dir = Path(out_dir)
     thresholds = {"score_thresh": score_thresh, "nms_thresh": nms_thresh, "max_det": max_det}
