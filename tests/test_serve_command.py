@@ -60,7 +60,7 @@ def test_config_layers_defaults_toml_set_and_flags(tmp_path: Path) -> None:
     demo = _config(
         _parser().parse_args(["demo", "--teacher", "a", "--student", "b", "--score-thresh", "0.5"])
     )
-    assert demo.draw_score == 0.5  # the demo's score slider starts there
+    assert demo.demo_score == 0.5  # the demo's score slider starts there
 
 
 def test_unknown_config_key_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

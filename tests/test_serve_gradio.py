@@ -74,7 +74,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         warmup=1,
         max_pixels=2_000_000,
         max_upload_mb=2,
-        draw_score=SCORE,  # where the score slider starts
+        demo_score=SCORE,  # where the score slider starts
         max_det=15,  # fewer boxes keep the screenshot readable
     )
     models = [DemoModel("teacher", teacher, load_backend(teacher))]

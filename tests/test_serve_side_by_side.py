@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 from pathlib import Path
 
@@ -116,3 +117,37 @@ def test_teacher_and_student_must_share_classes(app: DemoApp) -> None:
     other.class_names = ["cat", "dog", "bird"]
     with pytest.raises(ValueError, match="predict different classes"):
         DemoApp(teacher, DemoModel("student", student.path, other), ServeConfig())
+
+
+def test_no_box_on_either_side_is_nothing_to_compare(app: DemoApp) -> None:
+    """It used to report 100 % agreement when both models found nothing."""
+    image = np.asarray(render_image(0, "val", 1)[0])
+    comp, _ = app.detect(image, 0.99, 0.6)
+    assert len(comp.teacher.detections) == len(comp.student.detections) == 0
+    assert comp.agreement is None and comp.to_dict()["agreement"] is None
+    pytest.importorskip("gradio")
+    from pgd_deploy.serve.gradio_app import comparison_html
+
+    panel = comparison_html(comp)
+    assert "nothing to compare" in panel and "100%" not in panel
+
+
+def test_the_score_slider_starts_where_both_models_show_boxes(app: DemoApp) -> None:
+    images = [np.asarray(render_image(0, "val", i)[0]) for i in range(3)]
+    start = app.start_score(images)
+    assert 0.05 <= start <= DemoApp.START_MAX and round(start / 0.05, 6).is_integer()
+    for model in app.models:  # at the start, each shows its boxes (3 per image on average)
+        shown = [len(model.postprocess(model.run(im), start, 0.6)[0]) for im in images]
+        assert sum(shown) >= DemoApp.START_BOXES * len(images), (model.role, start, shown)
+    higher = round(start + 0.05, 2)
+    if higher <= DemoApp.START_MAX:  # and it is the highest such threshold
+        fewest = min(
+            sum(len(m.postprocess(m.run(im), higher, 0.6)[0]) for im in images) for m in app.models
+        )
+        assert fewest < DemoApp.START_BOXES * len(images)
+    cfg = app.cfg
+    app.cfg = dataclasses.replace(cfg, demo_score=0.42)  # --score-thresh wins
+    try:
+        assert app.start_score(images) == 0.42
+    finally:
+        app.cfg = cfg

@@ -229,7 +229,10 @@ class ServeConfig:
     max_pixels: int = 40_000_000  # decode limit (decompression bombs are refused)
     history: int = 50  # requests kept in the latency chart
     warmup: int = 3  # warm-up runs before timing
-    draw_score: float = 0.3  # minimum score drawn on annotated images; the demo's default slider
+    draw_score: float = 0.3  # minimum score drawn on annotated images (predict --save-images)
+    # where the demo's score slider starts; unset: from the models' own scores on the examples
+    # (the highest threshold at which both still show their boxes: `DemoApp.start_score`)
+    demo_score: float | None = None
     decode_timeout: float = 60.0  # seconds one image may take to decode before it is a failure
     # checkpoints (.pt) only: autocast precision (fp16: CUDA; outputs stay fp32), torch.compile,
     # NHWC (auto: CUDA at fp16/bf16); anything but fp32 eager is gated against fp32 eager on the

@@ -24,7 +24,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--score-thresh",
         type=float,
-        help="minimum score (predict default: the artifact's; demo: where the slider starts, 0.3)",
+        help="minimum score (predict default: the artifact's; demo: where the slider starts, "
+        "default from the models' own scores on the examples)",
     )
     p.add_argument("--nms-thresh", type=float, help="class-aware NMS IoU (default: the artifact's)")
     p.add_argument(
@@ -119,7 +120,7 @@ def _config(args: argparse.Namespace) -> ServeConfig:
         "queue_size": getattr(args, "queue_size", None),
         "max_det": getattr(args, "max_det", None),
         # the demo's --score-thresh is where its score slider starts
-        "score_thresh" if args.command == "predict" else "draw_score": args.score_thresh,
+        "score_thresh" if args.command == "predict" else "demo_score": args.score_thresh,
         "nms_thresh": args.nms_thresh,
         "host": getattr(args, "host", None),
         "port": getattr(args, "port", None),

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 # would only queue inside the backend and inflate the latency the demo reports.
 MODEL_CONCURRENCY = 1
 MAX_WAITING = 16  # requests queued beyond this are refused ("queue full")
+START_EXAMPLES = 6  # examples the slider's starting score is chosen on (`DemoApp.start_score`)
 RERENDER_CONCURRENCY = 4  # slider re-renders: numpy post-processing only
 COLOR_MAP = {"teacher": "#1f77b4", "student": "#ff7f0e"}
 CSS = """
@@ -76,8 +77,10 @@ def comparison_html(comparison: Comparison) -> str:
         ),
         (
             "",
-            f"{100 * comparison.agreement:.0f}%",
-            f"agreement · {comparison.matched} matched pairs",
+            "–" if comparison.agreement is None else f"{100 * comparison.agreement:.0f}%",
+            "agreement · nothing to compare: neither model has a box at this score"
+            if comparison.agreement is None
+            else f"agreement · {comparison.matched} matched pairs",
         ),
         ("pgd-warn" if t_only else "", str(t_only), "teacher only (missed by the student)"),
         ("pgd-warn" if s_only else "", str(s_only), "student only (not in the teacher)"),
@@ -116,7 +119,9 @@ def _layout(gr: Any, app: DemoApp, examples: Sequence[str | Path]) -> SimpleName
                 label=f"Input (≤ {cfg.max_upload_mb:g} MB, ≤ {cfg.max_pixels / 1e6:g} MP)",
                 height=320,
             )
-            ui.score = gr.Slider(0.0, 1.0, value=cfg.draw_score, step=0.01, label="Score threshold")
+            ui.score = gr.Slider(
+                0.0, 1.0, value=app.score_start, step=0.01, label="Score threshold"
+            )
             nms = cfg.nms_thresh  # none: the student artifact's own
             if nms is None:
                 nms = student.backend.postprocess_kwargs["nms_thresh"]
@@ -325,6 +330,12 @@ def serve(app: DemoApp, examples: DemoExamples | None, *, block: bool = True) ->
     images = examples.images if examples is not None else []
     app.warmup(load_image(images[0]) if images else np.zeros((64, 64, 3), np.uint8))
     logger.info("warmed up: %s; %s", *(m.describe() for m in app.models))
+    app.score_start = app.start_score([load_image(p) for p in images[:START_EXAMPLES]])
+    logger.info(
+        "the score slider starts at %.2f (%s)",
+        app.score_start,
+        "--score-thresh" if cfg.demo_score is not None else "where both models show their boxes",
+    )
     demo = build_demo(app, images)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: the demo is reachable from other machines", cfg.host)

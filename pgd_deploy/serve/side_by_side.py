@@ -153,10 +153,11 @@ class Comparison:
         return int(self.teacher.matched.sum())
 
     @property
-    def agreement(self) -> float:
-        """Share of all boxes that have a partner: 2 * matched / (teacher + student); 1 if none."""
+    def agreement(self) -> float | None:
+        """Share of all boxes that have a partner: 2 * matched / (teacher + student); None when
+        neither model has a box (nothing to compare: it used to read 100 %)."""
         total = len(self.teacher.detections) + len(self.student.detections)
-        return 1.0 if total == 0 else 2.0 * self.matched / total
+        return None if total == 0 else 2.0 * self.matched / total
 
     @property
     def speedup(self) -> float:
@@ -172,7 +173,7 @@ class Comparison:
             "score_thresh": self.score_thresh,
             "nms_thresh": self.nms_thresh,
             "agreement_iou": AGREEMENT_IOU,
-            "agreement": round(self.agreement, 4),
+            "agreement": None if self.agreement is None else round(self.agreement, 4),
             "matched": self.matched,
             "speedup": round(self.speedup, 3),
             "infer_speedup": round(self.infer_speedup, 3),
@@ -285,10 +286,39 @@ class DemoApp:
         self.models = (teacher, student)
         self.cfg = cfg
         self.history = LatencyHistory(cfg.history)
+        # where the score slider starts (`start_score`, set when the demo is served)
+        self.score_start = cfg.demo_score if cfg.demo_score is not None else 0.3
 
     def warmup(self, image: np.ndarray) -> None:
         for model in self.models:
             model.warmup(image, self.cfg.warmup)
+
+    START_BOXES = 3  # boxes per example image each model should show where the slider starts
+    START_MAX = 0.5
+
+    def start_score(self, images: Sequence[np.ndarray]) -> float:
+        """Where the score slider starts: `cfg.demo_score` when set, else the highest threshold
+        (a multiple of 0.05, 0.05 to `START_MAX`) at which each model still shows, over
+        `images`, `START_BOXES` boxes per image on average (or every box it has above 0.05).
+        A fixed 0.3 showed 0 to 2 boxes on the demo models' examples."""
+        if self.cfg.demo_score is not None:
+            return float(self.cfg.demo_score)
+        nms = self.cfg.nms_thresh
+        lowest = []
+        for model in self.models:
+            threshold = nms if nms is not None else model.backend.postprocess_kwargs["nms_thresh"]
+            scores = sorted(
+                (
+                    float(s)
+                    for image in images
+                    for s in model.postprocess(model.run(image), 0.05, threshold)[0].scores
+                ),
+                reverse=True,
+            )
+            if scores:
+                lowest.append(scores[min(self.START_BOXES * len(images), len(scores)) - 1])
+        start = min(lowest) if lowest else 0.05
+        return round(min(self.START_MAX, max(0.05, np.floor(start / 0.05 + 1e-6) * 0.05)), 2)
 
     def decode(self, payload: Any) -> np.ndarray:
         """The uploaded image (a gradio FileData dict, a path or a data URL) as uint8 RGB.
