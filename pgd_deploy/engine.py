@@ -25,6 +25,7 @@ from pgd_deploy.data.dataset import Batch, DetectionDataset, build_dataset, coll
 from pgd_deploy.devices import autocast_setup, memory_format_for
 from pgd_deploy.metrics import AP_KEYS, detections_to_coco, evaluate_coco
 from pgd_deploy.models import build_detector, load_detector
+from pgd_deploy.progress import Progress
 from pgd_deploy.schedule import Schedule, build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -253,15 +254,19 @@ def evaluate(
     results: list[dict] = []
     unreadable: list[tuple[str, str]] = []
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    for start in range(0, len(indices), batch_size):
-        batch = collate([dataset[i] for i in indices[start : start + batch_size]])
-        unreadable.extend((f.file_name, f.reason) for f in batch.failures)
-        if len(batch) == 0:
-            continue
-        with amp:
-            dets = detector.predict(batch.images.to(device), batch.transforms)
-        for image_id, det in zip(batch.image_ids, dets):
-            results.extend(detections_to_coco(image_id, det, dataset.coco.category_ids))
+    where = f"evaluating on {len(dataset)} images of {dataset.coco.path.name}"
+    with Progress(len(indices), where, unit="img", enabled=dist.is_main()) as bar:
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            batch = collate([dataset[i] for i in chunk])
+            unreadable.extend((f.file_name, f.reason) for f in batch.failures)
+            bar.update(len(chunk))
+            if len(batch) == 0:
+                continue
+            with amp:
+                dets = detector.predict(batch.images.to(device), batch.transforms)
+            for image_id, det in zip(batch.image_ids, dets):
+                results.extend(detections_to_coco(image_id, det, dataset.coco.category_ids))
     detector.train(was_training)
     gathered = dist.all_gather_objects((results, unreadable))
     unreadable = [f for _, part in gathered for f in part]

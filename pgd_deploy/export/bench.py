@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from pgd_deploy.progress import Progress
 from pgd_deploy.runtime.backends import Backend, load_backend
 from pgd_deploy.runtime.manifest import read_manifest
 from pgd_deploy.runtime.timing import OtherLoad, RobustLatency, interleave, latency_warnings
@@ -226,7 +227,10 @@ def run_bench(
             spreads).
     """
     loaded = _backends(targets, imgsz, threads, device, precisions, compile, compile_mode)
-    aps = [_evaluate(b, val_images) if val_images is not None else None for _, b, _, _ in loaded]
+    aps = [
+        _evaluate(b, val_images, f"{label} {b.describe()}") if val_images is not None else None
+        for label, b, _, _ in loaded
+    ]
     rows: list[BenchRow] = []
     for batch in batches:
         runnable = [i for i, (_, b, _, path) in enumerate(loaded) if batch <= b.max_batch]
@@ -234,8 +238,12 @@ def run_bench(
             logger.warning("%s: batch %d exceeds its profile, skipped", loaded[i][3], batch)
         calls = [_call(loaded[i][1], batch) for i in runnable]
         firsts = [_first_call(call) for call in calls]
-        with OtherLoad() as load:
-            stats = _interleaved(calls, warmup=warmup, iters=iters, min_seconds=min_seconds)
+        rounds = max(1, -(-iters // 5))
+        desc = f"timing {len(calls)} runtimes at batch {batch}, interleaved"
+        with OtherLoad() as load, Progress(rounds, desc, unit="round") as bar:
+            stats = _interleaved(
+                calls, warmup=warmup, iters=iters, min_seconds=min_seconds, progress=bar.update
+            )
         if warnings is not None:
             warnings += latency_warnings([], load)
         for i, st, first in zip(runnable, stats, firsts):
@@ -313,13 +321,27 @@ def _call(backend: Backend, batch: int) -> Any:
 
 
 def _interleaved(
-    calls: Sequence[Any], *, warmup: int, iters: int, min_seconds: float, block: int = 5
+    calls: Sequence[Any],
+    *,
+    warmup: int,
+    iters: int,
+    min_seconds: float,
+    block: int = 5,
+    progress: Any = None,
 ) -> list[RobustLatency]:
     """`runtime.timing.interleave` with rounds of `block` timed calls: at least `iters` timed
-    calls each and `min_seconds` in total."""
+    calls each and `min_seconds` in total (`progress(1)` after each round)."""
     block = max(1, min(block, iters)) if iters else block
     rounds = max(1, -(-iters // block))
-    return interleave(calls, rounds=rounds, per_round=block, warmup=warmup, min_seconds=min_seconds)
+    step = (lambda _: progress(1)) if progress is not None else None
+    return interleave(
+        calls,
+        rounds=rounds,
+        per_round=block,
+        warmup=warmup,
+        min_seconds=min_seconds,
+        progress=step,
+    )
 
 
 def _provider_note(backend: Backend) -> str:
@@ -349,12 +371,15 @@ def _fill_ratios(rows: list[BenchRow], teacher: str = "teacher") -> None:
         r.vs_teacher = r.latency / base if base else None
 
 
-def _evaluate(backend: Backend, images: Any) -> float:
+def _evaluate(backend: Backend, images: Any, what: str = "") -> float:
     from pgd_deploy.metrics import detections_to_coco, evaluate_coco
 
     results = []
     ids = iter(images.image_ids)
-    for batch, transforms in images.batches(backend.input_size, min(8, backend.max_batch)):
-        for det in backend.postprocess(backend.infer(batch), transforms):
-            results += detections_to_coco(next(ids), det, backend.category_ids)
+    batches = images.batches(backend.input_size, min(8, backend.max_batch))
+    with Progress(len(images), f"AP of {what or backend.describe()}", unit="img") as bar:
+        for batch, transforms in batches:
+            for det in backend.postprocess(backend.infer(batch), transforms):
+                results += detections_to_coco(next(ids), det, backend.category_ids)
+            bar.update(len(transforms))
     return 100.0 * evaluate_coco(images.annotations, results, image_ids=images.image_ids)["AP"]

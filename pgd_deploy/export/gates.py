@@ -27,6 +27,7 @@ import numpy as np
 from pgd_deploy.config import GatesConfig
 from pgd_deploy.export.images import ImageSet
 from pgd_deploy.export.parity import ParityReport, compare
+from pgd_deploy.progress import Progress
 from pgd_deploy.runtime.agreement import detection_agreement
 from pgd_deploy.structures import Detections
 
@@ -269,14 +270,17 @@ def run_gates(
         ref_dets.extend(accurate.postprocess(ref_out, transforms, **ref_post))
         out = dense_out if candidate is dense else candidate.infer(batch)
         cand_dets.extend(candidate.postprocess(out, transforms, **post))
+        bar.update(len(transforms))
 
-    parity = compare(
-        reference,
-        dense,
-        (b for b, _ in items),
-        on_batch=collect,
-        **parity_tolerances(precision, gates),
-    )
+    what = f"gates of {artifact}" if artifact else "gates"
+    with Progress(len(images), f"{what} (parity, agreement, mAP)", unit="img") as bar:
+        parity = compare(
+            reference,
+            dense,
+            (b for b, _ in items),
+            on_batch=collect,
+            **parity_tolerances(precision, gates),
+        )
     report = GateReport(artifact, precision, parity.images, images.source)
     report.results.append(_parity_result(parity))
     agreement = _agreement_result(

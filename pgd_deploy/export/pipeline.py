@@ -26,6 +26,7 @@ from pgd_deploy.export.manifest import dense_twin_manifest, describe_io, record_
 from pgd_deploy.export.plan import DENSE_TWIN
 from pgd_deploy.export.preflight import Checked, preflight, resolve_int8_target, wants_plan
 from pgd_deploy.io_utils import atomic_write_text, remove_stale_temp_files, scratch_folder
+from pgd_deploy.progress import timed_step
 from pgd_deploy.runtime.manifest import write_manifest
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ def _convert(ctx: ExportContext, dense: Any) -> tuple[Any, dict[str, Any]]:
 
     cfg = ctx.cfg
     if cfg.precision == "fp16":
-        return precision.convert_fp16(dense)
+        with timed_step("converting to mixed fp16 (onnxconverter-common)", logger):
+            return precision.convert_fp16(dense)
     if cfg.precision == "int8" and ctx.fp32_reference is not None:
         path = ctx.fp32_reference.path
         return qat_export.learned_int8(dense, ctx.src, ctx.int8_target, path)
@@ -167,6 +169,7 @@ def _convert(ctx: ExportContext, dense: Any) -> tuple[Any, dict[str, Any]]:
             method=cfg.calib_method,
             calib_source=calib.source,
             target=ctx.int8_target,
+            calib_total=len(calib),
         )
     return dense, {"precision": "fp32", "tool": "torch.onnx.export (no conversion)"}
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pgd_deploy.export.deploy_model import INPUT_NAME
+from pgd_deploy.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -257,15 +258,18 @@ def _calibration_providers() -> list[str]:
 class _Reader:
     """`CalibrationDataReader` over float32 batches [b, 3, H, W] (duck-typed, see quantize)."""
 
-    def __init__(self, batches: Iterable[np.ndarray]) -> None:
+    def __init__(self, batches: Iterable[np.ndarray], progress: Any = None) -> None:
         self._it: Iterator[np.ndarray] = iter(batches)
         self.images = 0
+        self._progress = progress
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._it, None)
         if batch is None:
             return None
         self.images += len(batch)
+        if self._progress is not None:
+            self._progress.update(len(batch))
         return {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
 
 
@@ -277,6 +281,7 @@ def quantize_int8(
     per_channel: bool = True,
     calib_source: str = "",
     target: str = "tensorrt",
+    calib_total: int | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Static (post-training) int8 Q/DQ quantization with the rules of an int8 target.
 
@@ -288,6 +293,7 @@ def quantize_int8(
         per_channel: per-output-channel weight scales (TensorRT supports them on Conv weights).
         calib_source: where the calibration images came from (recorded).
         target: "tensorrt" (symmetric int8, zero point 0) or "cpu" (U8S8), see `qdq.py`.
+        calib_total: how many calibration images there are (the progress bar's total).
 
     Returns:
         (the quantized ModelProto, the precision recipe for the manifest).
@@ -306,8 +312,12 @@ def quantize_int8(
     model = name_nodes(onnx.shape_inference.infer_shapes(model))
     islands = find_fp32_islands(model)
     excluded = [*islands.tail, *islands.predictors]
-    reader = _Reader(calib_batches)
-    quantized = _quantize_static(quant, onnx, model, reader, method, per_channel, excluded, target)
+    desc = f"int8 calibration ({method}, {target} target)"
+    with Progress(calib_total, desc, unit="img") as bar:
+        reader = _Reader(calib_batches, bar)
+        quantized = _quantize_static(
+            quant, onnx, model, reader, method, per_channel, excluded, target
+        )
     if reader.images == 0:
         raise ValueError("int8 calibration: no calibration images were given")
     recipe = {

@@ -27,6 +27,7 @@ from pgd_deploy.export.deploy_model import (
 )
 from pgd_deploy.export.manifest import STATUS_UNCHECKED, build_manifest, describe_io, source_info
 from pgd_deploy.io_utils import atomic_write_bytes
+from pgd_deploy.progress import timed_step
 from pgd_deploy.runtime.backends import ONNX_METADATA_KEY
 from pgd_deploy.runtime.contract import ONNX_METADATA_FIELDS
 from pgd_deploy.runtime.manifest import write_manifest
@@ -122,7 +123,8 @@ def export_onnx(
     wrapper = DeployModel(detector).eval()
     device = next(detector.parameters()).device
     example = torch.zeros(example_batch, 3, h, w, device=device)
-    with torch.no_grad():
+    what = f"exporting the network to ONNX ({exporter} exporter, opset {opset}, {h}x{w})"
+    with torch.no_grad(), timed_step(what, logger):
         raw = (_export_legacy if exporter == "legacy" else _export_dynamo)(wrapper, example, opset)
     model = onnx.load_from_string(raw)
     if simplify:
@@ -168,7 +170,8 @@ def simplify_onnx(model: Any) -> Any:
     try:
         import onnxslim
 
-        slimmed = onnxslim.slim(model)
+        with timed_step("simplifying the graph (onnxslim)", logger):
+            slimmed = onnxslim.slim(model)
     except Exception as err:  # onnxslim raises many kinds of errors; never fatal by design
         logger.warning("onnxslim failed, keeping the unsimplified model: %s", err)
         return model

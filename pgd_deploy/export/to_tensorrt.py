@@ -22,6 +22,7 @@ from typing import Any
 
 from pgd_deploy.export.nms import SMALL_NMS_SM, TRT_NMS_BOXES, TRT_NMS_BOXES_SMALL
 from pgd_deploy.io_utils import atomic_write_bytes
+from pgd_deploy.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +249,9 @@ def build_engine(
     opt_profile.set_shape(input_name, min=lo, opt=opt, max=hi)
     config.add_optimization_profile(opt_profile)
     cache = _load_timing_cache(config, timing_cache)
+    monitor = build_progress(trt)
+    if monitor is not None:
+        config.progress_monitor = monitor  # kept alive by `monitor` until the build returns
     plan, seconds = _serialize(builder, network, config, trt_logger)
     atomic_write_bytes(plan_path, plan)
     if cache is not None and timing_cache:
@@ -267,11 +271,49 @@ def build_engine(
     )
 
 
+def build_progress(trt: Any) -> Any:
+    """A `trt.IProgressMonitor` that shows the builder's phases (tactic selection can take many
+    minutes) as progress bars and logs each top-level phase with its duration; None when this
+    TensorRT has no progress monitor API (before 10)."""
+    base = getattr(trt, "IProgressMonitor", None)
+    if base is None:
+        return None
+
+    class BuildProgress(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            base.__init__(self)  # the bindings require the base constructor to run
+            self.bars: dict[str, Progress] = {}
+            self.started: dict[str, float] = {}
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            bar = Progress(num_steps or None, f"TensorRT: {phase_name}", unit="step")
+            self.bars[phase_name] = bar.__enter__()
+            self.started[phase_name] = time.perf_counter()
+            if parent_phase is None:
+                logger.info("TensorRT build: %s ...", phase_name)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            if phase_name in self.bars:
+                self.bars[phase_name].update(1)
+            return True  # never cancel the build
+
+        def phase_finish(self, phase_name: str) -> None:
+            bar = self.bars.pop(phase_name, None)
+            if bar is not None:
+                bar.__exit__(None, None, None)
+            seconds = time.perf_counter() - self.started.pop(phase_name, time.perf_counter())
+            logger.debug("TensorRT build: %s done in %.1f s", phase_name, seconds)
+
+    return BuildProgress()
+
+
 def _serialize(builder: Any, network: Any, config: Any, trt_logger: Any) -> tuple[bytes, float]:
     """(plan bytes, build seconds); raises TensorRTBuildError with TensorRT's errors."""
     start = time.perf_counter()
+    logger.info("building the TensorRT engine (minutes: tactic selection for this GPU) ...")
     plan = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
+    logger.info("TensorRT engine built in %.1f s", seconds)
     if plan is None:
         raise TensorRTBuildError(
             "TensorRT build_serialized_network failed:\n  "
