@@ -5,12 +5,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# A CPU-only machine: `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu` installs
+# PyTorch's CPU wheels from PyTorch's own index first (the default wheels carry CUDA: a 6.4 GB
+# venv); everything else then comes from PyPI as usual.
+TORCH_INDEX ?=
 
 .PHONY: install demo test test-isa lint mutate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet --index-url $(TORCH_INDEX) 'torch>=2.4' 'torchvision>=0.19')
 	$(PY) -m pip install --quiet -e '.[train,export,qat,serve,dev]'
 	touch $(STAMP)
 

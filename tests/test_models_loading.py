@@ -108,3 +108,26 @@ def test_unreadable_and_foreign_files(tmp_path: Path) -> None:
     torch.save({"backbone.x": torch.zeros(1)}, no_head)
     with pytest.raises(CheckpointError, match="not an FCOS detector checkpoint"):
         load_detector(no_head, device="cpu", default_depth=18)
+
+
+def test_imagenet_weights_offline_say_what_to_do(tmp_path, monkeypatch, capsys) -> None:
+    """Training offline with model.weights='imagenet' failed with a bare urlopen error."""
+    import urllib.error
+
+    from pgd_deploy.cli import train_main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache: it downloads
+
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    recipe = Path(__file__).resolve().parents[1] / "train" / "quickstart_student.toml"
+    argv = ["fit", "--recipe", str(recipe), "--work-dir", str(tmp_path / "w")]
+    rc = train_main([*argv, "--set", "model.weights='imagenet'", "--set", "train.max_iters=1"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "the ImageNet weights of resnet" in err and "could not be downloaded" in err
+    assert "Temporary failure in name resolution" in err
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in err
+    assert "--set model.weights=none" in err and "Traceback" not in err

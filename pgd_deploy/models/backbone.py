@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import urllib.error
 from pathlib import Path
 
 import torch
@@ -74,6 +75,17 @@ class ResNetFPN(nn.Module):
         return list(self.fpn(self.body(images)).values())
 
 
+def _download_failed(name: str, url: str, err: BaseException) -> str:
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    reason = getattr(err, "reason", None) or err
+    return (
+        f"model.weights='imagenet': the ImageNet weights of {name} could not be downloaded from "
+        f"{url} ({reason}). Without internet: copy that file to {cache} (where torchvision "
+        f"looks first), or give its path with --set model.weights=/path/{Path(url).name}, or "
+        "train from scratch with --set model.weights=none (slower to converge)"
+    )
+
+
 def _resnet(depth: int, weights: str) -> tuple[nn.Module, bool]:
     """torchvision ResNet of `depth`; returns (model, pretrained)."""
     if depth not in RESNET_DEPTHS:
@@ -84,7 +96,12 @@ def _resnet(depth: int, weights: str) -> tuple[nn.Module, bool]:
     if weights == "imagenet":
         enum = torchvision.models.get_model_weights(name)
         # IMAGENET1K_V1 is the checkpoint MMDetection and the PGD paper start from.
-        model = torchvision.models.get_model(name, weights=enum.IMAGENET1K_V1, norm_layer=FrozenBN)
+        try:
+            model = torchvision.models.get_model(
+                name, weights=enum.IMAGENET1K_V1, norm_layer=FrozenBN
+            )
+        except (urllib.error.URLError, OSError) as err:  # offline, a proxy, a full disk
+            raise RuntimeError(_download_failed(name, enum.IMAGENET1K_V1.url, err)) from None
         return model, True
     path = Path(weights)
     if not path.is_file():
