@@ -88,6 +88,23 @@ def test_speed_accuracy_plot(tmp_path):
     ]
     path = plot_speed_accuracy(rows, tmp_path / "plot.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the points carry numbers, the key beside the plot says what they are: the full labels on
+    # the points overlapped (here the three student rows lie within 15 ms and 0.1 AP)
+    import matplotlib.pyplot as plt
+
+    from pgd_deploy.export.bench_report import speed_accuracy_figure
+
+    fig = speed_accuracy_figure(rows)
+    plot, key = fig.axes
+    fig.canvas.draw()
+    marks = plot.texts
+    assert [t.get_text() for t in marks] == ["1", "2", "3", "4"]
+    boxes = [t.get_window_extent() for t in marks]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    (listing,) = key.texts
+    assert "3  student: onnxruntime fp32 bs1" in listing.get_text()
+    assert "4  student: onnxruntime fp32 bs8" in listing.get_text()
+    plt.close(fig)
     with pytest.raises(ValueError, match="--val"):
         plot_speed_accuracy([_row("s", "torch", 1.0)], tmp_path / "none.png")
 

@@ -462,6 +462,45 @@ def test_a_dataset_roots_own_val_annotations_are_used(ckpt, tmp_path):
     assert {r["name"]: r for r in manifest["gates"]["results"]}["map"]["value"] != "skipped"
 
 
+@pytest.mark.parametrize(
+    "checkpoint, overrides, name",
+    [
+        ("runs/teacher/best.pt", {}, "teacher_fp32"),
+        ("runs/student/best.pt", {"precision": "fp16"}, "student_fp16"),
+        ("runs/student/last.pt", {}, "student_last_fp32"),
+        ("exports/pgd.pt", {"nms": "onnx"}, "pgd_fp32_nms"),
+        ("runs/pgd/best.pt", {"precision": "int8"}, "pgd_int8_cpu"),
+        ("runs/pgd/best.pt", {"precision": "int8", "int8_target": "tensorrt"}, "pgd_int8_tensorrt"),
+        ("runs/pgd/best.pt", {"precision": "int8", "format": "tensorrt"}, "pgd_int8"),  # a plan
+    ],
+)
+def test_default_names_do_not_collide(checkpoint, overrides, name):
+    """runs/teacher/best.pt and runs/student/best.pt were both 'best_fp32', and the two int8
+    targets wrote the same file, the second export overwriting the first."""
+    from pgd_deploy.config import ExportConfig
+    from pgd_deploy.export.preflight import default_name
+
+    assert default_name(checkpoint, ExportConfig(**overrides)) == name
+
+
+def test_a_default_name_taken_by_another_checkpoint_is_refused(ckpt, tmp_path, capsys):
+    first, second = tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(ckpt.read_bytes())
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(first), "--out", str(out), *FAST]) == 0
+    assert main(["--checkpoint", str(second), "--out", str(out), *FAST]) == 0  # same sha256
+    other = make_checkpoint(tmp_path / "c" / "model.pt", seed=3)
+    capsys.readouterr()
+    assert main(["--checkpoint", str(other), "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'model_fp32.onnx'} is the export of another checkpoint ({second})" in err
+    assert "--name" in err
+    assert main(["--checkpoint", str(first), "--out", str(out), *FAST]) == 0  # its own: replaced
+    assert main(["--checkpoint", str(other), "--out", str(out), "--name", "model_fp32", *FAST]) == 0
+
+
 def test_help_says_where_the_default_input_size_comes_from(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -38,7 +38,7 @@ def test_export_shows_its_steps_and_gates(tmp_path, capsys, caplog) -> None:
     with caplog.at_level(logging.INFO):
         assert main([*argv, "--gate-images", "3", "--precision", "int8"]) == 0
     err = capsys.readouterr().err
-    assert "gates of s_int8.onnx (ONNX Runtime CPUExecutionProvider)" in err
+    assert "gates of s_int8_cpu.onnx (ONNX Runtime CPUExecutionProvider)" in err
     assert "int8 calibration (minmax, cpu target)" in err
     assert "exporting the network to ONNX (legacy exporter, opset 17, 64x64): " in caplog.text
 

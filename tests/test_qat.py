@@ -314,6 +314,9 @@ def test_bench_table_shows_the_int8_target(qat_exports):
     assert set(by_target) == {"cpu", "tensorrt"}
     assert all(r.precision == "int8" for r in by_target.values())
     assert "| int8 | cpu |" in format_table(rows) and "| int8 | tensorrt |" in format_table(rows)
+    # the PyTorch rows run the QAT checkpoint, not the int8 artifact their label used to name
+    torch_rows = [r for r in rows if r.runtime.startswith("torch")]
+    assert torch_rows and all(r.model.endswith(" (source checkpoint)") for r in torch_rows)
 
 
 def test_qat_misuse_is_refused_with_clear_errors(qat_run, trained_run, tmp_path):

@@ -57,6 +57,7 @@ class BenchRow:
     first_call_s: float | None = None  # the first call alone (torch.compile compiles in it)
     ms: float | None = None  # the robust latency (`runtime.timing.RobustLatency`); None: p50
     spread: float = 0.0
+    group: str = ""  # the label its ratios are computed within ("" = `model`)
 
     @property
     def latency(self) -> float:
@@ -155,10 +156,12 @@ def _backends(
     precisions: Sequence[str] = ("fp32",),
     compile: bool = False,
     compile_mode: str = "default",
-) -> list[tuple[str, Backend, float, str]]:
-    """(label, backend, size MB, path) for every target plus PyTorch at each precision for
-    each source checkpoint."""
-    out: list[tuple[str, Backend, float, str]] = []
+) -> list[tuple[str, Backend, float, str, str]]:
+    """(label, backend, size MB, path, group) for every target plus PyTorch at each precision
+    for each source checkpoint. The PyTorch rows of an fp16/int8 artifact's source are labelled
+    "<label> (source checkpoint)": they run the checkpoint, not the artifact the label names;
+    their `group` stays the artifact's label (the ratios)."""
+    out: list[tuple[str, Backend, float, str, str]] = []
     eager_done: set[tuple[str, str]] = set()
     for t in targets:
         meta = read_manifest(t.path) or {}
@@ -174,13 +177,16 @@ def _backends(
             backend = load_backend(t.path, device=device)
         if source and Path(source).is_file() and (t.label, source) not in eager_done:
             size = size or (backend.input_size if backend is not None else None)
+            shown = t.label
+            if backend is not None and meta.get("precision", "fp32") != "fp32":
+                shown = f"{t.label} (source checkpoint)"
             for torch_backend in _torch_variants(
                 source, size, device, precisions, compile, compile_mode
             ):
-                out.append((t.label, torch_backend, _weights_mb(torch_backend), source))
+                out.append((shown, torch_backend, _weights_mb(torch_backend), source, t.label))
             eager_done.add((t.label, source))
         if backend is not None:
-            out.append((t.label, backend, t.path.stat().st_size / 1e6, str(t.path)))
+            out.append((t.label, backend, t.path.stat().st_size / 1e6, str(t.path), t.label))
     return out
 
 
@@ -229,11 +235,11 @@ def run_bench(
     loaded = _backends(targets, imgsz, threads, device, precisions, compile, compile_mode)
     aps = [
         _evaluate(b, val_images, f"{label} {b.describe()}") if val_images is not None else None
-        for label, b, _, _ in loaded
+        for label, b, _, _, _ in loaded
     ]
     rows: list[BenchRow] = []
     for batch in batches:
-        runnable = [i for i, (_, b, _, path) in enumerate(loaded) if batch <= b.max_batch]
+        runnable = [i for i, (_, b, _, _, _) in enumerate(loaded) if batch <= b.max_batch]
         for i in set(range(len(loaded))) - set(runnable):
             logger.warning("%s: batch %d exceeds its profile, skipped", loaded[i][3], batch)
         calls = [_call(loaded[i][1], batch) for i in runnable]
@@ -247,7 +253,7 @@ def run_bench(
         if warnings is not None:
             warnings += latency_warnings([], load)
         for i, st, first in zip(runnable, stats, firsts):
-            label, backend, size_mb, path = loaded[i]
+            label, backend, size_mb, path, group = loaded[i]
             runtime = backend.name + _variant_note(backend) + _provider_note(backend)
             rows.append(
                 BenchRow(
@@ -267,6 +273,7 @@ def run_bench(
                     first_call_s=first,
                     ms=st.ms,
                     spread=st.spread,
+                    group=group,
                 )
             )
     _fill_ratios(rows)
@@ -363,9 +370,9 @@ def is_fp32_eager(row: BenchRow) -> bool:
 
 
 def _fill_ratios(rows: list[BenchRow], teacher: str = "teacher") -> None:
-    eager = {(r.model, r.batch): r.latency for r in rows if is_fp32_eager(r)}
+    eager = {(r.group or r.model, r.batch): r.latency for r in rows if is_fp32_eager(r)}
     for r in rows:
-        base = eager.get((r.model, r.batch))
+        base = eager.get((r.group or r.model, r.batch))
         r.ratio = r.latency / base if base else None
         base = eager.get((teacher, r.batch))
         r.vs_teacher = r.latency / base if base else None

@@ -98,10 +98,36 @@ def rows_to_json(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
     return [{**asdict(r), "ms_per_image": r.ms_per_image} for r in rows]
 
 
+def point_label(row: BenchRow) -> str:
+    """What a point of the speed-accuracy plot is: runtime, precision, int8 target, batch."""
+    variant = row.runtime.split(" (")[0]
+    target = f" {row.int8_target}" if row.int8_target else ""
+    return f"{variant} {row.precision}{target} bs{row.batch}"
+
+
 def plot_speed_accuracy(
     rows: Sequence[BenchRow], path: str | Path, *, batch: int | None = None
 ) -> Path:
-    """AP against ms/image for every row (every batch, or only `batch`): a PNG via matplotlib.
+    """AP against ms/image for every row (every batch, or only `batch`): a PNG via matplotlib
+    (`speed_accuracy_figure`).
+
+    Raises:
+        ValueError: no row has an AP (run the benchmark with --val).
+    """
+    import matplotlib.pyplot as plt
+
+    fig = speed_accuracy_figure(rows, batch=batch)
+    path = Path(path)
+    try:
+        with atomic_open(path) as fh:
+            fig.savefig(fh, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def speed_accuracy_figure(rows: Sequence[BenchRow], *, batch: int | None = None) -> Any:
+    """The speed-accuracy figure: numbered points, and the key to the numbers beside the plot.
 
     Raises:
         ValueError: no row has an AP (run the benchmark with --val).
@@ -114,19 +140,24 @@ def plot_speed_accuracy(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, (ax, key) = plt.subplots(
+        1, 2, figsize=(11, 4.5), dpi=120, gridspec_kw={"width_ratios": [3, 2]}
+    )
+    # Each point carries a number; the key beside the plot says what it is. Full labels on the
+    # points overlapped as soon as two runtimes had similar speed and AP.
+    lines = []
     for model in dict.fromkeys(r.model for r in points):
         mine = [r for r in points if r.model == model]
         xs = [r.ms_per_image for r in mine]
-        ax.scatter(xs, [r.ap for r in mine], label=model, s=40)
+        dots = ax.scatter(xs, [r.ap for r in mine], label=model, s=40)
         for r, x in zip(mine, xs):
-            variant = r.runtime.split(" (")[0]
-            target = f" {r.int8_target}" if r.int8_target else ""
+            lines.append((f"{len(lines) + 1}", f"{model}: {point_label(r)}"))
             ax.annotate(
-                f"{variant} {r.precision}{target} bs{r.batch}",
+                lines[-1][0],
                 (x, r.ap),
                 fontsize=7,
-                xytext=(4, 3),
+                color=dots.get_facecolor()[0],
+                xytext=(3, 3),
                 textcoords="offset points",
             )
     where = "every batch" if batch is None else f"batch {batch}"
@@ -135,11 +166,15 @@ def plot_speed_accuracy(
     ax.set_title("Speed vs accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    key.axis("off")
+    key.text(
+        0.0,
+        1.0,
+        "\n".join(f"{n:>3}  {text}" for n, text in lines),
+        fontsize=7,
+        family="monospace",
+        va="top",
+        transform=key.transAxes,
+    )
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_open(path) as fh:
-            fig.savefig(fh, format=path.suffix.lstrip(".") or "png")
-    finally:
-        plt.close(fig)
-    return path
+    return fig

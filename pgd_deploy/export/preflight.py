@@ -16,6 +16,8 @@ from pgd_deploy.export.deploy_model import check_imgsz
 from pgd_deploy.export.nms import validate_nms
 from pgd_deploy.export.to_tensorrt import check_build_options, validate_profile
 from pgd_deploy.export.triton import NAME, NAME_RULE
+from pgd_deploy.io_utils import file_sha256
+from pgd_deploy.runtime.manifest import read_manifest
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,12 @@ def wants_plan(cfg: ExportConfig) -> bool:
 
 
 def default_name(checkpoint: str | Path, cfg: ExportConfig) -> str:
-    """`--name`, else `<checkpoint stem>_<precision>[_nms]` (e.g. `best_fp16`) with characters
-    outside `NAME` replaced by '_'.
+    """`--name`, else `<checkpoint>_<precision>[_<int8 target>][_nms]` with characters outside
+    `NAME` replaced by '_'. `<checkpoint>` is the file stem, except that a run's `best.pt` and
+    `last.pt` are named after their run folder (`runs/teacher/best.pt` -> `teacher_fp16`,
+    `runs/student/last.pt` -> `student_last_fp16`: the teacher's and the student's exports used
+    to collide as `best_fp16`). An int8 ONNX names its target (`_cpu` / `_tensorrt`: the two
+    are different models); a plan's int8 target is always tensorrt.
 
     Raises:
         ValueError: a `--name` outside `NAME` (it is refused, not rewritten), or a checkpoint
@@ -104,7 +110,13 @@ def default_name(checkpoint: str | Path, cfg: ExportConfig) -> str:
                 "Triton's model name)"
             )
         return cfg.name
-    name = f"{Path(checkpoint).stem}_{cfg.precision}" + ("_nms" if cfg.nms == "onnx" else "")
+    path = Path(checkpoint)
+    stem = path.stem
+    if stem in ("best", "last") and path.parent.name not in ("", ".", ".."):
+        stem = path.parent.name + ("_last" if stem == "last" else "")
+    target = resolve_int8_target(cfg)
+    suffix = f"_{target}" if target and not wants_plan(cfg) else ""
+    name = f"{stem}_{cfg.precision}{suffix}" + ("_nms" if cfg.nms == "onnx" else "")
     name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
     if not NAME.fullmatch(name):
         raise ValueError(
@@ -143,4 +155,28 @@ def preflight(checkpoint: str | Path, cfg: ExportConfig) -> Checked:
     name = default_name(checkpoint, cfg)
     if wants_plan(cfg):
         to_tensorrt.check_plan_libraries()
-    return Checked(imgsz, profile, name, check_output_folder(cfg.out))
+    out = check_output_folder(cfg.out)
+    if not cfg.name:
+        check_default_name_is_free(out, name, checkpoint)
+    return Checked(imgsz, profile, name, out)
+
+
+def check_default_name_is_free(out: Path, name: str, checkpoint: str | Path) -> None:
+    """Refuse a default name whose export in `out` came from another checkpoint (it would be
+    overwritten): an explicit `--name` is the user's choice, and the same checkpoint (also
+    retrained in place) may replace its own export.
+
+    Raises:
+        ValueError: naming both checkpoints and `--name`.
+    """
+    manifest = read_manifest(out / f"{name}.onnx") if (out / f"{name}.onnx").is_file() else None
+    source = (manifest or {}).get("source") or {}
+    previous = source.get("checkpoint")
+    if not previous or Path(previous).resolve() == Path(checkpoint).resolve():
+        return
+    if source.get("sha256") and source.get("sha256") == file_sha256(checkpoint):
+        return
+    raise ValueError(
+        f"{out / (name + '.onnx')} is the export of another checkpoint ({previous}); this one "
+        f"({checkpoint}) would overwrite it under the same default name. Name it with --name"
+    )
