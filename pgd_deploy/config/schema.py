@@ -18,7 +18,8 @@ from typing import Any, Literal
 class ModelConfig:
     """The detector: ResNet backbone, FPN P3-P7 and a dense head."""
 
-    head: Literal["fcos"] = "fcos"  # dense head type (ATSS and GFL share the same towers later)
+    # dense head: a name registered in pgd_deploy.models.build.HEADS ("fcos"; ATSS, GFL next)
+    head: str = "fcos"
     depth: int = 50  # ResNet depth: 18, 34, 50, 101 or 152
     weights: str = "none"  # backbone init: "none", "imagenet" (torchvision download) or a path
     num_classes: int = 0  # 0: taken from the training dataset

@@ -3,16 +3,22 @@
 
 from __future__ import annotations
 
-from pgd_deploy.models.build import build_detector
+from pgd_deploy.models.build import HEADS, build_detector, register_head
 from pgd_deploy.models.detector import DenseDetector
 from pgd_deploy.models.fcos import FCOSHead, HeadOutputs
+from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors
 from pgd_deploy.models.loading import LoadedDetector, load_detector
 
 __all__ = [
+    "HEADS",
     "DenseDetector",
+    "DenseHead",
+    "DenseOutputs",
     "FCOSHead",
     "HeadOutputs",
     "LoadedDetector",
+    "Priors",
     "build_detector",
     "load_detector",
+    "register_head",
 ]

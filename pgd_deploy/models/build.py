@@ -1,13 +1,51 @@
-"""`build_detector(cfg)`: the one place a model config becomes detector constructor kwargs."""
+"""`build_detector(cfg)`: the one place a model config becomes detector constructor kwargs, and
+`HEADS`, the one registry of dense heads (`model.head` -> head class; `models.heads` is the
+protocol a head implements)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
 
 from pgd_deploy.config import ModelConfig
 from pgd_deploy.models.backbone import build_backbone
 from pgd_deploy.models.detector import DenseDetector
 from pgd_deploy.models.fcos import FCOSHead
 
-__all__ = ["build_detector"]
+__all__ = ["HEADS", "build_detector", "register_head"]
+
+# model.head -> head class, built as cls(num_classes=, channels=, num_convs=)
+HEADS: dict[str, type[nn.Module]] = {"fcos": FCOSHead}
+
+
+def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Register a head class under `name` (`model.head`): `@register_head("atss")`.
+
+    Raises:
+        ValueError: `name` is already taken by another class.
+    """
+
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        if HEADS.get(name, cls) is not cls:
+            raise ValueError(f"model.head {name!r} is already registered to {HEADS[name]}")
+        HEADS[name] = cls
+        return cls
+
+    return add
+
+
+def head_class(name: str) -> type[nn.Module]:
+    """The registered head class of `model.head`.
+
+    Raises:
+        ValueError: an unknown name; the message lists the registered ones.
+    """
+    if name not in HEADS:
+        raise ValueError(
+            f"model.head {name!r}: not a registered head; expected one of {sorted(HEADS)}"
+        )
+    return HEADS[name]
 
 
 def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> DenseDetector:
@@ -25,11 +63,9 @@ def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> DenseDet
         raise ValueError("model.num_classes must be > 0 (or given by the dataset)")
     if len(cfg.regress_ranges) != 4:
         raise ValueError(f"model.regress_ranges needs 4 boundaries, got {cfg.regress_ranges}")
+    head_cls = head_class(cfg.head)  # before the backbone: an unknown name fails fast
     backbone = build_backbone(depth=cfg.depth, weights=cfg.weights, channels=cfg.fpn_channels)
-    if cfg.head == "fcos":
-        head = FCOSHead(num_classes=classes, channels=cfg.fpn_channels, num_convs=cfg.head_convs)
-    else:
-        raise ValueError(f"model.head must be 'fcos', got {cfg.head!r}")
+    head = head_cls(num_classes=classes, channels=cfg.fpn_channels, num_convs=cfg.head_convs)
     return DenseDetector(
         backbone=backbone,
         head=head,

@@ -1,0 +1,131 @@
+"""The dense-head protocol: what a one-stage head provides to the detector, the trainer, PGD,
+QAT and the export, so that none of them asks which head it holds.
+
+A head is an `nn.Module` subclass of `DenseHead`, registered under its config name
+(`model.head`) in `pgd_deploy.models.build.HEADS`. Shapes below: B images, C classes, L = 5 FPN
+levels P3..P7 of H_l x W_l locations, A = sum_l H_l * W_l locations (one prior per location for
+every head here: a point for anchor-free heads, one square anchor for anchor-based ones), all
+levels concatenated in level order, rows before columns.
+
+What each head provides (docs/method.md, "The head protocol"):
+
+- `forward(feats)`: FPN features [B, F, H_l, W_l] per level -> `DenseOutputs`, the raw
+  per-level predictions and the two tap features PGD distils (the output of the first conv
+  block of each tower);
+- `priors(feature_sizes, strides, device)`: the location priors (`Priors`): centres, strides
+  and, for anchor-based heads, anchor sizes: what target assignment, decoding and PGD's
+  prediction-guided weighting (PGW: points for FCOS and AutoAssign, anchor centres and sizes
+  for ATSS, GFL and DDOD) need;
+- `loss(outputs, priors, targets)`: its own target assignment and losses, as named unweighted
+  terms (`loss_cls`, `loss_box`, ...; the trainer weights and sums them);
+- `decode(outputs, priors)`: the fixed export contract, boxes [B, A, 4] xyxy pixels of the
+  network input and per-class scores [B, A, C] in [0, 1] (what is exported, served, evaluated);
+- `guidance(outputs, priors)`: what PGD's teacher quality q = sigmoid(s)^(1-xi) * IoU(b, g)^xi
+  is computed from: the per-location class logits s [B, A, C] (the joint quality logit for GFL;
+  never multiplied by a centerness or IoU branch) and the decoded boxes b [B, A, 4] pixels;
+- `float_predictors`: the names of its final prediction convs (relative to the head), which
+  quantization-aware training keeps in floating point.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class DenseOutputs(NamedTuple):
+    """Raw outputs of a dense head, each a list over levels P3..P7.
+
+    Attributes:
+        cls_logits: [B, C, H_l, W_l] class logits (GFL: the joint class-quality logits).
+        box_regression: [B, R, H_l, W_l] the head's own box encoding (R = 4 for distances or
+            deltas; 4 * (reg_max + 1) for GFL's distributions); `decode` turns it into pixels.
+        quality: [B, 1, H_l, W_l] logits of a separate quality branch (FCOS centerness, ATSS and
+            DDOD IoU), multiplied into the scores at test time; None when the head has none.
+        cls_taps, reg_taps: [B, F, H_l, W_l] the output of the first conv block of the
+            classification and regression towers (PGD's distillation points).
+    """
+
+    cls_logits: list[Tensor]
+    box_regression: list[Tensor]
+    quality: list[Tensor] | None
+    cls_taps: list[Tensor]
+    reg_taps: list[Tensor]
+
+
+@dataclass(frozen=True)
+class Priors:
+    """The location priors of every level, concatenated in level order (A locations).
+
+    Attributes:
+        centers: [A, 2] (x, y) pixels of the network input: the point (anchor-free heads) or the
+            anchor centre (anchor-based heads).
+        strides: [A] the stride of each location's level.
+        sizes: [A, 2] (w, h) pixels of each location's anchor; None for anchor-free heads.
+        level_sizes: locations per level (sums to A).
+    """
+
+    centers: Tensor
+    strides: Tensor
+    sizes: Tensor | None
+    level_sizes: tuple[int, ...]
+
+    @property
+    def anchors(self) -> Tensor:
+        """[A, 4] xyxy anchor boxes (anchor-based heads only)."""
+        if self.sizes is None:
+            raise ValueError("an anchor-free head's priors are points: it has no anchors")
+        half = self.sizes / 2
+        return torch.cat([self.centers - half, self.centers + half], dim=1)
+
+
+class DenseHead(nn.Module, ABC):
+    """Base class of every dense head (the module docstring lists the members).
+
+    Class attributes:
+        name: the `model.head` value it is registered under.
+        float_predictors: final prediction convs kept in floating point by QAT, e.g.
+            ("cls_logits", "bbox_pred", "centerness").
+    """
+
+    name: ClassVar[str] = ""
+    float_predictors: ClassVar[tuple[str, ...]] = ()
+    num_classes: int
+
+    @abstractmethod
+    def forward(self, feats: list[Tensor]) -> DenseOutputs:
+        """FPN features [B, F, H_l, W_l] per level -> raw outputs."""
+
+    @abstractmethod
+    def priors(
+        self, feature_sizes: Sequence[tuple[int, int]], strides: Sequence[int], device: torch.device
+    ) -> Priors:
+        """The location priors of feature maps of these (H_l, W_l) sizes and strides."""
+
+    @abstractmethod
+    def loss(
+        self, outputs: DenseOutputs, priors: Priors, targets: Sequence[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """Named, unweighted loss terms. `targets[i]`: {"boxes": [G, 4] xyxy pixels of the
+        network input, "labels": [G] class indices}."""
+
+    @abstractmethod
+    def decode(self, outputs: DenseOutputs, priors: Priors) -> tuple[Tensor, Tensor]:
+        """The export contract: boxes [B, A, 4] xyxy pixels and scores [B, A, C] in [0, 1]."""
+
+    @abstractmethod
+    def guidance(self, outputs: DenseOutputs, priors: Priors) -> tuple[Tensor, Tensor]:
+        """PGD's teacher prediction: class logits [B, A, C] and decoded boxes [B, A, 4] px."""
+
+
+def flatten_levels(tensors: Sequence[Tensor]) -> Tensor:
+    """Per-level [B, K, H_l, W_l] -> [B, A, K], levels concatenated in order."""
+    return torch.cat([t.flatten(2).transpose(1, 2) for t in tensors], dim=1)
+
+
+__all__ = ["DenseHead", "DenseOutputs", "Priors", "flatten_levels"]
