@@ -244,7 +244,7 @@ def run_bench(
             logger.warning("%s: batch %d exceeds its profile, skipped", loaded[i][3], batch)
         calls = [_call(loaded[i][1], batch) for i in runnable]
         firsts = [_first_call(call) for call in calls]
-        rounds = max(1, -(-iters // 5))
+        _, rounds = _rounds(iters)
         desc = f"timing {len(calls)} runtimes at batch {batch}, interleaved"
         with OtherLoad() as load, Progress(rounds, desc, unit="round") as bar:
             stats = _interleaved(
@@ -327,6 +327,12 @@ def _call(backend: Backend, batch: int) -> Any:
     return run
 
 
+def _rounds(iters: int, block: int = 5) -> tuple[int, int]:
+    """(timed calls per round, rounds) for at least `iters` timed calls in rounds of `block`."""
+    block = max(1, min(block, iters)) if iters else block
+    return block, max(1, -(-iters // block))
+
+
 def _interleaved(
     calls: Sequence[Any],
     *,
@@ -338,8 +344,7 @@ def _interleaved(
 ) -> list[RobustLatency]:
     """`runtime.timing.interleave` with rounds of `block` timed calls: at least `iters` timed
     calls each and `min_seconds` in total (`progress(1)` after each round)."""
-    block = max(1, min(block, iters)) if iters else block
-    rounds = max(1, -(-iters // block))
+    block, rounds = _rounds(iters, block)
     step = (lambda _: progress(1)) if progress is not None else None
     return interleave(
         calls,

@@ -186,13 +186,6 @@ def _bench_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--val", help="COCO JSON (or dataset root) for AP and the plot")
     p.add_argument("--val-images", help="image folder of a --val JSON")
-    p.add_argument(
-        "--own-val-labels",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="without --val: gate on the checkpoint's own annotated validation split when its "
-        "labels are here, which adds the mAP gate (default on)",
-    )
     p.add_argument("--val-count", type=int, default=500, help="validation images for AP")
     p.add_argument("--plot", help="speed-accuracy PNG (needs --val)")
     p.add_argument("--json", help="also write the rows as JSON")

@@ -42,6 +42,20 @@ IMAGES_DIR = "images"
 IMAGES_MARKER = ".pgd-serve-images"  # beside IMAGES_DIR: its images were written by a run
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of `data` at `offset`, across short writes.
+
+    Raises:
+        OSError: ENOSPC when the disk takes no more bytes, or the write's own error.
+    """
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(errno.ENOSPC, "short write")
+        view, offset = view[written:], offset + written
+
+
 class JsonArrayWriter:
     """A JSON array on disk that is complete and valid after every `extend`, and after a write
     that failed (a full disk).
@@ -67,12 +81,7 @@ class JsonArrayWriter:
         self.count = 0
 
     def _write_at(self, offset: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            if written == 0:
-                raise OSError(errno.ENOSPC, "short write")
-            view, offset = view[written:], offset + written
+        _pwrite_all(self._fd, data, offset)
 
     def extend(self, entries: Sequence[dict[str, Any]]) -> None:
         if not entries:
@@ -136,7 +145,7 @@ class SummaryFile:
             return
         fd = os.open(self.path, os.O_WRONLY)
         try:
-            os.pwrite(fd, data, 0)
+            _pwrite_all(fd, data, 0)
             os.fsync(fd)
         except OSError as err:
             raise WriteError(self.path, err) from err
