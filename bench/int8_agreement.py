@@ -153,13 +153,13 @@ class OutputDistillation:
         import torch
         import torch.nn.functional as F
 
-        from pgd_deploy.models.fcos import flatten_levels
+        from pgd_deploy.models.heads import flatten_levels
 
         terms = self.inner(images, outputs, targets)
         with torch.no_grad():
             ref = self.fp32(images)
             prob = flatten_levels(ref.cls_logits).float().sigmoid()
-            ctr = flatten_levels(ref.centerness).float().sigmoid()[..., 0]
+            ctr = flatten_levels(ref.quality).float().sigmoid()[..., 0]
             box = flatten_levels(ref.box_regression).float()
             where = ((prob.max(-1).values * ctr) >= 0.01).float()
             norm = where.sum().clamp(min=1.0)
@@ -167,7 +167,7 @@ class OutputDistillation:
         terms["out_cls"] = (
             where[..., None] * F.binary_cross_entropy_with_logits(cls, prob, reduction="none")
         ).sum() / norm
-        own_ctr = flatten_levels(outputs.centerness).float()[..., 0]
+        own_ctr = flatten_levels(outputs.quality).float()[..., 0]
         terms["out_ctr"] = (
             where * F.binary_cross_entropy_with_logits(own_ctr, ctr, reduction="none")
         ).sum() / norm

@@ -6,8 +6,8 @@ which ONNX Runtime's x86 kernels fuse into int8 convolutions:
 - every `nn.Conv2d` except the head's predictors: a per-tensor input, a per-output-channel
   (axis 0) weight and a per-tensor output quantizer, symmetric int8, ranges from "max" calibration
   on training images (static during fine-tuning, as in modelopt's QAT);
-- the predictors (`PREDICTORS`) and the decode tail (box decoding, sigmoids, score product) stay
-  float, as in the post-training export (docs/deployment.md §3).
+- the head's predictors (its `float_predictors`) and the decode tail (box decoding, sigmoids,
+  score product) stay float, as in the post-training export (docs/deployment.md §3).
 BatchNorm is folded into the preceding convolution first (the ONNX export folds it as well), so the
 fake-quantized weight is the exported weight and per-channel scales mean the same on both sides.
 
@@ -35,7 +35,6 @@ from torchvision.ops import FrozenBatchNorm2d
 
 logger = logging.getLogger(__name__)
 
-PREDICTORS = ("head.cls_logits", "head.bbox_pred", "head.centerness")  # stay float
 QUANTIZERS = ("input", "weight", "output")  # per quantized convolution
 INT8_MAX = 127  # symmetric int8: scale = amax / 127
 ENTRY_VERSION = 1
@@ -96,8 +95,15 @@ def fold_batchnorm(model: nn.Module) -> int:
     return folded
 
 
-def quant_config() -> dict[str, Any]:
-    """The modelopt quantization config of the placement described in the module docstring."""
+def float_predictors(model: nn.Module) -> tuple[str, ...]:
+    """Module names of the head's final prediction convs, which stay float (`DenseHead`'s
+    `float_predictors`, relative to the detector)."""
+    return tuple(f"head.{name}" for name in model.head.float_predictors)
+
+
+def quant_config(float_modules: Iterable[str] = ()) -> dict[str, Any]:
+    """The modelopt quantization config of the placement described in the module docstring;
+    `float_modules` (the head's predictors) keep no quantizer."""
     int8 = {"num_bits": 8}
     cfg: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
     for kind, axis in (("input", None), ("weight", 0), ("output", None)):
@@ -108,7 +114,7 @@ def quant_config() -> dict[str, Any]:
                 "cfg": {**int8, "axis": axis},
             }
         )
-    cfg += [{"quantizer_name": f"{name}.*", "enable": False} for name in PREDICTORS]
+    cfg += [{"quantizer_name": f"{name}.*", "enable": False} for name in float_modules]
     return {"quant_cfg": cfg, "algorithm": "max"}
 
 
@@ -137,7 +143,7 @@ def insert_fake_quant(model: nn.Module, calib_batches: Iterable[Tensor]) -> nn.M
     was_training = model.training
     model.eval()
     with _quiet_modelopt():
-        mtq.quantize(model, quant_config(), forward_loop)
+        mtq.quantize(model, quant_config(float_predictors(model)), forward_loop)
     model.train(was_training)
     if seen == 0:
         raise ValueError("qat: no calibration images (qat.calib_images must be >= 1)")

@@ -73,7 +73,7 @@ def test_output_distillation_is_zero_at_the_fp32_outputs_and_grows_away_from_the
         same = provider(images, tiny(images), [])
         moved = tiny(images)
         moved.box_regression[0].add_(0.5)
-        moved.centerness[0].add_(1.0)
+        moved.quality[0].add_(1.0)  # centerness
         moved.cls_logits[0].add_(1.0)
         away = provider(images, moved, [])
     assert set(same) == {"kd_cls_fg_p3", "out_cls", "out_box", "out_ctr"}

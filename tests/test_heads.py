@@ -7,6 +7,7 @@ import torch
 
 from pgd_deploy.config import ModelConfig
 from pgd_deploy.models import build
+from pgd_deploy.models.fcos import FCOSHead
 from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors, flatten_levels
 
 
@@ -19,10 +20,10 @@ def test_a_registered_head_is_built_by_name(monkeypatch) -> None:
     monkeypatch.setattr(build, "HEADS", dict(build.HEADS))  # the test's registration stays here
 
     @build.register_head("toy")
-    class Toy(torch.nn.Module):
-        def __init__(self, *, num_classes: int, channels: int, num_convs: int) -> None:
-            super().__init__()
-            self.num_classes, self.channels, self.num_convs = num_classes, channels, num_convs
+    class Toy(FCOSHead):
+        def __init__(self, *, num_classes: int, channels: int, num_convs: int, **_: object) -> None:
+            super().__init__(num_classes=num_classes, channels=channels, num_convs=num_convs)
+            self.channels, self.num_convs = channels, num_convs
 
     detector = build.build_detector(
         ModelConfig(head="toy", depth=18, fpn_channels=32, head_convs=2), num_classes=3
@@ -31,7 +32,9 @@ def test_a_registered_head_is_built_by_name(monkeypatch) -> None:
     assert isinstance(head, Toy) and (head.num_classes, head.channels, head.num_convs) == (3, 32, 2)
     assert build.register_head("toy")(Toy) is Toy  # the same class again: fine
     with pytest.raises(ValueError, match="'toy' is already registered"):
-        build.register_head("toy")(type("Other", (torch.nn.Module,), {}))
+        build.register_head("toy")(type("Other", (FCOSHead,), {}))
+    with pytest.raises(TypeError, match="'plain': .* is not a DenseHead"):
+        build.register_head("plain")(type("Plain", (torch.nn.Module,), {}))
 
 
 def test_the_protocol_cannot_be_half_implemented() -> None:

@@ -189,7 +189,7 @@ def test_model_box_loss_selects_the_centerness_weighted_box_loss(box_loss):
     model = build_detector(ModelConfig(depth=18, fpn_channels=64, box_loss=box_loss), num_classes=3)
     targets = [{"boxes": torch.tensor([[8.0, 10, 50, 60]]), "labels": torch.tensor([1])}]
     outputs = model(torch.randn(1, 3, 64, 64))
-    labels, box_targets = model.targets(outputs, targets)
+    labels, box_targets = model.head.targets(model.priors(outputs), targets)
     pos = labels.reshape(-1) < 3
     reg = fcos.flatten_levels(outputs.box_regression).reshape(-1, 4)[pos]
     tgt = box_targets.reshape(-1, 4)[pos]

@@ -106,7 +106,7 @@ def test_unreadable_and_foreign_files(tmp_path: Path) -> None:
         load_detector(listed, device="cpu", default_depth=18)
     no_head = tmp_path / "no_head.pt"
     torch.save({"backbone.x": torch.zeros(1)}, no_head)
-    with pytest.raises(CheckpointError, match="not an FCOS detector checkpoint"):
+    with pytest.raises(CheckpointError, match="not a detector checkpoint of this project.s layout"):
         load_detector(no_head, device="cpu", default_depth=18)
 
 

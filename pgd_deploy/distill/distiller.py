@@ -37,8 +37,7 @@ from pgd_deploy.distill.teacher import (
     init_student_from_teacher,
     load_teacher,
 )
-from pgd_deploy.models import DenseDetector, HeadOutputs
-from pgd_deploy.models.fcos import flatten_levels
+from pgd_deploy.models import DenseDetector, DenseOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +193,7 @@ class Distiller:
     def __call__(
         self,
         images: Tensor,
-        student_outputs: HeadOutputs,
+        student_outputs: DenseOutputs,
         targets: Sequence[Mapping[str, Tensor]],
     ) -> dict[str, Tensor]:
         """Unweighted KD terms of one batch.
@@ -248,7 +247,7 @@ class Distiller:
             losses.update({f"kd_reg_{term}_{name}": v for term, v in reg_terms.items()})
         return losses
 
-    def teacher_forward(self, images: Tensor) -> HeadOutputs:
+    def teacher_forward(self, images: Tensor) -> DenseOutputs:
         """Teacher head outputs in eval mode without gradient (docs/method.md §5, D7)."""
         self.teacher.eval()
         with torch.no_grad():
@@ -256,23 +255,24 @@ class Distiller:
 
     @torch.no_grad()
     def masks(
-        self, teacher_outputs: HeadOutputs, targets: Sequence[Mapping[str, Tensor]]
+        self, teacher_outputs: DenseOutputs, targets: Sequence[Mapping[str, Tensor]]
     ) -> tuple[Tensor, Tensor, Tensor]:
         """PGW cls mask, PGW reg mask and background mask of every image, each [B, A] fp32.
 
         With `mask_source="gt_box"` both foreground masks are `gt_box_masks`' (1 inside any GT
         box): the same losses without the teacher's prediction guidance.
         """
-        centers, _ = self.teacher.points(teacher_outputs)  # [A, 2]
         if self.mask_source == "gt_box":
+            centers = self.teacher.priors(teacher_outputs).centers  # [A, 2]
             fg, bg = gt_box_masks(centers, [t["boxes"] for t in targets], swap_xy=self.swap_xy)
             return fg.float(), fg.float(), bg.float()
-        boxes = self.teacher.decode_boxes(teacher_outputs)  # [B, A, 4]
-        logits = flatten_levels(teacher_outputs.cls_logits).float()  # [B, A, C]
+        # The head's guidance: class logits [B, A, C] (never times a quality branch) and decoded
+        # boxes [B, A, 4] px at its priors' centres (points, or anchor centres).
+        logits, boxes, priors = self.teacher.guidance(teacher_outputs)
         (fg_cls, fg_reg), bg = batch_masks(
             logits,
             boxes,
-            centers,
+            priors.centers,
             [target["boxes"] for target in targets],
             [target["labels"] for target in targets],
             (self.xi_cls, self.xi_reg),
@@ -307,7 +307,7 @@ def _split_levels(masks: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tenso
     return [c.reshape(masks.shape[0], h, w) for c, (h, w) in zip(chunks, sizes, strict=True)]
 
 
-def _check_taps(student: HeadOutputs, teacher: HeadOutputs) -> None:
+def _check_taps(student: DenseOutputs, teacher: DenseOutputs) -> None:
     pairs = (
         ("cls_taps", student.cls_taps, teacher.cls_taps),
         ("reg_taps", student.reg_taps, teacher.reg_taps),

@@ -45,8 +45,8 @@ def load_teacher(
             message names the file.
     """
     loaded = load_detector(path, device=device, default_depth=default_depth)
-    depth, classes = loaded.config.model.depth, loaded.detector.num_classes
-    logger.info("teacher: FCOS R%d, %d classes, from %s", depth, classes, path)
+    model, classes = loaded.config.model, loaded.detector.num_classes
+    logger.info("teacher: %s R%d, %d classes, from %s", model.head, model.depth, classes, path)
     return freeze(loaded.detector)
 
 
@@ -57,25 +57,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _head_layout(model: nn.Module) -> dict[str, Any]:
-    model = _unwrap(model)
-    head = getattr(model, "head", None)
-    towers = getattr(head, "towers", None)
-    cls_tower = getattr(towers, "cls_tower", ())
-    reg_tower = getattr(towers, "reg_tower", ())
-    return {
-        "head type": type(head).__name__,
-        "classes": getattr(model, "num_classes", None),
-        "cls tower depth": len(cls_tower),
-        "reg tower depth": len(reg_tower),
-        "tower width": cls_tower[0][0].out_channels if len(cls_tower) else None,
-        "strides": tuple(getattr(model, "strides", ())),
-    }
+    detector = _unwrap(model)
+    if not isinstance(detector, DenseDetector):
+        raise TypeError(f"expected a DenseDetector, got {type(detector).__name__}")
+    return {**detector.head.layout(), "strides": tuple(detector.strides)}
 
 
 def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
     """Raise ValueError unless teacher and student heads share the layout the taps need.
 
-    Compared: head type, number of classes, tower depths, tower width and FPN strides.
+    Compared: the heads' `layout()` (head type, classes, tower depths and width for the heads
+    here) and the FPN strides.
     """
     t_layout, s_layout = _head_layout(teacher), _head_layout(student)
     diffs = [

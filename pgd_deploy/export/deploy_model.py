@@ -2,9 +2,10 @@
 
 `DeployModel` maps `images` float32 [B, 3, H, W] (letterboxed and normalised by
 `pgd_deploy.runtime.preprocess`) to decoded `boxes` float32 [B, N, 4] (xyxy pixels of the network
-input) and `scores` float32 [B, N, C] (sigmoid(cls) * sigmoid(centerness)). N is the number of
-locations over all FPN levels (P3 first). Only the batch axis is dynamic; the location grid is
-baked in for the export size, and box decoding runs in fp32.
+input) and `scores` float32 [B, N, C] in [0, 1], as the head's `decode` defines them
+(`pgd_deploy.models.heads`). N is the number of locations over all FPN levels (P3 first). Only
+the batch axis is dynamic; the location grid is baked in for the export size, and box decoding
+runs in fp32.
 """
 
 from __future__ import annotations

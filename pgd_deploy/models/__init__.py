@@ -1,11 +1,12 @@
-"""Detectors (torch). `build_detector(cfg)` builds FCOS on a ResNet of any depth;
+"""Detectors (torch). `build_detector(cfg)` builds the registered dense head `model.head` (FCOS)
+on a ResNet of any depth;
 `load_detector(path, device=...)` rebuilds the detector a checkpoint file holds."""
 
 from __future__ import annotations
 
 from pgd_deploy.models.build import HEADS, build_detector, register_head
 from pgd_deploy.models.detector import DenseDetector
-from pgd_deploy.models.fcos import FCOSHead, HeadOutputs
+from pgd_deploy.models.fcos import FCOSHead
 from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors
 from pgd_deploy.models.loading import LoadedDetector, load_detector
 
@@ -15,7 +16,6 @@ __all__ = [
     "DenseHead",
     "DenseOutputs",
     "FCOSHead",
-    "HeadOutputs",
     "LoadedDetector",
     "Priors",
     "build_detector",

@@ -6,27 +6,31 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
-
 from pgd_deploy.config import ModelConfig
 from pgd_deploy.models.backbone import build_backbone
 from pgd_deploy.models.detector import DenseDetector
 from pgd_deploy.models.fcos import FCOSHead
+from pgd_deploy.models.heads import DenseHead
 
 __all__ = ["HEADS", "build_detector", "register_head"]
 
-# model.head -> head class, built as cls(num_classes=, channels=, num_convs=)
-HEADS: dict[str, type[nn.Module]] = {"fcos": FCOSHead}
+# model.head -> head class, built as cls(num_classes=, **cls.config_kwargs(model config))
+HEADS: dict[str, type[DenseHead]] = {"fcos": FCOSHead}
 
 
-def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+def register_head(name: str) -> Callable[[type[DenseHead]], type[DenseHead]]:
     """Register a head class under `name` (`model.head`): `@register_head("atss")`.
 
     Raises:
+        TypeError: the class does not implement the protocol (`models.heads.DenseHead`).
         ValueError: `name` is already taken by another class.
     """
 
-    def add(cls: type[nn.Module]) -> type[nn.Module]:
+    def add(cls: type[DenseHead]) -> type[DenseHead]:
+        if not (isinstance(cls, type) and issubclass(cls, DenseHead)):
+            raise TypeError(
+                f"model.head {name!r}: {cls!r} is not a DenseHead (pgd_deploy.models.heads)"
+            )
         if HEADS.get(name, cls) is not cls:
             raise ValueError(f"model.head {name!r} is already registered to {HEADS[name]}")
         HEADS[name] = cls
@@ -35,7 +39,7 @@ def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return add
 
 
-def head_class(name: str) -> type[nn.Module]:
+def head_class(name: str) -> type[DenseHead]:
     """The registered head class of `model.head`.
 
     Raises:
@@ -61,23 +65,17 @@ def build_detector(cfg: ModelConfig, num_classes: int | None = None) -> DenseDet
     classes = num_classes or cfg.num_classes
     if classes <= 0:
         raise ValueError("model.num_classes must be > 0 (or given by the dataset)")
-    if len(cfg.regress_ranges) != 4:
-        raise ValueError(f"model.regress_ranges needs 4 boundaries, got {cfg.regress_ranges}")
     head_cls = head_class(cfg.head)  # before the backbone: an unknown name fails fast
+    head_kwargs = head_cls.config_kwargs(cfg)
     backbone = build_backbone(depth=cfg.depth, weights=cfg.weights, channels=cfg.fpn_channels)
-    head = head_cls(num_classes=classes, channels=cfg.fpn_channels, num_convs=cfg.head_convs)
+    head = head_cls(num_classes=classes, **head_kwargs)
     return DenseDetector(
         backbone=backbone,
         head=head,
         num_classes=classes,
-        center_sampling_radius=cfg.center_sampling_radius,
-        regress_ranges=cfg.regress_ranges,
-        focal_alpha=cfg.focal_alpha,
-        focal_gamma=cfg.focal_gamma,
-        box_loss=cfg.box_loss,
         score_thresh=cfg.score_thresh,
         nms_thresh=cfg.nms_thresh,
-        score_before_centerness=cfg.score_before_centerness,
+        score_before_quality=cfg.score_before_centerness,
         topk_candidates=cfg.topk_candidates,
         max_detections=cfg.max_detections,
     )

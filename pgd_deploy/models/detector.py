@@ -1,8 +1,9 @@
-"""Dense one-stage detector: ResNet-FPN backbone + a dense head (FCOS).
+"""Dense one-stage detector: a ResNet-FPN backbone and any dense head (`models.heads`).
 
-The detector's forward returns the raw head outputs, tap features included (see `HeadOutputs`).
-Losses, decoding and post-processing are separate methods so that the training engine, the
-distiller and the export wrapper each call exactly what they need.
+The detector's forward returns the head's raw outputs, tap features included (`DenseOutputs`).
+Its priors, losses, decoding, PGD guidance and post-processing are separate methods, each the
+head's protocol member applied to these outputs' feature maps, so that the training engine, the
+distiller and the export wrapper each call exactly what they need and never which head it is.
 """
 
 from __future__ import annotations
@@ -13,34 +14,29 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pgd_deploy.models import fcos
 from pgd_deploy.models.backbone import ResNetFPN
-from pgd_deploy.models.fcos import HeadOutputs
+from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors, flatten_levels
 from pgd_deploy.runtime.postprocess import postprocess_batch
 from pgd_deploy.runtime.preprocess import ImageTransform
 from pgd_deploy.structures import Detections
 
 
 class DenseDetector(nn.Module):
-    """ResNet-FPN + FCOS head.
+    """ResNet-FPN + a dense head.
 
-    Forward: images float32 [B, 3, H, W] (normalised, padded to a multiple of 32) -> HeadOutputs.
+    Forward: images float32 [B, 3, H, W] (normalised, padded to a multiple of 32) ->
+    `DenseOutputs`.
     """
 
     def __init__(
         self,
         *,
         backbone: ResNetFPN,
-        head: fcos.FCOSHead,
+        head: DenseHead,
         num_classes: int,
-        center_sampling_radius: float = 1.5,
-        regress_ranges: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0),
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
-        box_loss: str = "giou",
         score_thresh: float = 0.05,
         nms_thresh: float = 0.6,
-        score_before_centerness: bool = False,
+        score_before_quality: bool = False,
         topk_candidates: int = 1000,
         max_detections: int = 100,
     ) -> None:
@@ -49,14 +45,7 @@ class DenseDetector(nn.Module):
         self.head = head
         self.num_classes = num_classes
         self.strides = backbone.strides
-        self.center_sampling_radius = center_sampling_radius
-        self.ranges = fcos.regress_ranges(regress_ranges)
-        self.focal_alpha = focal_alpha
-        self.focal_gamma = focal_gamma
-        if box_loss not in fcos.BOX_LOSSES:
-            raise ValueError(f"model.box_loss must be 'giou' or 'iou', got {box_loss!r}")
-        self.box_loss = box_loss
-        self.score_before_centerness = score_before_centerness
+        self.score_before_quality = score_before_quality
         self.postprocess_kwargs = {
             "score_thresh": score_thresh,
             "nms_thresh": nms_thresh,
@@ -64,76 +53,52 @@ class DenseDetector(nn.Module):
             "max_det": max_detections,
         }
 
-    def forward(self, images: Tensor) -> HeadOutputs:
+    def forward(self, images: Tensor) -> DenseOutputs:
         return self.head(self.backbone(images))
 
     # ---- geometry -----------------------------------------------------------------------
 
     @staticmethod
-    def feature_sizes(outputs: HeadOutputs) -> list[tuple[int, int]]:
+    def feature_sizes(outputs: DenseOutputs) -> list[tuple[int, int]]:
         return [(int(t.shape[-2]), int(t.shape[-1])) for t in outputs.cls_logits]
 
-    def points(self, outputs: HeadOutputs) -> tuple[Tensor, Tensor]:
-        """Location centres [A, 2] (x, y) px and strides [A] for these outputs' feature maps."""
-        ref = outputs.cls_logits[0]
-        return fcos.level_points(
-            self.feature_sizes(outputs), self.strides, ref.device, torch.float32
-        )
+    def priors(self, outputs: DenseOutputs) -> Priors:
+        """The head's location priors for these outputs' feature maps."""
+        device = outputs.cls_logits[0].device
+        return self.head.priors(self.feature_sizes(outputs), self.strides, device)
 
-    def level_sizes(self, outputs: HeadOutputs) -> list[int]:
+    def points(self, outputs: DenseOutputs) -> tuple[Tensor, Tensor]:
+        """Location centres [A, 2] (x, y) px and strides [A] (points or anchor centres)."""
+        priors = self.priors(outputs)
+        return priors.centers, priors.strides
+
+    def level_sizes(self, outputs: DenseOutputs) -> list[int]:
         return [h * w for h, w in self.feature_sizes(outputs)]
 
     # ---- training -----------------------------------------------------------------------
 
-    def targets(
-        self, outputs: HeadOutputs, targets: Sequence[dict[str, Tensor]]
-    ) -> tuple[Tensor, Tensor]:
-        """FCOS labels [B, A] and box targets [B, A, 4] for a batch."""
-        centers, strides = self.points(outputs)
-        ranges = torch.cat(
-            [
-                centers.new_tensor(rng).expand(h * w, 2)
-                for rng, (h, w) in zip(self.ranges, self.feature_sizes(outputs))
-            ]
-        )
-        labels, boxes = [], []
-        for t in targets:
-            lab, box = fcos.fcos_targets_single(
-                centers,
-                strides,
-                ranges,
-                t["boxes"].float(),
-                t["labels"],
-                num_classes=self.num_classes,
-                radius=self.center_sampling_radius,
-            )
-            labels.append(lab)
-            boxes.append(box)
-        return torch.stack(labels), torch.stack(boxes)
-
-    def loss(self, outputs: HeadOutputs, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def loss(
+        self, outputs: DenseOutputs, targets: Sequence[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
         """Detection losses. `targets[i]`: {"boxes": [G, 4] xyxy input px, "labels": [G]}."""
-        labels, box_targets = self.targets(outputs, targets)
-        return fcos.fcos_losses(
-            outputs,
-            labels,
-            box_targets,
-            num_classes=self.num_classes,
-            focal_alpha=self.focal_alpha,
-            focal_gamma=self.focal_gamma,
-            box_loss=self.box_loss,
-        )
+        return self.head.loss(outputs, self.priors(outputs), targets)
+
+    def guidance(self, outputs: DenseOutputs) -> tuple[Tensor, Tensor, Priors]:
+        """PGD's teacher prediction: class logits [B, A, C], decoded boxes [B, A, 4] px and the
+        priors they belong to."""
+        priors = self.priors(outputs)
+        logits, boxes = self.head.guidance(outputs, priors)
+        return logits, boxes, priors
 
     # ---- inference ----------------------------------------------------------------------
 
-    def decode_boxes(self, outputs: HeadOutputs) -> Tensor:
-        """Every location's box, absolute xyxy pixels of the network input [B, A, 4] (fp32)."""
-        centers, strides = self.points(outputs)
-        return fcos.decode_boxes(outputs.box_regression, centers, strides)
-
-    def decode(self, outputs: HeadOutputs) -> tuple[Tensor, Tensor]:
+    def decode(self, outputs: DenseOutputs) -> tuple[Tensor, Tensor]:
         """The export contract: boxes [B, A, 4] xyxy px and per-class scores [B, A, C] (fp32)."""
-        return self.decode_boxes(outputs), fcos.class_scores(outputs)
+        return self.head.decode(outputs, self.priors(outputs))
+
+    def decode_boxes(self, outputs: DenseOutputs) -> Tensor:
+        """Every location's box, absolute xyxy pixels of the network input [B, A, 4] (fp32)."""
+        return self.decode(outputs)[0]
 
     @torch.no_grad()
     def predict(
@@ -141,16 +106,17 @@ class DenseDetector(nn.Module):
     ) -> list[Detections]:
         """Detections in original-image pixels, through the shared numpy post-processing.
 
-        The scores are sigmoid(cls) x sigmoid(centerness). With `score_before_centerness`
-        (MMDetection's order, `model.score_before_centerness`) a (location, class) is a
-        candidate when sigmoid(cls) alone exceeds `score_thresh`, and is then scored by the
-        product; otherwise the product must exceed it (the exported models' rule).
+        With a quality branch the scores are sigmoid(cls) x sigmoid(quality). With
+        `score_before_quality` (MMDetection's order, `model.score_before_centerness`) a
+        (location, class) is a candidate when sigmoid(cls) alone exceeds `score_thresh`, and is
+        then scored by the product; otherwise the product must exceed it (the exported models'
+        rule).
         """
         outputs = self(images)
         boxes, scores = self.decode(outputs)
         kwargs = {**self.postprocess_kwargs, **overrides}
-        if self.score_before_centerness:
-            cls = fcos.flatten_levels(outputs.cls_logits).float().sigmoid()  # [B, A, C]
+        if self.score_before_quality and outputs.quality is not None:
+            cls = flatten_levels(outputs.cls_logits).float().sigmoid()  # [B, A, C]
             scores = torch.where(cls > kwargs["score_thresh"], scores, torch.zeros_like(scores))
             kwargs["score_thresh"] = 0.0  # the candidates are the nonzero scores now
         return postprocess_batch(

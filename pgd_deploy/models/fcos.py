@@ -13,7 +13,8 @@ code's eval-only multiplication is docs/method.md D7).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,24 +22,10 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from pgd_deploy.distributed import reduce_mean
+from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors, flatten_levels
 from pgd_deploy.models.towers import Towers
 
 INF = 1e8
-
-
-class HeadOutputs(NamedTuple):
-    """Raw FCOS outputs, each a list over levels P3..P7.
-
-    cls_logits: [B, C, H_l, W_l]; box_regression: [B, 4, H_l, W_l] (l, t, r, b) / stride, >= 0;
-    centerness: [B, 1, H_l, W_l] logits; cls_taps, reg_taps: [B, channels, H_l, W_l], the output
-    of the first conv+GN+ReLU block of each tower (the PGD distillation points).
-    """
-
-    cls_logits: list[Tensor]
-    box_regression: list[Tensor]
-    centerness: list[Tensor]
-    cls_taps: list[Tensor]
-    reg_taps: list[Tensor]
 
 
 class Scale(nn.Module):
@@ -59,8 +46,12 @@ def _predictor(channels: int, out: int, bias: float = 0.0) -> nn.Conv2d:
     return conv
 
 
-class FCOSHead(nn.Module):
-    """FCOS predictors on top of the shared towers."""
+class FCOSHead(DenseHead):
+    """FCOS predictors on top of the shared towers: one point per location, distances (l, t, r,
+    b) / stride, a centerness branch (the `quality` of its outputs) on the regression tower."""
+
+    name = "fcos"
+    float_predictors = ("cls_logits", "bbox_pred", "centerness")
 
     def __init__(
         self,
@@ -70,9 +61,20 @@ class FCOSHead(nn.Module):
         num_convs: int = 4,
         num_levels: int = 5,
         prior_prob: float = 0.01,
+        center_sampling_radius: float = 1.5,
+        regress_ranges: Sequence[float] = (64.0, 128.0, 256.0, 512.0),
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        box_loss: str = "giou",
     ) -> None:
         super().__init__()
+        _check_options(regress_ranges, box_loss, num_levels)
         self.num_classes = num_classes
+        self.center_sampling_radius = center_sampling_radius
+        self.ranges = _ranges(tuple(regress_ranges))
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.box_loss = box_loss
         self.towers = Towers(channels=channels, num_convs=num_convs)
         self.cls_logits = _predictor(
             channels, num_classes, -math.log((1 - prior_prob) / prior_prob)
@@ -81,22 +83,98 @@ class FCOSHead(nn.Module):
         self.centerness = _predictor(channels, 1)
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
 
-    def forward(self, feats: list[Tensor]) -> HeadOutputs:
+    @classmethod
+    def config_kwargs(cls, cfg: Any) -> dict[str, Any]:
+        _check_options(cfg.regress_ranges, cfg.box_loss)  # before the backbone is built
+        return {
+            **super().config_kwargs(cfg),
+            "center_sampling_radius": cfg.center_sampling_radius,
+            "regress_ranges": cfg.regress_ranges,
+            "focal_alpha": cfg.focal_alpha,
+            "focal_gamma": cfg.focal_gamma,
+            "box_loss": cfg.box_loss,
+        }
+
+    def forward(self, feats: list[Tensor]) -> DenseOutputs:
         towers = self.towers(feats)
         box_regression = [
             F.relu(scale(self.bbox_pred(x))) for scale, x in zip(self.scales, towers.reg_feats)
         ]
-        return HeadOutputs(
+        return DenseOutputs(
             cls_logits=[self.cls_logits(x) for x in towers.cls_feats],
             box_regression=box_regression,
-            centerness=[self.centerness(x) for x in towers.reg_feats],
+            quality=[self.centerness(x) for x in towers.reg_feats],
             cls_taps=towers.cls_taps,
             reg_taps=towers.reg_taps,
         )
 
+    def priors(
+        self, feature_sizes: Sequence[tuple[int, int]], strides: Sequence[int], device: torch.device
+    ) -> Priors:
+        sizes = list(feature_sizes)
+        centers, per_point = level_points(sizes, tuple(strides), device, torch.float32)
+        return Priors(centers, per_point, None, tuple(int(h) * int(w) for h, w in sizes))
+
+    def targets(
+        self, priors: Priors, targets: Sequence[dict[str, Tensor]]
+    ) -> tuple[Tensor, Tensor]:
+        """FCOS assignment of a batch: labels [B, A] (num_classes = background) and box targets
+        [B, A, 4] (l, t, r, b) / stride."""
+        ranges = torch.cat(
+            [
+                priors.centers.new_tensor(rng).expand(n, 2)
+                for rng, n in zip(self.ranges, priors.level_sizes, strict=True)
+            ]
+        )
+        labels, boxes = [], []
+        for t in targets:
+            lab, box = fcos_targets_single(
+                priors.centers,
+                priors.strides,
+                ranges,
+                t["boxes"].float(),
+                t["labels"],
+                num_classes=self.num_classes,
+                radius=self.center_sampling_radius,
+            )
+            labels.append(lab)
+            boxes.append(box)
+        return torch.stack(labels), torch.stack(boxes)
+
+    def loss(
+        self, outputs: DenseOutputs, priors: Priors, targets: Sequence[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        labels, box_targets = self.targets(priors, targets)
+        return fcos_losses(
+            outputs,
+            labels,
+            box_targets,
+            num_classes=self.num_classes,
+            focal_alpha=self.focal_alpha,
+            focal_gamma=self.focal_gamma,
+            box_loss=self.box_loss,
+        )
+
+    def decode(self, outputs: DenseOutputs, priors: Priors) -> tuple[Tensor, Tensor]:
+        boxes = decode_boxes(outputs.box_regression, priors.centers, priors.strides)
+        return boxes, class_scores(outputs)
+
+    def guidance(self, outputs: DenseOutputs, priors: Priors) -> tuple[Tensor, Tensor]:
+        logits = flatten_levels(outputs.cls_logits).float()
+        return logits, decode_boxes(outputs.box_regression, priors.centers, priors.strides)
+
+
+def _check_options(regress_ranges: Sequence[float], box_loss: str, num_levels: int = 5) -> None:
+    if len(regress_ranges) != num_levels - 1:
+        raise ValueError(
+            f"model.regress_ranges needs {num_levels - 1} boundaries, got {tuple(regress_ranges)}"
+        )
+    if box_loss not in BOX_LOSSES:
+        raise ValueError(f"model.box_loss must be 'giou' or 'iou', got {box_loss!r}")
+
 
 # --------------------------------------------------------------------------------------------
-# Points, decoding, flattening
+# Points, decoding
 # --------------------------------------------------------------------------------------------
 
 
@@ -120,11 +198,6 @@ def level_points(
     return torch.cat(centers), torch.cat(per_point_strides)
 
 
-def flatten_levels(tensors: list[Tensor]) -> Tensor:
-    """[B, K, H_l, W_l] per level -> [B, A, K] (levels concatenated, row-major locations)."""
-    return torch.cat([t.flatten(2).transpose(1, 2) for t in tensors], dim=1)
-
-
 def decode_boxes(box_regression: list[Tensor], centers: Tensor, strides: Tensor) -> Tensor:
     """Absolute xyxy boxes [B, A, 4] from stride-normalised distances (computed in fp32)."""
     dist = flatten_levels(box_regression).float() * strides[None, :, None].float()  # [B, A, 4]
@@ -132,10 +205,10 @@ def decode_boxes(box_regression: list[Tensor], centers: Tensor, strides: Tensor)
     return torch.cat([c - dist[..., :2], c + dist[..., 2:]], dim=-1)
 
 
-def class_scores(outputs: HeadOutputs) -> Tensor:
+def class_scores(outputs: DenseOutputs) -> Tensor:
     """Per-class detection scores [B, A, C] = sigmoid(cls) * sigmoid(centerness)."""
     cls = flatten_levels(outputs.cls_logits).float().sigmoid()
-    ctr = flatten_levels(outputs.centerness).float().sigmoid()  # [B, A, 1]
+    ctr = flatten_levels(outputs.quality).float().sigmoid()  # [B, A, 1]
     return cls * ctr
 
 
@@ -237,10 +310,11 @@ def giou_loss_ltrb(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
 
 
 BOX_LOSSES = {"giou": giou_loss_ltrb, "iou": iou_loss_ltrb}  # `model.box_loss`
+_ranges = regress_ranges  # FCOSHead.__init__ has an argument of that name
 
 
 def fcos_losses(
-    outputs: HeadOutputs,
+    outputs: DenseOutputs,
     labels: Tensor,
     box_targets: Tensor,
     *,
@@ -263,7 +337,7 @@ def fcos_losses(
     """
     cls = flatten_levels(outputs.cls_logits).float().reshape(-1, num_classes)  # [B*A, C]
     reg = flatten_levels(outputs.box_regression).float().reshape(-1, 4)  # [B*A, 4]
-    ctr = flatten_levels(outputs.centerness).float().reshape(-1)  # [B*A]
+    ctr = flatten_levels(outputs.quality).float().reshape(-1)  # [B*A] centerness
     labels = labels.reshape(-1)
     box_targets = box_targets.reshape(-1, 4)
     pos = torch.nonzero(labels < num_classes).squeeze(1)

@@ -24,7 +24,11 @@ What each head provides (docs/method.md, "The head protocol"):
   is computed from: the per-location class logits s [B, A, C] (the joint quality logit for GFL;
   never multiplied by a centerness or IoU branch) and the decoded boxes b [B, A, 4] pixels;
 - `float_predictors`: the names of its final prediction convs (relative to the head), which
-  quantization-aware training keeps in floating point.
+  quantization-aware training keeps in floating point;
+- `config_kwargs(cfg)`: the constructor arguments the model config gives it (beyond
+  `num_classes`), so that the builder never names a head's own keys;
+- `layout()`: what must be equal between a PGD teacher and its student for their taps to be
+  compared element by element (checked before training starts).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -96,6 +100,27 @@ class DenseHead(nn.Module, ABC):
     name: ClassVar[str] = ""
     float_predictors: ClassVar[tuple[str, ...]] = ()
     num_classes: int
+
+    @classmethod
+    def config_kwargs(cls, cfg: Any) -> dict[str, Any]:
+        """Constructor arguments from the model config (`config.ModelConfig`) besides
+        `num_classes`; a head with keys of its own extends this dict."""
+        return {"channels": cfg.fpn_channels, "num_convs": cfg.head_convs}
+
+    def layout(self) -> dict[str, Any]:
+        """Head type, classes, tower depths and width: what a teacher and its student share.
+
+        The default reads the shared `towers` (`models.towers.Towers`) that every head here
+        has; a head with other towers overrides it.
+        """
+        towers = self.towers
+        return {
+            "head type": type(self).__name__,
+            "classes": self.num_classes,
+            "cls tower depth": len(towers.cls_tower),
+            "reg tower depth": len(towers.reg_tower),
+            "tower width": towers.cls_tower[0][0].out_channels,
+        }
 
     @abstractmethod
     def forward(self, feats: list[Tensor]) -> DenseOutputs:

@@ -3,8 +3,9 @@
 The one place where a file becomes a detector, for every stage: evaluation, export, the torch
 backend, the demo and the distillation teacher. The architecture comes from the training config
 stored in the checkpoint; a file without a config (a plain state dict, accepted only when the
-caller names a `default_depth`, as the teacher loader does) is read as an FCOS of that ResNet
-depth, with the head width, tower depth and class count taken from the weights.
+caller names a `default_depth`, as the teacher loader does) is read as the default head
+(`model.head`) on that ResNet depth, with the head width, tower depth and class count taken from
+the weights.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def load_detector(
         device: where the detector is placed.
         default_depth: None (the default): only checkpoints of this project are accepted.
             A ResNet depth: also an untagged `{"model": ..., "config": ...}` dict or a plain
-            state dict of a `DenseDetector`; without a config, the file is read as an FCOS of
-            this depth.
+            state dict of a `DenseDetector`; without a config, the file is read as the default
+            head on this depth.
 
     Raises:
         CheckpointError: the file is missing, truncated, not a detector checkpoint, or its
@@ -133,7 +134,9 @@ def _infer_model(weights: Mapping[str, Tensor], depth: int, path: Path) -> Model
     weights (not the defaults), the ResNet depth as given."""
     cls_weight = weights.get(CLS_LOGITS)
     if cls_weight is None:
-        raise CheckpointError(f"{path}: no '{CLS_LOGITS}': not an FCOS detector checkpoint")
+        raise CheckpointError(
+            f"{path}: no '{CLS_LOGITS}': not a detector checkpoint of this project's layout"
+        )
     convs = sum(1 for k in weights if k.startswith(CLS_TOWER) and k.endswith(".0.weight"))
     return ModelConfig(depth=depth, fpn_channels=int(cls_weight.shape[1]), head_convs=max(convs, 1))
 
