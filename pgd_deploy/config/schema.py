@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pgd_deploy.runtime import defaults as post
+
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
@@ -30,11 +32,11 @@ class ModelConfig:
     focal_alpha: float = 0.25  # focal loss alpha
     focal_gamma: float = 2.0  # focal loss gamma
     box_loss: Literal["giou", "iou"] = "giou"  # 1 - GIoU, or -log IoU (the official IoULoss)
-    score_thresh: float = 0.05  # inference: minimum class score kept
-    nms_thresh: float = 0.6  # inference: class-aware NMS IoU (official FCOS: 0.5)
+    score_thresh: float = post.SCORE_THRESH  # inference: minimum class score kept (0.05)
+    nms_thresh: float = post.NMS_THRESH  # inference: class-aware NMS IoU (0.6; official FCOS 0.5)
     score_before_centerness: bool = False  # eval: threshold cls, then x centerness (mmdet order)
-    topk_candidates: int = 1000  # inference: candidates kept per level before NMS
-    max_detections: int = 100  # inference: detections kept per image
+    topk_candidates: int = post.TOPK_CANDIDATES  # inference: candidates per level before NMS (1000)
+    max_detections: int = post.MAX_DETECTIONS  # inference: detections kept per image (100)
 
 
 @dataclass(frozen=True)
@@ -154,10 +156,11 @@ class ExportConfig:
     batch_opt: int = 8  # optimisation profile: batch tuned for
     batch_max: int = 16  # optimisation profile: largest batch
     nms: Literal["none", "onnx"] = "none"  # "onnx": append the standard NonMaxSuppression op
-    max_det: int = 100  # detections per image with in-graph NMS
-    conf: float = 0.05  # in-graph NMS score threshold (recorded in the manifest)
-    iou: float = 0.6  # in-graph NMS IoU threshold (recorded in the manifest)
-    nms_topk: int = 1000  # in-graph NMS: (location, class) candidates per image (TensorRT < 3840)
+    max_det: int = post.MAX_DETECTIONS  # detections per image with in-graph NMS (100)
+    conf: float = post.SCORE_THRESH  # in-graph NMS score threshold (0.05; in the manifest)
+    iou: float = post.NMS_THRESH  # in-graph NMS IoU threshold (0.6; in the manifest)
+    # in-graph NMS: (location, class) candidates per image (1000; TensorRT < 3840)
+    nms_topk: int = post.TOPK_CANDIDATES
     opset: int = 17  # ONNX opset
     exporter: Literal["legacy", "dynamo"] = "legacy"  # torch.onnx exporter
     simplify: bool = True  # run onnxslim (failure is logged, never fatal)

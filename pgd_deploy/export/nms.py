@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from pgd_deploy.export.deploy_model import NMS_OUTPUT_NAMES, OUTPUT_NAMES
+from pgd_deploy.runtime.defaults import MAX_DETECTIONS, NMS_THRESH, SCORE_THRESH, TOPK_CANDIDATES
 
 TRT_TOPK_MAX = 3839  # onnx-tensorrt: TopK's K must be less than 3840
 TRT_NMS_BOXES = 5000  # INMSLayer top-k box limit per image ...
@@ -232,10 +233,10 @@ def append_nms(
     model: Any,
     *,
     imgsz: tuple[int, int],
-    max_det: int = 100,
-    conf: float = 0.05,
-    iou: float = 0.6,
-    topk: int = 1000,
+    max_det: int = MAX_DETECTIONS,
+    conf: float = SCORE_THRESH,
+    iou: float = NMS_THRESH,
+    topk: int = TOPK_CANDIDATES,
 ) -> Any:
     """Return a copy of the dense-contract ONNX model with NMS appended (see the module docstring).
 
@@ -269,7 +270,13 @@ def append_nms(
 
 
 def nms_settings(
-    mode: str, *, max_det: int, conf: float, iou: float, topk: int = 1000, candidates: int = 0
+    mode: str,
+    *,
+    max_det: int,
+    conf: float,
+    iou: float,
+    topk: int = TOPK_CANDIDATES,
+    candidates: int = 0,
 ) -> dict[str, Any]:
     """The manifest's "nms" entry (`candidates`: N * C, which caps the pre-NMS top-k)."""
     if mode == "none":

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from pgd_deploy.models.backbone import ResNetFPN
 from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors, flatten_levels
+from pgd_deploy.runtime.defaults import MAX_DETECTIONS, NMS_THRESH, SCORE_THRESH, TOPK_CANDIDATES
 from pgd_deploy.runtime.postprocess import postprocess_batch
 from pgd_deploy.runtime.preprocess import ImageTransform
 from pgd_deploy.structures import Detections
@@ -34,11 +35,11 @@ class DenseDetector(nn.Module):
         backbone: ResNetFPN,
         head: DenseHead,
         num_classes: int,
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.6,
+        score_thresh: float = SCORE_THRESH,
+        nms_thresh: float = NMS_THRESH,
         score_before_quality: bool = False,
-        topk_candidates: int = 1000,
-        max_detections: int = 100,
+        topk_candidates: int = TOPK_CANDIDATES,
+        max_detections: int = MAX_DETECTIONS,
     ) -> None:
         super().__init__()
         self.backbone = backbone

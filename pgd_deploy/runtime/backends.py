@@ -24,6 +24,7 @@ from pgd_deploy.runtime.contract import (
     check_output_shapes,
     manifest_disagreements,
 )
+from pgd_deploy.runtime.defaults import POSTPROCESS_DEFAULTS
 from pgd_deploy.runtime.manifest import read_manifest
 from pgd_deploy.runtime.postprocess import postprocess_batch
 from pgd_deploy.runtime.preprocess import ImageTransform, preprocess
@@ -64,12 +65,12 @@ class Backend:
         self.class_names: list[str] = names
         self.category_ids: list[int] = ids
         self.level_sizes: list[int] | None = meta.get("level_sizes")
-        post = meta.get("postprocess", {})
+        post = {**POSTPROCESS_DEFAULTS, **meta.get("postprocess", {})}
         self.postprocess_kwargs = {
-            "score_thresh": float(post.get("score_thresh", 0.05)),
-            "nms_thresh": float(post.get("nms_thresh", 0.6)),
-            "topk_candidates": int(post.get("topk_candidates", 1000)),
-            "max_det": int(post.get("max_det", 100)),
+            "score_thresh": float(post["score_thresh"]),
+            "nms_thresh": float(post["nms_thresh"]),
+            "topk_candidates": int(post["topk_candidates"]),
+            "max_det": int(post["max_det"]),
         }
         self.meta = meta
 

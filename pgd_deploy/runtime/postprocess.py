@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pgd_deploy.runtime.defaults import MAX_DETECTIONS, NMS_THRESH, SCORE_THRESH, TOPK_CANDIDATES
 from pgd_deploy.runtime.preprocess import ImageTransform
 from pgd_deploy.structures import Detections
 
@@ -106,10 +107,10 @@ def postprocess(
     scores: np.ndarray,
     transform: ImageTransform | None = None,
     *,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.6,
-    topk_candidates: int = 1000,
-    max_det: int = 100,
+    score_thresh: float = SCORE_THRESH,
+    nms_thresh: float = NMS_THRESH,
+    topk_candidates: int = TOPK_CANDIDATES,
+    max_det: int = MAX_DETECTIONS,
     level_sizes: Sequence[int] | None = None,
 ) -> Detections:
     """Threshold, top-k per level, clip, class-aware NMS and un-letterbox one image.
