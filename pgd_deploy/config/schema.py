@@ -204,7 +204,7 @@ class GatesConfig:
     map_tolerance_int8: float = 1.0  # allowed AP drop (points) vs PyTorch, int8
     # QAT int8 parity, layer by layer (export/README.md): the fraction of a quantized conv's int8
     # outputs that land more than half a step from the fake quant's on the same input (float ties)
-    qat_layer_mismatch: float = 1e-3
+    qat_layer_mismatch: float = 1e-2  # ties reach 2e-3 of a layer; real faults 0.5 and more
 
 
 @dataclass(frozen=True)
