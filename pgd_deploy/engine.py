@@ -324,6 +324,7 @@ def build_step_context(
     provider = make_loss_provider(model, device) if make_loss_provider else None
     memory_format = memory_format_for(cfg.train.channels_last, device)
     model.to(memory_format=memory_format)
+    head_weights = dict(model.head.loss_weights)  # before a DDP wrapper hides the head
     teacher = getattr(provider, "teacher", None)  # the distiller's teacher sees the same batch
     if isinstance(teacher, nn.Module):
         teacher.to(memory_format=memory_format)
@@ -338,8 +339,11 @@ def build_step_context(
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, schedule),
         device=device,
-        # The provider's weights (e.g. the distiller's), times train.loss_weights.
-        loss_weights=combine_weights(getattr(provider, "loss_weights", {}), cfg.train.loss_weights),
+        # The head's own weights (e.g. ATSS's GIoU 2), the provider's (e.g. the distiller's),
+        # times train.loss_weights.
+        loss_weights=combine_weights(
+            head_weights, getattr(provider, "loss_weights", {}), cfg.train.loss_weights
+        ),
         weighted_by_user=frozenset(cfg.train.loss_weights),
         loss_provider=provider,
         grad_clip=cfg.train.grad_clip,

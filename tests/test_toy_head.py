@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.slow
 class ToyHead(DenseHead):
     name = "toy"
     float_predictors = ("cls_out", "box_out")
+    loss_weights = MappingProxyType({"loss_box": 3.0})  # the trainer applies a head's weights
 
     def __init__(self, *, num_classes: int, channels: int, num_convs: int) -> None:
         super().__init__()
@@ -159,6 +161,8 @@ def test_a_head_registered_only_here_trains_distils_and_exports(toy_registered, 
 
     teacher = fit(_cfg(tmp_path / "cache", "train.max_iters=3"), work_dir=tmp_path / "toy")
     assert teacher.completed and {"loss_cls", "loss_box"} <= _logged(tmp_path / "toy")
+    first = load_checkpoint(tmp_path / "toy" / "last.pt")["history"][0]
+    assert first["loss"] == pytest.approx(first["loss_cls"] + 3.0 * first["loss_box"], rel=1e-5)
     loaded = load_detector(tmp_path / "toy" / "last.pt", device="cpu")
     assert isinstance(loaded.detector.head, ToyHead) and loaded.config.model.head == "toy"
 

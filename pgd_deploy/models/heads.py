@@ -17,7 +17,9 @@ What each head provides (docs/method.md, "The head protocol"):
   prediction-guided weighting (PGW: points for FCOS and AutoAssign, anchor centres and sizes
   for ATSS, GFL and DDOD) need;
 - `loss(outputs, priors, targets)`: its own target assignment and losses, as named unweighted
-  terms (`loss_cls`, `loss_box`, ...; the trainer weights and sums them);
+  terms (`loss_cls`, `loss_box`, ...; the trainer weights and sums them); `loss_weights` holds
+  the head's own weights of those terms (e.g. ATSS's GIoU weight 2; absent names weigh 1), which
+  the trainer multiplies with the distiller's and `train.loss_weights`;
 - `decode(outputs, priors)`: the fixed export contract, boxes [B, A, 4] xyxy pixels of the
   network input and per-class scores [B, A, C] in [0, 1] (what is exported, served, evaluated);
 - `guidance(outputs, priors)`: what PGD's teacher quality q = sigmoid(s)^(1-xi) * IoU(b, g)^xi
@@ -34,8 +36,9 @@ What each head provides (docs/method.md, "The head protocol"):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -95,10 +98,12 @@ class DenseHead(nn.Module, ABC):
         name: the `model.head` value it is registered under.
         float_predictors: final prediction convs kept in floating point by QAT, e.g.
             ("cls_logits", "bbox_pred", "centerness").
+        loss_weights: the head's own weight of some of its loss terms (others weigh 1).
     """
 
     name: ClassVar[str] = ""
     float_predictors: ClassVar[tuple[str, ...]] = ()
+    loss_weights: ClassVar[Mapping[str, float]] = MappingProxyType({})
     num_classes: int
 
     @classmethod
