@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pgd_deploy.config import ModelConfig
+from pgd_deploy.models.atss import ATSSHead
 from pgd_deploy.models.backbone import build_backbone
 from pgd_deploy.models.detector import DenseDetector
 from pgd_deploy.models.fcos import FCOSHead
@@ -15,7 +16,7 @@ from pgd_deploy.models.heads import DenseHead
 __all__ = ["HEADS", "build_detector", "register_head"]
 
 # model.head -> head class, built as cls(num_classes=, **cls.config_kwargs(model config))
-HEADS: dict[str, type[DenseHead]] = {"fcos": FCOSHead}
+HEADS: dict[str, type[DenseHead]] = {"fcos": FCOSHead, "atss": ATSSHead}
 
 
 def register_head(name: str) -> Callable[[type[DenseHead]], type[DenseHead]]:
