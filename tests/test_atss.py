@@ -216,7 +216,7 @@ def test_atss_r18_overfits_four_images(shapes_root):
 
 
 @pytest.mark.slow
-def test_a_short_atss_run_trains_with_giou_weight_2_and_reloads(tmp_path):
+def test_a_short_atss_run_trains_reloads_and_exports_a_gated_onnx(tmp_path):
     from pgd_deploy.checkpoint import load_checkpoint
     from pgd_deploy.config import TrainJob, load_config
     from pgd_deploy.models import load_detector
@@ -245,3 +245,13 @@ def test_a_short_atss_run_trains_with_giou_weight_2_and_reloads(tmp_path):
     assert first["loss"] == pytest.approx(weighted, rel=1e-5)
     loaded = load_detector(tmp_path / "run" / "last.pt", device="cpu")
     assert isinstance(loaded.detector.head, ATSSHead) and loaded.config.model.head == "atss"
+
+    pytest.importorskip("onnxruntime")
+    from pgd_deploy.export.command import main as export_main
+    from pgd_deploy.runtime.manifest import read_manifest
+
+    argv = ["--checkpoint", str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "exp")]
+    assert export_main([*argv, "--name", "atss", "--imgsz", "64x64", "--gate-images", "4"]) == 0
+    manifest = read_manifest(tmp_path / "exp" / "atss.onnx")
+    parity = manifest["gates"]["results"][0]
+    assert manifest["status"] == "passed" and parity["passed"], parity
