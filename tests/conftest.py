@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test of the trained checkpoint is `trained` (`make test-isa` runs them under other
     kernel paths); tests that train a model themselves carry the marker in their module."""
     for item in items:
-        if "trained_run" in getattr(item, "fixturenames", ()):
+        if {"trained_run", "atss_trained_run"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.trained)
 
 
@@ -53,17 +53,28 @@ def trained_run(tmp_path_factory) -> dict[str, Path]:
         split, "val_images": its image folder, "work_dir": the run folder, "overrides": the data
         and model `--set` overrides of the run}.
     """
+    return _train_run(tmp_path_factory, "fcos")
+
+
+@pytest.fixture(scope="session")
+def atss_trained_run(tmp_path_factory) -> dict[str, Path]:
+    """`trained_run` with the ATSS head (`model.head = "atss"`), the same data and schedule."""
+    return _train_run(tmp_path_factory, "atss")
+
+
+def _train_run(tmp_path_factory, head: str) -> dict[str, Path]:
     from pgd_deploy.config import TrainJob, load_config
     from pgd_deploy.data.shapes import ShapesSpec, generate_shapes
     from pgd_deploy.trainer import fit
 
-    base = tmp_path_factory.mktemp("trained")
+    base = tmp_path_factory.mktemp(f"trained_{head}")
     root = generate_shapes(base / "shapes", train=64, val=16, seed=0, spec=ShapesSpec(size=64))
     cfg = load_config(
         TrainJob,
         None,
         [
             *_trained_run_overrides(root),
+            f"model.head={head!r}",
             "train.max_iters=150",
             "train.batch_size=8",
             "train.optimizer='adamw'",
@@ -86,7 +97,7 @@ def trained_run(tmp_path_factory) -> dict[str, Path]:
         "val_json": root / "annotations" / "val.json",
         "val_images": root / "val",
         "work_dir": base / "run",
-        "overrides": _trained_run_overrides(root),
+        "overrides": [*_trained_run_overrides(root), f"model.head={head!r}"],
     }
 
 

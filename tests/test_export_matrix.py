@@ -3,8 +3,10 @@
 The TensorRT engine build and runner are replaced by ONNX Runtime on the source ONNX
 (`_trt_standin`, test code only), so the whole control flow after the build runs here: the plan's
 manifest, its three gates (an NMS plan: tensor parity on a dense twin, detection agreement and mAP
-on its own NMS outputs), the Triton repository. The checkpoint really detects (`trained_run`), so
-the agreement and mAP gates compare real detections, not empty lists.
+on its own NMS outputs), the Triton repository. The checkpoints really detect (`trained_run`,
+FCOS, and `atss_trained_run`), so the agreement and mAP gates compare real detections, not empty
+lists. The ONNX fp16 and int8 cases (both int8 targets) run every head through the precision
+paths too.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from pgd_deploy.runtime.manifest import read_manifest  # noqa: E402
 PROFILES = Path(__file__).resolve().parents[1] / "export"
 CASES = {  # case -> (profile, extra flags)
     "onnx": ("onnx", []),
+    "onnx_fp16": ("onnx", ["--precision", "fp16"]),
+    "onnx_int8_cpu": ("onnx", ["--precision", "int8", "--calib-images", "16"]),
+    "onnx_int8_tensorrt": (
+        "onnx",
+        ["--precision", "int8", "--int8-target", "tensorrt", "--calib-images", "16"],
+    ),
     "tensorrt_fp16": ("tensorrt_fp16", []),
     "tensorrt_int8": ("tensorrt_int8", ["--calib-images", "16"]),
     "triton_onnx": ("triton", ["--set", 'export.triton_source="onnx"']),
@@ -88,10 +96,18 @@ def _check_gated(manifest: dict, *, nms: str) -> None:
         assert names == ["boxes", "scores"]
 
 
+RUNS = {"fcos": "trained_run", "atss": "atss_trained_run"}  # head -> its trained fixture
+
+
+@pytest.mark.trained
 @pytest.mark.parametrize("nms", ["none", "onnx"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_profile_exports_with_gated_manifests(trained_run, trt_standin, tmp_path, case, nms):
-    rc = _export(trained_run, tmp_path, case, nms)
+@pytest.mark.parametrize("head", list(RUNS))
+def test_every_profile_exports_with_gated_manifests(
+    request, trt_standin, tmp_path, head, case, nms
+):
+    run = request.getfixturevalue(RUNS[head])
+    rc = _export(run, tmp_path, case, nms)
     onnx_manifest = read_manifest(tmp_path / "m.onnx")
     assert rc == 0, json.dumps(onnx_manifest and onnx_manifest["gates"], indent=1)[:3000]
     assert onnx_manifest["format"] == "onnx"  # the plan's manifest did not overwrite it
