@@ -255,3 +255,52 @@ def test_a_short_atss_run_trains_reloads_and_exports_a_gated_onnx(tmp_path):
     manifest = read_manifest(tmp_path / "exp" / "atss.onnx")
     parity = manifest["gates"]["results"][0]
     assert manifest["status"] == "passed" and parity["passed"], parity
+
+
+@pytest.mark.slow
+def test_atss_pgd_resume_is_bit_exact(tmp_path):
+    """PGD from an ATSS teacher (masks at the anchor centres, K = 9), interrupted at its 4th
+    step and resumed, ends with the weights of the uninterrupted run, bit for bit."""
+    from test_trainer import InterruptAt
+
+    from pgd_deploy.checkpoint import load_checkpoint
+    from pgd_deploy.config import TrainJob, load_config
+    from pgd_deploy.distill import build_distiller
+    from pgd_deploy.trainer import fit
+
+    base = [
+        "model.head='atss'",
+        "model.depth=18",
+        "model.fpn_channels=64",
+        "model.head_convs=1",
+        f"data.cache_dir='{tmp_path / 'cache'}'",
+        "data.shapes_train=8",
+        "data.shapes_val=4",
+        "data.shapes_size=64",
+        "data.min_size=64",
+        "data.max_size=64",
+        "data.workers=0",
+        "train.batch_size=2",
+        "train.device='cpu'",
+        "train.deterministic=true",
+    ]
+    assert fit(load_config(TrainJob, None, [*base, "train.max_iters=2"]), work_dir=tmp_path / "t")
+    teacher = tmp_path / "t" / "last.pt"
+    pgd = [*base, "train.max_iters=6", "train.checkpoint_every=3", f"distill.teacher='{teacher}'"]
+    cfg = load_config(TrainJob, None, [*pgd, "distill.topk=9", "distill.alpha=0.08"])
+    assert fit(cfg, work_dir=tmp_path / "a").completed
+
+    def interrupted(student, device):
+        distiller = build_distiller(cfg.distill, student, device=device, seed=cfg.train.seed)
+        return InterruptAt(distiller, at=4)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, work_dir=tmp_path / "b", make_loss_provider=interrupted)
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["iteration"] == 3
+    assert fit(cfg, work_dir=tmp_path / "b", resume=True).completed
+    a = load_checkpoint(tmp_path / "a" / "last.pt")
+    b = load_checkpoint(tmp_path / "b" / "last.pt")
+    logged = {k for entry in a["history"] for k in entry}
+    assert {"kd_cls_fg_p3", "loss_iou"} <= logged, logged
+    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert not differ, differ[:5]
