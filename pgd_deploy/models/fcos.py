@@ -23,27 +23,9 @@ from torchvision.ops import sigmoid_focal_loss
 
 from pgd_deploy.distributed import reduce_mean
 from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors, flatten_levels
-from pgd_deploy.models.towers import Towers
+from pgd_deploy.models.towers import Scale, Towers, predictor
 
 INF = 1e8
-
-
-class Scale(nn.Module):
-    """A learnable scalar per level (FCOS)."""
-
-    def __init__(self, value: float = 1.0) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(value))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.scale
-
-
-def _predictor(channels: int, out: int, bias: float = 0.0) -> nn.Conv2d:
-    conv = nn.Conv2d(channels, out, 3, padding=1)
-    nn.init.normal_(conv.weight, std=0.01)
-    nn.init.constant_(conv.bias, bias)
-    return conv
 
 
 class FCOSHead(DenseHead):
@@ -76,11 +58,9 @@ class FCOSHead(DenseHead):
         self.focal_gamma = focal_gamma
         self.box_loss = box_loss
         self.towers = Towers(channels=channels, num_convs=num_convs)
-        self.cls_logits = _predictor(
-            channels, num_classes, -math.log((1 - prior_prob) / prior_prob)
-        )
-        self.bbox_pred = _predictor(channels, 4)
-        self.centerness = _predictor(channels, 1)
+        self.cls_logits = predictor(channels, num_classes, -math.log((1 - prior_prob) / prior_prob))
+        self.bbox_pred = predictor(channels, 4)
+        self.centerness = predictor(channels, 1)
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Shared classification/regression towers of dense heads (FCOS now; ATSS and GFL reuse them).
+"""Shared classification/regression towers of dense heads, and the pieces every head builds on
+(a learnable per-level `Scale`, the `predictor` conv).
 
 Each tower is `num_convs` x [3x3 conv, GroupNorm(32), ReLU], shared across FPN levels. The output
 of the first block of each tower is returned explicitly per level: it is the PGD tap point
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 
@@ -56,3 +58,22 @@ class Towers(nn.Module):
             out.reg_taps.append(reg_tap)
             out.reg_feats.append(reg_feat)
         return out
+
+
+class Scale(nn.Module):
+    """A learnable scalar per level, multiplying its box regression (FCOS, ATSS)."""
+
+    def __init__(self, value: float = 1.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(value))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+def predictor(channels: int, out: int, bias: float = 0.0) -> nn.Conv2d:
+    """A head's final 3x3 prediction conv: weights N(0, 0.01), constant bias."""
+    conv = nn.Conv2d(channels, out, 3, padding=1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.constant_(conv.bias, bias)
+    return conv
