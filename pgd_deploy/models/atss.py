@@ -105,7 +105,7 @@ def _nearest_per_level(distances: Tensor, sizes: Sequence[int], topk: int) -> Te
     nearest, start = [], 0
     for n in sizes:
         if n:
-            rows = distances[start : start + n].t()  # [G, n]: top-k along memory
+            rows = distances[start : start + n].t()  # [G, n]
             nearest.append(rows.topk(min(topk, n), dim=1, largest=False).indices.t() + start)
         start += n
     return torch.cat(nearest)
