@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from pgd_deploy.distributed import reduce_mean
-from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors, flatten_levels
+from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors, flatten_levels, grid_points
 from pgd_deploy.models.towers import Scale, Towers, predictor
 
 DELTA_STDS = (0.1, 0.1, 0.2, 0.2)  # DeltaXYWHBBoxCoder target_stds of the ATSS configs (means 0)
@@ -187,17 +187,10 @@ class ATSSHead(DenseHead):
     def priors(
         self, feature_sizes: Sequence[tuple[int, int]], strides: Sequence[int], device: torch.device
     ) -> Priors:
-        centers, per_anchor = [], []
-        for (h, w), s in zip(feature_sizes, strides, strict=True):
-            ys = torch.arange(int(h), device=device, dtype=torch.float32) * s
-            xs = torch.arange(int(w), device=device, dtype=torch.float32) * s
-            yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-            centers.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1))
-            per_anchor.append(torch.full((int(h) * int(w),), float(s), device=device))
-        strides_all = torch.cat(per_anchor)
-        sizes = (strides_all * self.anchor_scale)[:, None].expand(-1, 2).contiguous()
+        centers, per_anchor = grid_points(feature_sizes, strides, device, half_stride=False)
+        sizes = (per_anchor * self.anchor_scale)[:, None].expand(-1, 2).contiguous()
         level_sizes = tuple(int(h) * int(w) for h, w in feature_sizes)
-        return Priors(torch.cat(centers), strides_all, sizes, level_sizes)
+        return Priors(centers, per_anchor, sizes, level_sizes)
 
     def targets(
         self, priors: Priors, targets: Sequence[dict[str, Tensor]]

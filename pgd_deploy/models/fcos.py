@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from pgd_deploy.distributed import reduce_mean
-from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors, flatten_levels
+from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors, flatten_levels, grid_points
 from pgd_deploy.models.towers import Scale, Towers, predictor
 
 INF = 1e8
@@ -161,21 +161,9 @@ def _check_options(regress_ranges: Sequence[float], box_loss: str, num_levels: i
 def level_points(
     sizes: list[tuple[int, int]], strides: tuple[int, ...], device: torch.device, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """Location centres of all levels, P3 first.
-
-    Returns:
-        centers [A, 2] (x, y) pixels at (j * s + s // 2, i * s + s // 2), and strides [A].
-    """
-    centers, per_point_strides = [], []
-    for (h, w), s in zip(sizes, strides):
-        ys = torch.arange(int(h), device=device, dtype=dtype) * s + s // 2
-        xs = torch.arange(int(w), device=device, dtype=dtype) * s + s // 2
-        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-        centers.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1))  # [h*w, 2]
-        per_point_strides.append(
-            torch.full((int(h) * int(w),), float(s), device=device, dtype=dtype)
-        )
-    return torch.cat(centers), torch.cat(per_point_strides)
+    """FCOS's location centres of all levels, P3 first: (j * s + s // 2, i * s + s // 2) pixels
+    [A, 2], and strides [A] (`heads.grid_points` with the half-stride offset)."""
+    return grid_points(sizes, strides, device, half_stride=True, dtype=dtype)
 
 
 def decode_boxes(box_regression: list[Tensor], centers: Tensor, strides: Tensor) -> Tensor:

@@ -153,9 +153,31 @@ class DenseHead(nn.Module, ABC):
         """PGD's teacher prediction: class logits [B, A, C] and decoded boxes [B, A, 4] px."""
 
 
+def grid_points(
+    sizes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    device: torch.device | str,
+    *,
+    half_stride: bool,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """The location grid of every level, P3 first, rows before columns: centres [A, 2] (x, y)
+    at (j * s + o, i * s + o) pixels and strides [A], with o = s // 2 (`half_stride`, FCOS's
+    points) or 0 (MMDetection's anchor centres and AutoAssign's points)."""
+    centers, per_point = [], []
+    for (h, w), s in zip(sizes, strides, strict=True):
+        offset = s // 2 if half_stride else 0
+        ys = torch.arange(int(h), device=device, dtype=dtype) * s + offset
+        xs = torch.arange(int(w), device=device, dtype=dtype) * s + offset
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        centers.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1))  # [h*w, 2]
+        per_point.append(torch.full((int(h) * int(w),), float(s), device=device, dtype=dtype))
+    return torch.cat(centers), torch.cat(per_point)
+
+
 def flatten_levels(tensors: Sequence[Tensor]) -> Tensor:
     """Per-level [B, K, H_l, W_l] -> [B, A, K], levels concatenated in order."""
     return torch.cat([t.flatten(2).transpose(1, 2) for t in tensors], dim=1)
 
 
-__all__ = ["DenseHead", "DenseOutputs", "Priors", "flatten_levels"]
+__all__ = ["DenseHead", "DenseOutputs", "Priors", "flatten_levels", "grid_points"]

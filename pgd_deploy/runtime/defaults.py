@@ -3,7 +3,7 @@
 Read by the config schema (`model.*` and the in-graph NMS keys of `export.*`), the detector, the
 numpy post-processing every backend shares, the backends (for an artifact whose manifest lacks
 them) and the export's in-graph NMS. The values are those of the PGD configs (MMDetection's
-`test_cfg`): score 0.05, class-aware NMS at IoU 0.6 (the official FCOS code: 0.5), 1000
+`test_cfg`): score 0.05, class-aware NMS at IoU 0.6, 1000
 candidates per level before NMS, 100 detections per image.
 """
 
