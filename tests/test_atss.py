@@ -1,6 +1,6 @@
 """ATSS, the second dense head (issue 35): the `atss_assign` contract on hand-computed cases and
-against a per-GT reference loop, the head's priors, decoding, losses and gradients, and an
-overfit run."""
+against a per-GT reference loop, the head's priors, decoding, losses and gradients, a short run,
+its export and a bit-exact PGD resume (the overfit run is in test_overfit.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _bench_scripts import load_bench
 
 from pgd_deploy.config import ModelConfig
 from pgd_deploy.models import ATSSHead, atss_assign, build_detector
@@ -70,34 +71,10 @@ def test_bad_shapes_are_refused():
         atss_assign(LEVEL0, [4], torch.zeros(4))
 
 
-def _reference_assign(anchors, level_sizes, gts, topk):
-    """MMDetection's ATSSAssigner written plainly: a loop over GTs and levels."""
-    if len(gts) == 0:
-        return torch.full((len(anchors),), -1)
-    centers = (anchors[:, :2] + anchors[:, 2:]) / 2
-    best = torch.full((len(anchors),), -math.inf)
-    owner = torch.full((len(anchors),), -1)
-    for g, gt in enumerate(gts):
-        iou = aligned_iou(anchors, gt.expand_as(anchors))
-        dist = (centers - (gt[:2] + gt[2:]) / 2).norm(dim=1)
-        cands, start = [], 0
-        for n in level_sizes:
-            k = min(topk, n)
-            cands.append(dist[start : start + n].topk(k, largest=False).indices + start)
-            start += n
-        cand = torch.cat(cands)
-        thr = iou[cand].mean() + iou[cand].std()
-        for a in cand.tolist():
-            c = centers[a]
-            inside = min(c[0] - gt[0], c[1] - gt[1], gt[2] - c[0], gt[3] - c[1]) > 0.01
-            if iou[a] >= thr and inside and iou[a] > best[a]:
-                best[a], owner[a] = iou[a], g
-    return owner
-
-
 def test_matches_a_per_gt_reference_on_random_images():
     head = ATSSHead(num_classes=3, channels=32, num_convs=1)
     priors = head.priors([(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)], (8, 16, 32, 64, 128), "cpu")
+    reference = load_bench("atss_assign").per_gt_loop  # MMDetection's reading, one GT at a time
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
         g = int(torch.randint(0, 12, (1,), generator=gen))
@@ -105,7 +82,7 @@ def test_matches_a_per_gt_reference_on_random_images():
         wh = torch.rand(g, 2, generator=gen) * 90 + 2
         gts = torch.cat([xy, xy + wh], dim=1)
         got = atss_assign(priors.anchors, priors.level_sizes, gts, topk=9)
-        want = _reference_assign(priors.anchors, priors.level_sizes, gts, 9)
+        want = reference(priors.anchors, priors.level_sizes, gts, 9)
         assert got.tolist() == want.tolist()
 
 
@@ -181,64 +158,17 @@ def test_the_iou_branch_learns_the_positives_iou():
 
 
 @pytest.mark.slow
-@pytest.mark.trained
-def test_atss_r18_overfits_four_images(shapes_root):
-    from pgd_deploy.data.coco import load_coco
-    from pgd_deploy.data.dataset import DetectionDataset, collate
-    from pgd_deploy.metrics import detections_to_coco, evaluate_coco
-
-    torch.manual_seed(0)
-    coco = load_coco(shapes_root / "annotations" / "train.json").subset(4)
-    ds = DetectionDataset(coco, shapes_root / "train", train=False, min_size=64, max_size=64)
-    batch = collate([ds[i] for i in range(4)])
-    cfg = ModelConfig(head="atss", depth=18, fpn_channels=128)
-    model = build_detector(cfg, num_classes=coco.num_classes)
-    weights = dict(model.head.loss_weights)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model.train()
-    for step in range(150):
-        for group in opt.param_groups:
-            group["lr"] = 0.01 * min(1.0, (step + 1) / 20)
-        losses = model.loss(model(batch.images), batch.targets)
-        opt.zero_grad()
-        sum(v * weights.get(k, 1.0) for k, v in losses.items()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        opt.step()
-    model.eval()
-    dets = model.predict(batch.images, batch.transforms)
-    results = [
-        r
-        for i, d in zip(batch.image_ids, dets)
-        for r in detections_to_coco(i, d, coco.category_ids)
-    ]
-    metrics = evaluate_coco(coco.raw, results, image_ids=batch.image_ids)
-    assert metrics["AP50"] > 0.5, metrics
-
-
-@pytest.mark.slow
 def test_a_short_atss_run_trains_reloads_and_exports_a_gated_onnx(tmp_path):
+    from test_trainer import tiny_overrides
+
     from pgd_deploy.checkpoint import load_checkpoint
     from pgd_deploy.config import TrainJob, load_config
     from pgd_deploy.models import load_detector
     from pgd_deploy.trainer import fit
 
-    overrides = [
-        "model.head='atss'",
-        "model.depth=18",
-        "model.fpn_channels=64",
-        "model.head_convs=1",
-        f"data.cache_dir='{tmp_path / 'cache'}'",
-        "data.shapes_train=8",
-        "data.shapes_val=4",
-        "data.shapes_size=64",
-        "data.min_size=64",
-        "data.max_size=64",
-        "data.workers=0",
-        "train.batch_size=2",
-        "train.max_iters=2",
-        "train.device='cpu'",
-        "train.log_every=1",
-    ]
+    overrides = tiny_overrides(
+        tmp_path / "cache", "model.head='atss'", "model.head_convs=1", "train.max_iters=2"
+    )
     assert fit(load_config(TrainJob, None, overrides), work_dir=tmp_path / "run").completed
     first = load_checkpoint(tmp_path / "run" / "last.pt")["history"][0]
     weighted = first["loss_cls"] + 2.0 * first["loss_box"] + first["loss_iou"]
@@ -261,29 +191,14 @@ def test_a_short_atss_run_trains_reloads_and_exports_a_gated_onnx(tmp_path):
 def test_atss_pgd_resume_is_bit_exact(tmp_path):
     """PGD from an ATSS teacher (masks at the anchor centres, K = 9), interrupted at its 4th
     step and resumed, ends with the weights of the uninterrupted run, bit for bit."""
-    from test_trainer import InterruptAt
+    from test_trainer import InterruptAt, tiny_overrides
 
     from pgd_deploy.checkpoint import load_checkpoint
     from pgd_deploy.config import TrainJob, load_config
     from pgd_deploy.distill import build_distiller
     from pgd_deploy.trainer import fit
 
-    base = [
-        "model.head='atss'",
-        "model.depth=18",
-        "model.fpn_channels=64",
-        "model.head_convs=1",
-        f"data.cache_dir='{tmp_path / 'cache'}'",
-        "data.shapes_train=8",
-        "data.shapes_val=4",
-        "data.shapes_size=64",
-        "data.min_size=64",
-        "data.max_size=64",
-        "data.workers=0",
-        "train.batch_size=2",
-        "train.device='cpu'",
-        "train.deterministic=true",
-    ]
+    base = tiny_overrides(tmp_path / "cache", "model.head='atss'", "model.head_convs=1")
     assert fit(load_config(TrainJob, None, [*base, "train.max_iters=2"]), work_dir=tmp_path / "t")
     teacher = tmp_path / "t" / "last.pt"
     pgd = [*base, "train.max_iters=6", "train.checkpoint_every=3", f"distill.teacher='{teacher}'"]

@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_trainer import _flat, recipe_on_synthetic_overrides
 
-from pgd_deploy.config import TrainJob, load_config, to_dict
+from pgd_deploy.config import TrainJob, load_config
 from pgd_deploy.trainer import fit
 
 pytestmark = pytest.mark.slow
@@ -17,26 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("atss_r101_3x_ms_coco", "atss_r50_1x_coco", "pgd_atss_r101_r50_1x_coco")
 # The official ATSS configs already use GIoU, NMS 0.6 and the product threshold: only these differ.
 SWITCHES = {"data.filter_empty": True, "data.min_box_size": 1.0, "train.amp": "off"}
-SMALL = [
-    "model.depth=18",
-    "model.weights='none'",
-    "model.fpn_channels=64",
-    "data.root=''",
-    "data.shapes_train=8",
-    "data.shapes_val=4",
-    "data.shapes_size=64",
-    "data.min_size=64",
-    "data.max_size=64",
-    "data.multiscale=[]",
-    "data.workers=0",
-    "train.max_iters=2",
-    "train.batch_size=2",
-    "train.device='cpu'",
-]
-
-
-def _flat(cfg: TrainJob) -> dict[str, object]:
-    return {f"{s}.{k}": v for s, section in to_dict(cfg).items() for k, v in section.items()}
 
 
 def test_atss_recipes_and_their_official_variants():
@@ -55,7 +36,7 @@ def test_atss_recipes_and_their_official_variants():
 
 
 def test_the_official_atss_recipes_run_on_the_synthetic_data(tmp_path):
-    small = [*SMALL, f"data.cache_dir='{tmp_path / 'cache'}'"]
+    small = recipe_on_synthetic_overrides(tmp_path / "cache")
     teacher = tmp_path / "teacher" / "last.pt"
     for name in NAMES:
         extra = [f"distill.teacher='{teacher}'"] if name.startswith("pgd") else []
@@ -66,7 +47,7 @@ def test_the_official_atss_recipes_run_on_the_synthetic_data(tmp_path):
 
 
 def test_the_quickstart_recipes_run_with_model_head_atss(tmp_path):
-    small = [*SMALL, "model.head='atss'", f"data.cache_dir='{tmp_path / 'cache'}'"]
+    small = [*recipe_on_synthetic_overrides(tmp_path / "cache"), "model.head='atss'"]
     runs = {}
     for stage in ("teacher", "student", "pgd"):
         extra = [f"distill.teacher='{runs['teacher']}'"] if stage == "pgd" else []

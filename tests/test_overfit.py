@@ -1,4 +1,4 @@
-"""The detector can learn: a small FCOS overfits a handful of synthetic images."""
+"""The detector can learn: a small FCOS and a small ATSS each overfit four synthetic images."""
 
 from __future__ import annotations
 
@@ -14,12 +14,15 @@ from pgd_deploy.models import build_detector
 
 @pytest.mark.slow
 @pytest.mark.trained
-def test_fcos_r18_overfits_four_images(shapes_root):
+@pytest.mark.parametrize("head", ["fcos", "atss"])
+def test_r18_overfits_four_images(shapes_root, head):
     torch.manual_seed(0)
     coco = load_coco(shapes_root / "annotations" / "train.json").subset(4)
     ds = DetectionDataset(coco, shapes_root / "train", train=False, min_size=64, max_size=64)
     batch = collate([ds[i] for i in range(4)])
-    model = build_detector(ModelConfig(depth=18, fpn_channels=128), num_classes=coco.num_classes)
+    cfg = ModelConfig(head=head, depth=18, fpn_channels=128)
+    model = build_detector(cfg, num_classes=coco.num_classes)
+    weights = dict(model.head.loss_weights)  # as the trainer applies them (ATSS: GIoU x 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     for step in range(150):
@@ -27,7 +30,7 @@ def test_fcos_r18_overfits_four_images(shapes_root):
             group["lr"] = 0.01 * min(1.0, (step + 1) / 20)
         losses = model.loss(model(batch.images), batch.targets)
         opt.zero_grad()
-        sum(losses.values()).backward()
+        sum(v * weights.get(k, 1.0) for k, v in losses.items()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
     model.eval()  # BatchNorm statistics of 4 images: the model is evaluated on the same images

@@ -18,6 +18,7 @@ from types import MappingProxyType
 import pytest
 import torch
 import torch.nn.functional as F
+from test_trainer import tiny_overrides
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
@@ -128,26 +129,9 @@ def toy_registered(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _cfg(cache: Path, *extra: str) -> TrainJob:
-    overrides = [
-        "model.head='toy'",
-        "model.depth=18",
-        "model.fpn_channels=64",
-        "model.head_convs=1",
-        f"data.cache_dir='{cache}'",
-        "data.shapes_train=8",
-        "data.shapes_val=4",
-        "data.shapes_size=64",
-        "data.min_size=64",
-        "data.max_size=64",
-        "data.workers=0",
-        "train.batch_size=2",
-        "train.base_lr=0.01",
-        "train.warmup_iters=1",
-        "train.device='cpu'",
-        "train.log_every=1",
-        *extra,
-    ]
-    return load_config(TrainJob, None, overrides)
+    return load_config(
+        TrainJob, None, tiny_overrides(cache, "model.head='toy'", "model.head_convs=1", *extra)
+    )
 
 
 def _logged(work_dir: Path) -> set[str]:

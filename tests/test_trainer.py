@@ -301,13 +301,15 @@ def test_official_recipes_are_the_recommended_ones_plus_the_switches():
     assert pgd["distill.teacher"] == "runs/fcos_r101_3x_ms_coco_official/last.pt"
 
 
-def test_official_recipes_run_on_the_synthetic_data(tmp_path):
-    small = [
+def recipe_on_synthetic_overrides(cache: Path) -> list[str]:
+    """`--set` overrides that run any COCO recipe for two iterations on 64 px synthetic shapes
+    (R18, no ImageNet weights, single scale)."""
+    return [
         "model.depth=18",
         "model.weights='none'",
         "model.fpn_channels=64",
         "data.root=''",
-        f"data.cache_dir='{tmp_path / 'cache'}'",
+        f"data.cache_dir='{cache}'",
         "data.shapes_train=8",
         "data.shapes_val=4",
         "data.shapes_size=64",
@@ -319,6 +321,10 @@ def test_official_recipes_run_on_the_synthetic_data(tmp_path):
         "train.batch_size=2",
         "train.device='cpu'",
     ]
+
+
+def test_official_recipes_run_on_the_synthetic_data(tmp_path):
+    small = recipe_on_synthetic_overrides(tmp_path / "cache")
     runs = {}
     for name, extra in (
         ("fcos_r101_3x_ms_coco", []),
