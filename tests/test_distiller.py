@@ -157,9 +157,12 @@ def test_distiller_rejects_mismatched_taps() -> None:
 
 def test_build_distiller_inits_student(r18_checkpoint: Path) -> None:
     student = _r18(seed=5)
-    cfg = DistillConfig(teacher=str(r18_checkpoint), topk=9, mask_group=None)
+    cfg = DistillConfig(
+        teacher=str(r18_checkpoint), topk=9, mask_group=None, teacher_score="detection"
+    )
     distiller = build_distiller(cfg, student, device="cpu")
     assert distiller.topk == 9 and distiller.mask_group is None
+    assert distiller.teacher_score == "detection"
     assert torch.equal(student.head.cls_logits.weight, distiller.teacher.head.cls_logits.weight)
     cfg = dataclasses.replace(cfg, init_student=False)
     fresh = _r18(seed=6)
@@ -397,6 +400,7 @@ def test_distiller_defaults_are_the_config_defaults() -> None:
     assert distiller.loss_weights == kd_loss_weights(cfg, 5)
     assert distiller.mask_group == cfg.mask_group
     assert distiller.jitter == cfg.jitter == 0.05 and distiller.swap_xy is cfg.swap_xy is False
+    assert distiller.teacher_score == cfg.teacher_score == "class"  # the official code's score
 
 
 def test_distiller_argument_checks() -> None:
@@ -406,6 +410,8 @@ def test_distiller_argument_checks() -> None:
         Distiller(teacher=teacher, topk=0)
     with pytest.raises(ValueError, match="^distill.mask_group must be None or >= 1, got 0$"):
         Distiller(teacher=teacher, mask_group=0)
+    with pytest.raises(ValueError, match="^distill.teacher_score must be 'class' or 'detection'"):
+        Distiller(teacher=teacher, teacher_score="joint")
     four_levels = kd_loss_weights(DistillConfig(level_weights=(1.0, 2.0, 3.0, 4.0)))
     with pytest.raises(ValueError, match=r"missing \['kd_cls_fg_p7', .*\], unexpected \[\]$"):
         Distiller(teacher=teacher, loss_weights=four_levels)

@@ -116,6 +116,9 @@ class DistillConfig:
     mask_group: int | None = 4  # official cross-image mask broadcast group; None = per image
     jitter: float = 0.05  # uniform jitter (px) added to centres for the Gaussian fit only
     swap_xy: bool = False  # reproduce the official FCOS/AutoAssign x/y swap in the inside test
+    # the teacher score s of the quality q = s^(1-xi) IoU^xi: "class" (the official code), or
+    # "detection": class x the head's quality branch (ATSS IoU, FCOS centerness) as at test time
+    teacher_score: Literal["class", "detection"] = "class"
     init_student: bool = True  # copy shape-compatible FPN and head tensors from the teacher
     masks: Literal["pgd", "gt_box"] = "pgd"  # fg masks: PGW, or 1 inside any GT box (ablation)
 

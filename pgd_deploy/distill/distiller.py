@@ -130,11 +130,16 @@ class Distiller:
         mask_group: int | None = 4,
         jitter: float = 0.05,
         swap_xy: bool = False,
+        teacher_score: str = "class",
         mask_source: str = "pgd",
         generator: torch.Generator | None = None,
     ) -> None:
         if mask_source not in ("pgd", "gt_box"):
             raise ValueError(f"distill.masks must be 'pgd' or 'gt_box', got {mask_source!r}")
+        if teacher_score not in ("class", "detection"):
+            raise ValueError(
+                f"distill.teacher_score must be 'class' or 'detection', got {teacher_score!r}"
+            )
         if topk < 1:
             raise ValueError(f"distill.topk must be >= 1, got {topk}")
         if mask_group is not None and mask_group < 1:
@@ -157,6 +162,7 @@ class Distiller:
         self.mask_group = mask_group
         self.jitter = jitter
         self.swap_xy = swap_xy
+        self.teacher_score = teacher_score
         self.mask_source = mask_source
         self.generator = generator  # None: the jitter draws from the global generator
         self._logged_groups: set[int] = set()
@@ -266,9 +272,10 @@ class Distiller:
             centers = self.teacher.priors(teacher_outputs).centers  # [A, 2]
             fg, bg = gt_box_masks(centers, [t["boxes"] for t in targets], swap_xy=self.swap_xy)
             return fg.float(), fg.float(), bg.float()
-        # The head's guidance: class logits [B, A, C] (never times a quality branch) and decoded
-        # boxes [B, A, 4] px at its priors' centres (points, or anchor centres).
-        logits, boxes, priors = self.teacher.guidance(teacher_outputs)
+        # The head's guidance: class logits [B, A, C] (times its quality branch only with
+        # teacher_score "detection") and decoded boxes [B, A, 4] px at its priors' centres.
+        with_quality = self.teacher_score == "detection"
+        logits, boxes, priors = self.teacher.guidance(teacher_outputs, with_quality=with_quality)
         (fg_cls, fg_reg), bg = batch_masks(
             logits,
             boxes,
@@ -366,6 +373,7 @@ def build_distiller(
         mask_group=cfg.mask_group,
         jitter=cfg.jitter,
         swap_xy=cfg.swap_xy,
+        teacher_score=cfg.teacher_score,
         mask_source=cfg.masks,
         generator=generator,
     )

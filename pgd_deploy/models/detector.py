@@ -15,7 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from pgd_deploy.models.backbone import ResNetFPN
-from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors, flatten_levels
+from pgd_deploy.models.heads import (
+    DenseHead,
+    DenseOutputs,
+    Priors,
+    flatten_levels,
+    joint_logits,
+)
 from pgd_deploy.runtime.defaults import MAX_DETECTIONS, NMS_THRESH, SCORE_THRESH, TOPK_CANDIDATES
 from pgd_deploy.runtime.postprocess import postprocess_batch
 from pgd_deploy.runtime.preprocess import ImageTransform
@@ -84,11 +90,20 @@ class DenseDetector(nn.Module):
         """Detection losses. `targets[i]`: {"boxes": [G, 4] xyxy input px, "labels": [G]}."""
         return self.head.loss(outputs, self.priors(outputs), targets)
 
-    def guidance(self, outputs: DenseOutputs) -> tuple[Tensor, Tensor, Priors]:
+    def guidance(
+        self, outputs: DenseOutputs, *, with_quality: bool = False
+    ) -> tuple[Tensor, Tensor, Priors]:
         """PGD's teacher prediction: class logits [B, A, C], decoded boxes [B, A, 4] px and the
-        priors they belong to."""
+        priors they belong to.
+
+        `with_quality`: the logits of the class score times the head's quality branch (FCOS
+        centerness, ATSS IoU; `heads.joint_logits`), the score its detections carry. A head
+        without a separate branch (GFL's logits are already its joint score) is unchanged.
+        """
         priors = self.priors(outputs)
         logits, boxes = self.head.guidance(outputs, priors)
+        if with_quality and outputs.quality is not None:
+            logits = joint_logits(logits, flatten_levels(outputs.quality).float())
         return logits, boxes, priors
 
     # ---- inference ----------------------------------------------------------------------

@@ -24,7 +24,9 @@ What each head provides (docs/method.md, "The head protocol"):
   network input and per-class scores [B, A, C] in [0, 1] (what is exported, served, evaluated);
 - `guidance(outputs, priors)`: what PGD's teacher quality q = sigmoid(s)^(1-xi) * IoU(b, g)^xi
   is computed from: the per-location class logits s [B, A, C] (the joint quality logit for GFL;
-  never multiplied by a centerness or IoU branch) and the decoded boxes b [B, A, 4] pixels;
+  the head never multiplies its centerness or IoU branch in: `joint_logits` does, for the
+  detector, when `distill.teacher_score = "detection"`) and the decoded boxes b [B, A, 4]
+  pixels;
 - `float_predictors`: the names of its final prediction convs (relative to the head), which
   quantization-aware training keeps in floating point;
 - `config_kwargs(cfg)`: the constructor arguments the model config gives it (beyond
@@ -43,6 +45,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 
 class DenseOutputs(NamedTuple):
@@ -180,4 +183,15 @@ def flatten_levels(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.flatten(2).transpose(1, 2) for t in tensors], dim=1)
 
 
-__all__ = ["DenseHead", "DenseOutputs", "Priors", "flatten_levels", "grid_points"]
+def joint_logits(cls_logits: Tensor, quality_logits: Tensor) -> Tensor:
+    """logit(sigmoid(cls) * sigmoid(quality)): the class logits [..., C] of a score multiplied
+    by a quality branch [..., 1] (FCOS centerness, ATSS IoU), computed in log space.
+
+    sigmoid of the result gives the product back to rounding; a product that rounds to 1 gives
+    +inf, whose sigmoid is exactly 1 (never NaN).
+    """
+    log_p = F.logsigmoid(cls_logits) + F.logsigmoid(quality_logits)  # log of the product, <= 0
+    return log_p - torch.log(-torch.expm1(log_p))  # log p - log(1 - p)
+
+
+__all__ = ["DenseHead", "DenseOutputs", "Priors", "flatten_levels", "grid_points", "joint_logits"]
