@@ -26,13 +26,15 @@ def test_atss_recipes_and_their_official_variants():
         recommended = _flat(load_config(TrainJob, ROOT / "train" / f"{name}.toml"))
         assert recommended["model.head"] == official["model.head"] == "atss", name
         differ = {k for k in official if official[k] != recommended[k]}
-        extra = {"distill.teacher"} if name.startswith("pgd") else set()
+        extra = {"distill.teacher", "distill.teacher_score"} if name.startswith("pgd") else set()
         assert differ == set(SWITCHES) | extra | {"train.work_dir"}, name
         assert {k: official[k] for k in SWITCHES} == SWITCHES, name
+    assert official["distill.teacher_score"] == "class"  # D16: the official code's score
     pgd = _flat(load_config(TrainJob, ROOT / "train" / "pgd_atss_r101_r50_1x_coco.toml"))
     assert (pgd["distill.topk"], pgd["distill.alpha"]) == (9, 0.08)  # ATSS's, not FCOS's 30, 0.04
     assert (pgd["distill.beta"], pgd["distill.gamma"]) == (0.04, 0.128)
     assert pgd["distill.swap_xy"] is False  # the official anchor-based masks test (x, y)
+    assert pgd["distill.teacher_score"] == "detection"  # class x IoU prediction (D16)
 
 
 def test_the_official_atss_recipes_run_on_the_synthetic_data(tmp_path):
@@ -57,3 +59,10 @@ def test_the_quickstart_recipes_run_with_model_head_atss(tmp_path):
         runs[stage] = tmp_path / stage / "last.pt"
         saved = _flat(load_config(TrainJob, tmp_path / stage / "config.toml"))
         assert saved["model.head"] == "atss"
+    # the recipes leave K and the weights to the head: ATSS's, not the FCOS defaults
+    assert (saved["distill.topk"], saved["distill.alpha"], saved["distill.gamma"]) == (
+        9,
+        0.08,
+        0.128,
+    )
+    assert saved["distill.teacher_score"] == "detection"

@@ -6,12 +6,14 @@ import pytest
 
 from pgd_deploy.config import (
     ExportJob,
+    ModelConfig,
     TrainJob,
     dumps_toml,
     from_dict,
     load_config,
     parse_overrides,
     save_config,
+    to_dict,
 )
 
 
@@ -89,3 +91,26 @@ def test_save_load_round_trip(tmp_path, job):
 def test_from_dict_rejects_unknown_sections():
     with pytest.raises(ValueError, match="unknown config key 'trian'"):
         from_dict(TrainJob, {"trian": {}})
+
+
+def test_a_head_brings_its_pgd_defaults_beneath_what_the_user_wrote(tmp_path):
+    from pgd_deploy.models.build import HEADS
+
+    fcos = load_config(TrainJob).distill
+    assert (fcos.topk, fcos.alpha, fcos.teacher_score) == (30, 0.04, "class")  # the section's
+    atss = load_config(TrainJob, None, ["model.head='atss'"]).distill
+    assert (atss.topk, atss.alpha, atss.beta, atss.gamma) == (9, 0.08, 0.04, 0.128)
+    assert atss.teacher_score == "detection" and atss.delta == fcos.delta  # the rest: the section's
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nhead = "atss"\n[distill]\ntopk = 12\n')
+    mine = load_config(TrainJob, recipe, ["distill.alpha=0.01"]).distill
+    assert (mine.topk, mine.alpha, mine.gamma) == (12, 0.01, 0.128)  # recipe and --set win
+    base = to_dict(TrainJob(model=ModelConfig(head="atss")))  # a checkpoint's full config
+    assert load_config(TrainJob, None, base=base).distill.topk == 30  # what it was trained with
+    with pytest.raises(ValueError, match=r"model.head 'yolo'.*expected one of \['atss', 'fcos'"):
+        load_config(TrainJob, None, ["model.head='yolo'"])
+    with pytest.raises(ValueError, match="model.head"):  # a wrong type: the type check says so
+        load_config(TrainJob, None, ["model.head=3"])
+    for name, cls in HEADS.items():  # every head's defaults are valid distill keys and values
+        section = from_dict(TrainJob, {"distill": dict(cls.pgd_defaults)}, name).distill
+        assert {k: getattr(section, k) for k in cls.pgd_defaults} == dict(cls.pgd_defaults)

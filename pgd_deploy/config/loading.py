@@ -1,8 +1,9 @@
 """Reading and writing configurations: TOML recipes, `--set` overrides, strict type checks.
 
-Values come from, in order: the dataclass defaults, a TOML recipe, then command-line overrides
-`--set section.key=value`. Unknown keys and values of the wrong type raise `ValueError` naming
-the key.
+Values come from, in order: the dataclass defaults, the defaults the root class derives from
+what was written (`TrainJob.head_defaults`: the head's PGD values), a base (a checkpoint's
+config), a TOML recipe, then command-line overrides `--set section.key=value`. Unknown keys and
+values of the wrong type raise `ValueError` naming the key.
 """
 
 from __future__ import annotations
@@ -177,6 +178,9 @@ def load_config(
 ) -> C:
     """Load `cls` from defaults, an optional base dict, a TOML file and `--set` overrides.
 
+    A root class with a `head_defaults(values)` classmethod adds the defaults it returns for the
+    merged values beneath them (what the base, the recipe or `--set` wrote always wins).
+
     Args:
         cls: root dataclass, e.g. `TrainJob`.
         path: TOML recipe, or None for the defaults.
@@ -203,6 +207,9 @@ def load_config(
         tree = parse_overrides(overrides)
         _build(cls, tree, "", "--set")  # names the offending key with the right source
         values = _merge(values, tree)
+    head_defaults = getattr(cls, "head_defaults", None)
+    if head_defaults is not None:  # beneath everything written above: base, recipe, --set
+        values = _merge(head_defaults(values), values)
     return _build(cls, values, "", source)
 
 

@@ -6,6 +6,7 @@ are sections (`model`, `data`, ...); `pgd_deploy.config.loading` reads and write
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ from pgd_deploy.runtime import defaults as post
 class ModelConfig:
     """The detector: ResNet backbone, FPN P3-P7 and a dense head."""
 
-    # dense head: a name registered in pgd_deploy.models.build.HEADS ("fcos"; ATSS, GFL next)
+    # dense head: a name registered in pgd_deploy.models.build.HEADS ("fcos", "atss"; GFL next)
     head: str = "fcos"
     depth: int = 50  # ResNet depth: 18, 34, 50, 101 or 152
     weights: str = "none"  # backbone init: "none", "imagenet" (torchvision download) or a path
@@ -100,7 +101,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Prediction-Guided Distillation (docs/method.md §4-5)."""
+    """Prediction-Guided Distillation (docs/method.md §4-5).
+
+    The defaults are FCOS's; a head's `pgd_defaults` replace some for it (ATSS: topk 9, alpha
+    0.08, beta 0.04, gamma 0.128, teacher_score "detection") unless the recipe sets them.
+    """
 
     teacher: str = ""  # teacher checkpoint; "" = no distillation
     teacher_depth: int = 101  # teacher ResNet depth when the checkpoint carries no config
@@ -109,7 +114,7 @@ class DistillConfig:
     gamma: float = 0.064  # reg foreground weight (1.6 alpha)
     delta: float = 0.0008  # attention-transfer weight
     temperature: float = 0.8  # attention softmax temperature T
-    topk: int = 30  # key predictive locations per GT (9 for ATSS)
+    topk: int = 30  # key predictive locations per GT K (ATSS: 9)
     xi_cls: float = 0.8  # IoU exponent of the quality for the cls mask
     xi_reg: float = 0.6  # IoU exponent of the quality for the reg mask
     level_weights: tuple[float, ...] = (1.0, 1.25, 1.5, 1.75, 2.0)  # cls fg/bg weight, P3..P7
@@ -140,6 +145,24 @@ class TrainJob:
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     qat: QatConfig = field(default_factory=QatConfig)
+
+    @classmethod
+    def head_defaults(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """The `distill` defaults of the head `values` name (`DenseHead.pgd_defaults`: ATSS's
+        K = 9, alpha 0.08, ...), which `load_config` puts beneath the recipe and `--set`.
+
+        {} when the head is not a string (the type check then names the key).
+
+        Raises:
+            ValueError: `model.head` is not a registered head (the message lists them).
+        """
+        model = values.get("model", {})
+        head = model.get("head", ModelConfig.head) if isinstance(model, Mapping) else None
+        if not isinstance(head, str):
+            return {}
+        from pgd_deploy.models.build import head_class  # torch: only when a TrainJob is read
+
+        return {"distill": dict(head_class(head).pgd_defaults)}
 
 
 @dataclass(frozen=True)

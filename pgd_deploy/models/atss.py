@@ -138,6 +138,11 @@ class ATSSHead(DenseHead):
     name = "atss"
     float_predictors = ("cls_logits", "bbox_pred", "iou_pred")
     loss_weights = MappingProxyType({"loss_box": 2.0})  # the ATSS configs' GIoU weight
+    # PGD with an ATSS teacher and student (docs/method.md §5, D16): the official K and weights,
+    # and the teacher's quality from the score its detections carry (class x IoU prediction)
+    pgd_defaults = MappingProxyType(
+        {"topk": 9, "alpha": 0.08, "beta": 0.04, "gamma": 0.128, "teacher_score": "detection"}
+    )
 
     def __init__(
         self,

@@ -19,7 +19,8 @@ What each head provides (docs/method.md, "The head protocol"):
 - `loss(outputs, priors, targets)`: its own target assignment and losses, as named unweighted
   terms (`loss_cls`, `loss_box`, ...; the trainer weights and sums them); `loss_weights` holds
   the head's own weights of those terms (e.g. ATSS's GIoU weight 2; absent names weigh 1), which
-  the trainer multiplies with the distiller's and `train.loss_weights`;
+  the trainer multiplies with the distiller's and `train.loss_weights`; `pgd_defaults` holds the
+  `distill` values PGD uses with this head where the recipe does not set them (K, alpha, ...);
 - `decode(outputs, priors)`: the fixed export contract, boxes [B, A, 4] xyxy pixels of the
   network input and per-class scores [B, A, C] in [0, 1] (what is exported, served, evaluated);
 - `guidance(outputs, priors)`: what PGD's teacher quality q = sigmoid(s)^(1-xi) * IoU(b, g)^xi
@@ -102,11 +103,15 @@ class DenseHead(nn.Module, ABC):
         float_predictors: final prediction convs kept in floating point by QAT, e.g.
             ("cls_logits", "bbox_pred", "centerness").
         loss_weights: the head's own weight of some of its loss terms (others weigh 1).
+        pgd_defaults: the `distill` keys whose value for this head differs from the section's
+            defaults (which are FCOS's), e.g. ATSS's K = 9 and alpha 0.08; a recipe or `--set`
+            still wins (`config.TrainJob.head_defaults`).
     """
 
     name: ClassVar[str] = ""
     float_predictors: ClassVar[tuple[str, ...]] = ()
     loss_weights: ClassVar[Mapping[str, float]] = MappingProxyType({})
+    pgd_defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     num_classes: int
 
     @classmethod
