@@ -22,10 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import torch
 
 from pgd_deploy.checkpoint import load_checkpoint
-from pgd_deploy.config import TrainJob, dumps_toml, load_config
+from pgd_deploy.config import TrainJob, dumps_toml, from_dict, load_config
 from pgd_deploy.devices import describe_cpu
 from pgd_deploy.io_utils import write_json
 from pgd_deploy.models import load_detector
@@ -63,9 +64,9 @@ def _finished(work_dir: Path, cfg: TrainJob) -> bool:
 def _same_config(work_dir: Path, cfg: TrainJob) -> bool:
     """True when `work_dir/config.toml` is `cfg` (up to the num_classes resolved from data)."""
     saved = work_dir / "config.toml"
-    try:
-        previous = load_config(TrainJob, saved)
-    except (ValueError, FileNotFoundError):
+    try:  # read literally: a key it lacks had the section's default, not today's head default
+        previous = from_dict(TrainJob, tomllib.loads(saved.read_text()), str(saved))
+    except (ValueError, OSError, UnicodeDecodeError):
         return False
     # The saved config has num_classes resolved from the data; compare the rest.
     import dataclasses

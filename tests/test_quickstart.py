@@ -113,3 +113,23 @@ def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(
     assert caplog.text.count("reusing the finished run") == 3
     assert "student: continuing the unfinished run" in caplog.text
     assert rows[1]["train_iters"] == 2 and (work / "student" / "metrics.json").is_file()
+
+
+def test_a_saved_config_is_read_literally_not_with_todays_head_defaults(tmp_path):
+    """A run saved before `distill.teacher_score` existed used the class score: the demo must
+    not take it for a run of today's ATSS default (class x IoU) and reuse it."""
+    from pgd_deploy.quickstart import _same_config
+
+    atss = load_config(TrainJob, None, ["model.head='atss'"])
+    assert atss.distill.teacher_score == "detection"
+    save_config(atss, tmp_path / "config.toml")
+    assert _same_config(tmp_path, atss)
+    text = (tmp_path / "config.toml").read_text()
+    old = "".join(line for line in text.splitlines(True) if not line.startswith("teacher_score"))
+    assert old != text
+    (tmp_path / "config.toml").write_text(old)
+    assert not _same_config(tmp_path, atss)
+    official = load_config(TrainJob, None, ["model.head='atss'", "distill.teacher_score='class'"])
+    assert _same_config(tmp_path, official)
+    (tmp_path / "config.toml").write_bytes(b"\xff\xfe not toml")
+    assert not _same_config(tmp_path, atss)
