@@ -16,6 +16,7 @@ and a run of another configuration is replaced (the stage folders belong to the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -26,7 +27,14 @@ import tomllib
 import torch
 
 from pgd_deploy.checkpoint import load_checkpoint
-from pgd_deploy.config import TrainJob, dumps_toml, from_dict, load_config
+from pgd_deploy.config import (
+    DistillConfig,
+    QatConfig,
+    TrainJob,
+    dumps_toml,
+    from_dict,
+    load_config,
+)
 from pgd_deploy.devices import describe_cpu
 from pgd_deploy.io_utils import write_json
 from pgd_deploy.models import load_detector
@@ -62,20 +70,24 @@ def _finished(work_dir: Path, cfg: TrainJob) -> bool:
 
 
 def _same_config(work_dir: Path, cfg: TrainJob) -> bool:
-    """True when `work_dir/config.toml` is `cfg` (up to the num_classes resolved from data)."""
+    """True when `work_dir/config.toml` trains what `cfg` trains: equal up to the num_classes
+    resolved from the data, and to the distill and qat sections of a run that uses neither (no
+    teacher, no QAT init: a PGD setting does not retrain the teacher)."""
     saved = work_dir / "config.toml"
     try:  # read literally: a key it lacks had the section's default, not today's head default
         previous = from_dict(TrainJob, tomllib.loads(saved.read_text()), str(saved))
     except (ValueError, OSError, UnicodeDecodeError):
         return False
-    # The saved config has num_classes resolved from the data; compare the rest.
-    import dataclasses
+    return _what_trains(previous, cfg.model.num_classes) == _what_trains(cfg, cfg.model.num_classes)
 
-    return dumps_toml(
-        dataclasses.replace(
-            previous, model=dataclasses.replace(previous.model, num_classes=cfg.model.num_classes)
-        )
-    ) == dumps_toml(cfg)
+
+def _what_trains(cfg: TrainJob, num_classes: int) -> str:
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=num_classes))
+    if not cfg.distill.teacher:
+        cfg = dataclasses.replace(cfg, distill=DistillConfig())
+    if not cfg.qat.init:
+        cfg = dataclasses.replace(cfg, qat=QatConfig())
+    return dumps_toml(cfg)
 
 
 def cpu_latencies_ms(

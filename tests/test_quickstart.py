@@ -120,7 +120,7 @@ def test_a_saved_config_is_read_literally_not_with_todays_head_defaults(tmp_path
     not take it for a run of today's ATSS default (class x IoU) and reuse it."""
     from pgd_deploy.quickstart import _same_config
 
-    atss = load_config(TrainJob, None, ["model.head='atss'"])
+    atss = load_config(TrainJob, None, ["model.head='atss'", "distill.teacher='t.pt'"])
     assert atss.distill.teacher_score == "detection"
     save_config(atss, tmp_path / "config.toml")
     assert _same_config(tmp_path, atss)
@@ -129,7 +129,31 @@ def test_a_saved_config_is_read_literally_not_with_todays_head_defaults(tmp_path
     assert old != text
     (tmp_path / "config.toml").write_text(old)
     assert not _same_config(tmp_path, atss)
-    official = load_config(TrainJob, None, ["model.head='atss'", "distill.teacher_score='class'"])
+    official = load_config(
+        TrainJob,
+        None,
+        ["model.head='atss'", "distill.teacher='t.pt'", "distill.teacher_score='class'"],
+    )
     assert _same_config(tmp_path, official)
     (tmp_path / "config.toml").write_bytes(b"\xff\xfe not toml")
     assert not _same_config(tmp_path, atss)
+
+
+def test_a_pgd_setting_does_not_retrain_the_teacher(tmp_path):
+    from pgd_deploy.quickstart import _same_config
+
+    teacher = load_config(TrainJob, ROOT / "train" / "quickstart_teacher.toml")
+    save_config(teacher, tmp_path / "config.toml")
+    pgd_keys = ["distill.topk=9", "distill.teacher_score='detection'", "qat.calib_images=8"]
+    assert _same_config(
+        tmp_path, load_config(TrainJob, ROOT / "train" / "quickstart_teacher.toml", pgd_keys)
+    )
+    assert not _same_config(
+        tmp_path,
+        load_config(TrainJob, ROOT / "train" / "quickstart_teacher.toml", ["train.seed=1"]),
+    )
+    pgd = load_config(TrainJob, ROOT / "train" / "quickstart_pgd.toml")
+    save_config(pgd, tmp_path / "config.toml")  # a distilling run: its distill keys count
+    assert not _same_config(
+        tmp_path, load_config(TrainJob, ROOT / "train" / "quickstart_pgd.toml", ["distill.topk=9"])
+    )
