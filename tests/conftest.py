@@ -21,7 +21,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test of the trained checkpoint is `trained` (`make test-isa` runs them under other
     kernel paths); tests that train a model themselves carry the marker in their module."""
     for item in items:
-        if {"trained_run", "atss_trained_run"} & set(getattr(item, "fixturenames", ())):
+        if {"trained_run", "atss_trained_run", "gfl_trained_run"} & set(
+            getattr(item, "fixturenames", ())
+        ):
             item.add_marker(pytest.mark.trained)
 
 
@@ -60,6 +62,12 @@ def trained_run(tmp_path_factory) -> dict[str, Path]:
 def atss_trained_run(tmp_path_factory) -> dict[str, Path]:
     """`trained_run` with the ATSS head (`model.head = "atss"`), the same data and schedule."""
     return _train_run(tmp_path_factory, "atss")
+
+
+@pytest.fixture(scope="session")
+def gfl_trained_run(tmp_path_factory) -> dict[str, Path]:
+    """`trained_run` with the GFL head (`model.head = "gfl"`), the same data and schedule."""
+    return _train_run(tmp_path_factory, "gfl")
 
 
 def _train_run(tmp_path_factory, head: str) -> dict[str, Path]:

@@ -1,6 +1,7 @@
 """ATSS, the second dense head (issue 35): the `atss_assign` contract on hand-computed cases and
-against a per-GT reference loop, the head's priors, decoding, losses and gradients, a short run,
-its export and a bit-exact PGD resume (the overfit run is in test_overfit.py)."""
+against a per-GT reference loop, the head's priors, decoding, losses and gradients (a short run,
+its export and a bit-exact PGD resume are in test_anchor_heads.py, the overfit run in
+test_overfit.py)."""
 
 from __future__ import annotations
 
@@ -155,67 +156,3 @@ def test_the_iou_branch_learns_the_positives_iou():
         iou_logits, target, reduction="sum"
     ) / int(pos.sum())
     torch.testing.assert_close(model.loss(out, TARGETS[:1])["loss_iou"], expected)
-
-
-@pytest.mark.slow
-def test_a_short_atss_run_trains_reloads_and_exports_a_gated_onnx(tmp_path):
-    from test_trainer import tiny_overrides
-
-    from pgd_deploy.checkpoint import load_checkpoint
-    from pgd_deploy.config import TrainJob, load_config
-    from pgd_deploy.models import load_detector
-    from pgd_deploy.trainer import fit
-
-    overrides = tiny_overrides(
-        tmp_path / "cache", "model.head='atss'", "model.head_convs=1", "train.max_iters=2"
-    )
-    assert fit(load_config(TrainJob, None, overrides), work_dir=tmp_path / "run").completed
-    first = load_checkpoint(tmp_path / "run" / "last.pt")["history"][0]
-    weighted = first["loss_cls"] + 2.0 * first["loss_box"] + first["loss_iou"]
-    assert first["loss"] == pytest.approx(weighted, rel=1e-5)
-    loaded = load_detector(tmp_path / "run" / "last.pt", device="cpu")
-    assert isinstance(loaded.detector.head, ATSSHead) and loaded.config.model.head == "atss"
-
-    pytest.importorskip("onnxruntime")
-    from pgd_deploy.export.command import main as export_main
-    from pgd_deploy.runtime.manifest import read_manifest
-
-    argv = ["--checkpoint", str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "exp")]
-    assert export_main([*argv, "--name", "atss", "--imgsz", "64x64", "--gate-images", "4"]) == 0
-    manifest = read_manifest(tmp_path / "exp" / "atss.onnx")
-    parity = manifest["gates"]["results"][0]
-    assert manifest["status"] == "passed" and parity["passed"], parity
-
-
-@pytest.mark.slow
-def test_atss_pgd_resume_is_bit_exact(tmp_path):
-    """PGD from an ATSS teacher (masks at the anchor centres, K = 9), interrupted at its 4th
-    step and resumed, ends with the weights of the uninterrupted run, bit for bit."""
-    from test_trainer import InterruptAt, tiny_overrides
-
-    from pgd_deploy.checkpoint import load_checkpoint
-    from pgd_deploy.config import TrainJob, load_config
-    from pgd_deploy.distill import build_distiller
-    from pgd_deploy.trainer import fit
-
-    base = tiny_overrides(tmp_path / "cache", "model.head='atss'", "model.head_convs=1")
-    assert fit(load_config(TrainJob, None, [*base, "train.max_iters=2"]), work_dir=tmp_path / "t")
-    teacher = tmp_path / "t" / "last.pt"
-    pgd = [*base, "train.max_iters=6", "train.checkpoint_every=3", f"distill.teacher='{teacher}'"]
-    cfg = load_config(TrainJob, None, [*pgd, "distill.topk=9", "distill.alpha=0.08"])
-    assert fit(cfg, work_dir=tmp_path / "a").completed
-
-    def interrupted(student, device):
-        distiller = build_distiller(cfg.distill, student, device=device, seed=cfg.train.seed)
-        return InterruptAt(distiller, at=4)
-
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, work_dir=tmp_path / "b", make_loss_provider=interrupted)
-    assert load_checkpoint(tmp_path / "b" / "last.pt")["iteration"] == 3
-    assert fit(cfg, work_dir=tmp_path / "b", resume=True).completed
-    a = load_checkpoint(tmp_path / "a" / "last.pt")
-    b = load_checkpoint(tmp_path / "b" / "last.pt")
-    logged = {k for entry in a["history"] for k in entry}
-    assert {"kd_cls_fg_p3", "loss_iou"} <= logged, logged
-    differ = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
-    assert not differ, differ[:5]

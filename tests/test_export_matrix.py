@@ -4,9 +4,9 @@ The TensorRT engine build and runner are replaced by ONNX Runtime on the source 
 (`_trt_standin`, test code only), so the whole control flow after the build runs here: the plan's
 manifest, its three gates (an NMS plan: tensor parity on a dense twin, detection agreement and mAP
 on its own NMS outputs), the Triton repository. The checkpoints really detect (`trained_run`,
-FCOS, and `atss_trained_run`), so the agreement and mAP gates compare real detections, not empty
-lists. The ONNX fp16 and int8 cases (both int8 targets) run every head through the precision
-paths too.
+FCOS, `atss_trained_run` and `gfl_trained_run`), so the agreement and mAP gates compare real
+detections, not empty lists. The ONNX fp16 and int8 cases (both int8 targets) run every head
+through the precision paths too.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def _check_gated(manifest: dict, *, nms: str) -> None:
         assert names == ["boxes", "scores"]
 
 
-RUNS = {"fcos": "trained_run", "atss": "atss_trained_run"}  # head -> its trained fixture
+# head -> its trained fixture
+RUNS = {"fcos": "trained_run", "atss": "atss_trained_run", "gfl": "gfl_trained_run"}
 
 
 @pytest.mark.trained

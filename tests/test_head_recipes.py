@@ -1,6 +1,6 @@
-"""The ATSS recipes (issue 35, part 4): the official ones are the recommended ones plus the
-official-code switches, every COCO recipe runs on the synthetic data, and the quickstart recipes
-run with `--set model.head=atss`."""
+"""The recipes of the anchor-based heads (ATSS: issue 35, GFL: issue 36): the official ones are
+the recommended ones plus the official-code switches, every COCO recipe runs on the synthetic
+data, and the quickstart recipes run with `--set model.head=<head>` and the head's PGD defaults."""
 
 from __future__ import annotations
 
@@ -15,32 +15,44 @@ from pgd_deploy.trainer import fit
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("atss_r101_3x_ms_coco", "atss_r50_1x_coco", "pgd_atss_r101_r50_1x_coco")
-# The official ATSS configs already use GIoU, NMS 0.6 and the product threshold: only these differ.
+# The official ATSS and GFL configs already use GIoU, NMS 0.6 and (ATSS) the product threshold:
+# only these differ, for every recipe.
 SWITCHES = {"data.filter_empty": True, "data.min_box_size": 1.0, "train.amp": "off"}
+# head -> the PGD recipe's own official switches (docs/method.md D16, D4) and its PGD values
+PGD = {
+    "atss": ({"distill.teacher_score": "class"}, {"distill.teacher_score": "detection"}, (9, 0.08)),
+    "gfl": ({"distill.index_stride": True}, {"distill.index_stride": False}, (30, 0.04)),
+}
 
 
-def test_atss_recipes_and_their_official_variants():
-    for name in NAMES:
+def _names(head: str) -> tuple[str, ...]:
+    return (f"{head}_r101_3x_ms_coco", f"{head}_r50_1x_coco", f"pgd_{head}_r101_r50_1x_coco")
+
+
+@pytest.mark.parametrize("head", list(PGD))
+def test_recipes_and_their_official_variants(head):
+    official_pgd, recommended_pgd, (topk, alpha) = PGD[head]
+    for name in _names(head):
         official = _flat(load_config(TrainJob, ROOT / "train" / f"{name}_official.toml"))
         recommended = _flat(load_config(TrainJob, ROOT / "train" / f"{name}.toml"))
-        assert recommended["model.head"] == official["model.head"] == "atss", name
+        assert recommended["model.head"] == official["model.head"] == head, name
         differ = {k for k in official if official[k] != recommended[k]}
-        extra = {"distill.teacher", "distill.teacher_score"} if name.startswith("pgd") else set()
+        extra = {"distill.teacher", *official_pgd} if name.startswith("pgd") else set()
         assert differ == set(SWITCHES) | extra | {"train.work_dir"}, name
         assert {k: official[k] for k in SWITCHES} == SWITCHES, name
-    assert official["distill.teacher_score"] == "class"  # D16: the official code's score
-    pgd = _flat(load_config(TrainJob, ROOT / "train" / "pgd_atss_r101_r50_1x_coco.toml"))
-    assert (pgd["distill.topk"], pgd["distill.alpha"]) == (9, 0.08)  # ATSS's, not FCOS's 30, 0.04
-    assert (pgd["distill.beta"], pgd["distill.gamma"]) == (0.04, 0.128)
+    assert {k: official[k] for k in official_pgd} == official_pgd
+    pgd = _flat(load_config(TrainJob, ROOT / "train" / f"pgd_{head}_r101_r50_1x_coco.toml"))
+    assert (pgd["distill.topk"], pgd["distill.alpha"]) == (topk, alpha)  # not FCOS's 30, 0.04
+    assert (pgd["distill.beta"], pgd["distill.gamma"]) == pytest.approx((alpha / 2, 1.6 * alpha))
+    assert {k: pgd[k] for k in recommended_pgd} == recommended_pgd
     assert pgd["distill.swap_xy"] is False  # the official anchor-based masks test (x, y)
-    assert pgd["distill.teacher_score"] == "detection"  # class x IoU prediction (D16)
 
 
-def test_the_official_atss_recipes_run_on_the_synthetic_data(tmp_path):
+@pytest.mark.parametrize("head", list(PGD))
+def test_the_official_recipes_run_on_the_synthetic_data(tmp_path, head):
     small = recipe_on_synthetic_overrides(tmp_path / "cache")
     teacher = tmp_path / "teacher" / "last.pt"
-    for name in NAMES:
+    for name in _names(head):
         extra = [f"distill.teacher='{teacher}'"] if name.startswith("pgd") else []
         work_dir = tmp_path / ("teacher" if "r101_3x" in name else name)
         recipe = ROOT / "train" / f"{name}_official.toml"
@@ -48,8 +60,9 @@ def test_the_official_atss_recipes_run_on_the_synthetic_data(tmp_path):
         assert result.completed and result.iterations == 2 and "AP" in result.metrics, name
 
 
-def test_the_quickstart_recipes_run_with_model_head_atss(tmp_path):
-    small = [*recipe_on_synthetic_overrides(tmp_path / "cache"), "model.head='atss'"]
+@pytest.mark.parametrize("head", list(PGD))
+def test_the_quickstart_recipes_run_with_the_head(tmp_path, head):
+    small = [*recipe_on_synthetic_overrides(tmp_path / "cache"), f"model.head='{head}'"]
     runs = {}
     for stage in ("teacher", "student", "pgd"):
         extra = [f"distill.teacher='{runs['teacher']}'"] if stage == "pgd" else []
@@ -58,11 +71,8 @@ def test_the_quickstart_recipes_run_with_model_head_atss(tmp_path):
         assert result.completed and "AP" in result.metrics, stage
         runs[stage] = tmp_path / stage / "last.pt"
         saved = _flat(load_config(TrainJob, tmp_path / stage / "config.toml"))
-        assert saved["model.head"] == "atss"
-    # the recipes leave K and the weights to the head: ATSS's, not the FCOS defaults
-    assert (saved["distill.topk"], saved["distill.alpha"], saved["distill.gamma"]) == (
-        9,
-        0.08,
-        0.128,
-    )
-    assert saved["distill.teacher_score"] == "detection"
+        assert saved["model.head"] == head
+    # the recipes leave K and the weights to the head: its values, not the section's
+    _, recommended_pgd, (topk, alpha) = PGD[head]
+    assert (saved["distill.topk"], saved["distill.alpha"]) == (topk, alpha)
+    assert {k: saved[k] for k in recommended_pgd} == recommended_pgd

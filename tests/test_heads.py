@@ -12,8 +12,8 @@ from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors, flatten_lev
 
 
 def test_an_unknown_head_is_refused_with_the_registered_names() -> None:
-    with pytest.raises(ValueError, match=r"model.head 'gfl': .* one of \['atss', 'fcos'\]"):
-        build.build_detector(ModelConfig(head="gfl", depth=18, fpn_channels=32), num_classes=3)
+    with pytest.raises(ValueError, match=r"model.head 'ddod': .* one of \['atss', 'fcos', 'gfl'\]"):
+        build.build_detector(ModelConfig(head="ddod", depth=18, fpn_channels=32), num_classes=3)
 
 
 def test_a_registered_head_is_built_by_name(monkeypatch) -> None:

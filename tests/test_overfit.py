@@ -1,4 +1,4 @@
-"""The detector can learn: a small FCOS and a small ATSS each overfit four synthetic images."""
+"""The detector can learn: a small FCOS, ATSS and GFL each overfit four synthetic images."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pgd_deploy.models import build_detector
 
 @pytest.mark.slow
 @pytest.mark.trained
-@pytest.mark.parametrize("head", ["fcos", "atss"])
+@pytest.mark.parametrize("head", ["fcos", "atss", "gfl"])
 def test_r18_overfits_four_images(shapes_root, head):
     torch.manual_seed(0)
     coco = load_coco(shapes_root / "annotations" / "train.json").subset(4)
@@ -22,7 +22,7 @@ def test_r18_overfits_four_images(shapes_root, head):
     batch = collate([ds[i] for i in range(4)])
     cfg = ModelConfig(head=head, depth=18, fpn_channels=128)
     model = build_detector(cfg, num_classes=coco.num_classes)
-    weights = dict(model.head.loss_weights)  # as the trainer applies them (ATSS: GIoU x 2)
+    weights = dict(model.head.loss_weights)  # as the trainer applies them (GIoU x 2, ...)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     for step in range(150):

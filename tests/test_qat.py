@@ -311,6 +311,49 @@ def test_layerwise_parity_catches_wrong_int8_arithmetic(qat_run, qat_exports, tr
     assert not check["passed"] and check["worst_fraction"] > 2 * limit, check
 
 
+# head -> its trained fixture, its PGD defaults (K, teacher score) and its float predictors
+ANCHOR_HEADS = {
+    "atss": ("atss_trained_run", (9, "detection"), {"cls_logits", "bbox_pred", "iou_pred"}),
+    "gfl": ("gfl_trained_run", (30, "class"), {"cls_logits", "bbox_pred"}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", list(ANCHOR_HEADS))
+def test_an_anchor_head_student_is_quantization_aware_by_the_same_rules(request, tmp_path, head):
+    """ATSS and GFL (issues 35, 36): QAT-PGD with the head's PGD defaults, every conv quantized
+    but the head's predictors (ATSS's IoU branch included), and an int8 export whose Q/DQ
+    placement is the fake-quant one and whose gates pass."""
+    fixture, (topk, score), predictors = ANCHOR_HEADS[head]
+    run = request.getfixturevalue(fixture)
+    cfg = qat_cfg(run)
+    assert (cfg.model.head, cfg.distill.topk, cfg.distill.teacher_score) == (head, topk, score)
+    assert fit(cfg, work_dir=tmp_path / "run").completed
+    model = load_detector(tmp_path / "run" / "last.pt", device="cpu").detector
+    fake_quant = _fake_quant_placement(model)
+    convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    predictors = {f"head.{name}" for name in predictors}
+    assert predictors <= convs and set(fake_quant) == convs - predictors
+    assert all(kinds == {"input", "weight", "output"} for kinds in fake_quant.values())
+    export = ExportConfig(
+        precision="int8",
+        int8_target="cpu",
+        imgsz=(64, 64),
+        batch_opt=4,
+        batch_max=4,
+        gate_images=16,
+        val=str(run["val_json"]),
+        val_images=str(run["val_images"]),
+        out=str(tmp_path / "export"),
+        name=f"{head}_qat",
+    )
+    result = run_export(tmp_path / "run" / "last.pt", ExportJob(export=export))
+    assert result.exit_code == 0, result.markdown()
+    path = tmp_path / "export" / f"{head}_qat.onnx"
+    assert _exported_placement(path) == fake_quant
+    assert read_manifest(path)["status"] == "passed"
+
+
 def test_bench_table_shows_the_int8_target(qat_exports):
     from pgd_deploy.export.bench import Target, run_bench
     from pgd_deploy.export.bench_report import format_table

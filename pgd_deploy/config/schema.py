@@ -21,7 +21,7 @@ from pgd_deploy.runtime import defaults as post
 class ModelConfig:
     """The detector: ResNet backbone, FPN P3-P7 and a dense head."""
 
-    # dense head: a name registered in pgd_deploy.models.build.HEADS ("fcos", "atss"; GFL next)
+    # dense head: a name registered in pgd_deploy.models.build.HEADS ("fcos", "atss", "gfl")
     head: str = "fcos"
     depth: int = 50  # ResNet depth: 18, 34, 50, 101 or 152
     weights: str = "none"  # backbone init: "none", "imagenet" (torchvision download) or a path
@@ -33,6 +33,7 @@ class ModelConfig:
     focal_alpha: float = 0.25  # focal loss alpha
     focal_gamma: float = 2.0  # focal loss gamma
     box_loss: Literal["giou", "iou"] = "giou"  # 1 - GIoU, or -log IoU (the official IoULoss)
+    reg_max: int = 16  # GFL: each box side is a distribution over reg_max + 1 bins
     score_thresh: float = post.SCORE_THRESH  # inference: minimum class score kept (0.05)
     nms_thresh: float = post.NMS_THRESH  # inference: class-aware NMS IoU (0.6; official FCOS 0.5)
     score_before_centerness: bool = False  # eval: threshold cls, then x centerness (mmdet order)
@@ -121,6 +122,9 @@ class DistillConfig:
     mask_group: int | None = 4  # official cross-image mask broadcast group; None = per image
     jitter: float = 0.05  # uniform jitter (px) added to centres for the Gaussian fit only
     swap_xy: bool = False  # reproduce the official FCOS/AutoAssign x/y swap in the inside test
+    # reproduce the official GFL stride bug (D4): the teacher boxes of the i-th image of each group
+    # of mask_group decoded with level i's stride on every level
+    index_stride: bool = False
     # the teacher score s of the quality q = s^(1-xi) IoU^xi: "class" (the official code), or
     # "detection": class x the head's quality branch (ATSS IoU, FCOS centerness) as at test time
     teacher_score: Literal["class", "detection"] = "class"

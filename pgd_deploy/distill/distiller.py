@@ -131,6 +131,7 @@ class Distiller:
         jitter: float = 0.05,
         swap_xy: bool = False,
         teacher_score: str = "class",
+        index_stride: bool = False,
         mask_source: str = "pgd",
         generator: torch.Generator | None = None,
     ) -> None:
@@ -163,6 +164,7 @@ class Distiller:
         self.jitter = jitter
         self.swap_xy = swap_xy
         self.teacher_score = teacher_score
+        self.index_stride = index_stride
         self.mask_source = mask_source
         self.generator = generator  # None: the jitter draws from the global generator
         self._logged_groups: set[int] = set()
@@ -274,8 +276,12 @@ class Distiller:
             return fg.float(), fg.float(), bg.float()
         # The head's guidance: class logits [B, A, C] (times its quality branch only with
         # teacher_score "detection") and decoded boxes [B, A, 4] px at its priors' centres.
-        with_quality = self.teacher_score == "detection"
-        logits, boxes, priors = self.teacher.guidance(teacher_outputs, with_quality=with_quality)
+        logits, boxes, priors = self.teacher.guidance(
+            teacher_outputs,
+            with_quality=self.teacher_score == "detection",
+            # D4: the official per-GPU batch is the mask group (4); without one, the batch
+            index_stride_group=(self.mask_group or len(targets)) if self.index_stride else None,
+        )
         (fg_cls, fg_reg), bg = batch_masks(
             logits,
             boxes,
@@ -374,6 +380,7 @@ def build_distiller(
         jitter=cfg.jitter,
         swap_xy=cfg.swap_xy,
         teacher_score=cfg.teacher_score,
+        index_stride=cfg.index_stride,
         mask_source=cfg.masks,
         generator=generator,
     )

@@ -132,6 +132,40 @@ def delta_decode(deltas: Tensor, anchors: Tensor) -> Tensor:
     return torch.cat([center - size / 2, center + size / 2], dim=-1)
 
 
+def anchor_priors(
+    feature_sizes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    device: torch.device | str,
+    scale: float,
+) -> Priors:
+    """One square anchor of `scale` x stride per location, centred at (j * s, i * s) (ATSS and
+    GFL: MMDetection's `octave_base_scale` 8, one ratio, `center_offset` 0)."""
+    centers, per_anchor = grid_points(feature_sizes, strides, device, half_stride=False)
+    sizes = (per_anchor * scale)[:, None].expand(-1, 2).contiguous()
+    level_sizes = tuple(int(h) * int(w) for h, w in feature_sizes)
+    return Priors(centers, per_anchor, sizes, level_sizes)
+
+
+def atss_targets(
+    priors: Priors, targets: Sequence[dict[str, Tensor]], num_classes: int, topk: int
+) -> tuple[Tensor, Tensor]:
+    """ATSS assignment of a batch at these anchors: labels [B, A] (num_classes = background)
+    and the assigned GT boxes [B, A, 4] xyxy px (zeros for background)."""
+    anchors = priors.anchors
+    labels, boxes = [], []
+    for t in targets:
+        gt_boxes, gt_labels = t["boxes"].float(), t["labels"]
+        index = atss_assign(anchors, priors.level_sizes, gt_boxes, topk=topk)
+        pos = index >= 0
+        lab = torch.full_like(index, num_classes)
+        lab[pos] = gt_labels[index[pos]].to(lab.dtype)
+        box = anchors.new_zeros(anchors.shape)
+        box[pos] = gt_boxes[index[pos]]
+        labels.append(lab)
+        boxes.append(box)
+    return torch.stack(labels), torch.stack(boxes)
+
+
 class ATSSHead(DenseHead):
     """ATSS with an IoU-prediction branch (on the regression tower) instead of a centerness."""
 
@@ -192,29 +226,13 @@ class ATSSHead(DenseHead):
     def priors(
         self, feature_sizes: Sequence[tuple[int, int]], strides: Sequence[int], device: torch.device
     ) -> Priors:
-        centers, per_anchor = grid_points(feature_sizes, strides, device, half_stride=False)
-        sizes = (per_anchor * self.anchor_scale)[:, None].expand(-1, 2).contiguous()
-        level_sizes = tuple(int(h) * int(w) for h, w in feature_sizes)
-        return Priors(centers, per_anchor, sizes, level_sizes)
+        return anchor_priors(feature_sizes, strides, device, self.anchor_scale)
 
     def targets(
         self, priors: Priors, targets: Sequence[dict[str, Tensor]]
     ) -> tuple[Tensor, Tensor]:
-        """ATSS assignment of a batch: labels [B, A] (num_classes = background) and the assigned
-        GT boxes [B, A, 4] xyxy px (zeros for background)."""
-        anchors = priors.anchors
-        labels, boxes = [], []
-        for t in targets:
-            gt_boxes, gt_labels = t["boxes"].float(), t["labels"]
-            index = atss_assign(anchors, priors.level_sizes, gt_boxes, topk=self.topk)
-            pos = index >= 0
-            lab = torch.full_like(index, self.num_classes)
-            lab[pos] = gt_labels[index[pos]].to(lab.dtype)
-            box = anchors.new_zeros(anchors.shape)
-            box[pos] = gt_boxes[index[pos]]
-            labels.append(lab)
-            boxes.append(box)
-        return torch.stack(labels), torch.stack(boxes)
+        """`atss_targets` of a batch with this head's classes and top-k."""
+        return atss_targets(priors, targets, self.num_classes, self.topk)
 
     def loss(
         self, outputs: DenseOutputs, priors: Priors, targets: Sequence[dict[str, Tensor]]
@@ -263,4 +281,11 @@ class ATSSHead(DenseHead):
         return logits, delta_decode(flatten_levels(outputs.box_regression).float(), priors.anchors)
 
 
-__all__ = ["ATSSHead", "aligned_iou", "atss_assign", "delta_decode"]
+__all__ = [
+    "ATSSHead",
+    "aligned_iou",
+    "anchor_priors",
+    "atss_assign",
+    "atss_targets",
+    "delta_decode",
+]

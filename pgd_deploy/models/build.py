@@ -11,12 +11,13 @@ from pgd_deploy.models.atss import ATSSHead
 from pgd_deploy.models.backbone import build_backbone
 from pgd_deploy.models.detector import DenseDetector
 from pgd_deploy.models.fcos import FCOSHead
+from pgd_deploy.models.gfl import GFLHead
 from pgd_deploy.models.heads import DenseHead
 
 __all__ = ["HEADS", "build_detector", "register_head"]
 
 # model.head -> head class, built as cls(num_classes=, **cls.config_kwargs(model config))
-HEADS: dict[str, type[DenseHead]] = {"fcos": FCOSHead, "atss": ATSSHead}
+HEADS: dict[str, type[DenseHead]] = {"fcos": FCOSHead, "atss": ATSSHead, "gfl": GFLHead}
 
 
 def register_head(name: str) -> Callable[[type[DenseHead]], type[DenseHead]]:

@@ -8,6 +8,7 @@ distiller and the export wrapper each call exactly what they need and never whic
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -91,7 +92,11 @@ class DenseDetector(nn.Module):
         return self.head.loss(outputs, self.priors(outputs), targets)
 
     def guidance(
-        self, outputs: DenseOutputs, *, with_quality: bool = False
+        self,
+        outputs: DenseOutputs,
+        *,
+        with_quality: bool = False,
+        index_stride_group: int | None = None,
     ) -> tuple[Tensor, Tensor, Priors]:
         """PGD's teacher prediction: class logits [B, A, C], decoded boxes [B, A, 4] px and the
         priors they belong to.
@@ -99,11 +104,21 @@ class DenseDetector(nn.Module):
         `with_quality`: the logits of the class score times the head's quality branch (FCOS
         centerness, ATSS IoU; `heads.joint_logits`), the score its detections carry. A head
         without a separate branch (GFL's logits are already its joint score) is unchanged.
+        `index_stride_group`: reproduce the official GFL code's bug (docs/method.md D4): the
+        boxes of the i-th image of each group of this many are decoded with the stride of level
+        i on every level (a head whose decoding reads no stride, like ATSS's, is unchanged).
         """
         priors = self.priors(outputs)
         logits, boxes = self.head.guidance(outputs, priors)
         if with_quality and outputs.quality is not None:
             logits = joint_logits(logits, flatten_levels(outputs.quality).float())
+        if index_stride_group is not None:
+            per_image = []
+            for b in range(boxes.shape[0]):
+                stride = self.strides[(b % index_stride_group) % len(self.strides)]
+                wrong = dataclasses.replace(priors, strides=torch.full_like(priors.strides, stride))
+                per_image.append(self.head.guidance(_image(outputs, b), wrong)[1])
+            boxes = torch.cat(per_image)
         return logits, boxes, priors
 
     # ---- inference ----------------------------------------------------------------------
@@ -142,3 +157,10 @@ class DenseDetector(nn.Module):
             level_sizes=self.level_sizes(outputs),
             **kwargs,
         )
+
+
+def _image(outputs: DenseOutputs, index: int) -> DenseOutputs:
+    """The outputs of one image of the batch (a batch of one)."""
+    return DenseOutputs(
+        *(None if field is None else [t[index : index + 1] for t in field] for field in outputs)
+    )
