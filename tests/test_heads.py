@@ -59,3 +59,26 @@ def test_priors_and_flattening_shapes() -> None:
     assert flat[0, 1].tolist() == [1.0, 21.0, 41.0]  # location (0, 1) of level 0, its 3 channels
     outputs = DenseOutputs([], [], None, [], [])
     assert outputs.quality is None
+
+
+def test_no_code_outside_models_asks_which_head_it_holds() -> None:
+    """Heads plug in behind the protocol: the runtime and serving never name a head, and no
+    module outside `models/` compares a head's name or class (the registry in `models/build.py`
+    is the one place a name meets a class)."""
+    import re
+    from pathlib import Path
+
+    import pgd_deploy
+
+    root = Path(pgd_deploy.__file__).parent
+    names = "|".join(sorted(build.HEADS))
+    for folder in ("runtime", "serve"):
+        for path in sorted((root / folder).rglob("*.py")):
+            found = re.findall(rf"\b({names})\b", path.read_text(), flags=re.IGNORECASE)
+            assert not found, f"{path.relative_to(root)} names a head: {sorted(set(found))}"
+    asks = re.compile(r"head\s*(==|!=|\bin\b\s*[(\[{])|isinstance\([^)]*Head\b")
+    for path in sorted(root.rglob("*.py")):
+        if path.parent.name == "models":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            assert not asks.search(line), f"{path.relative_to(root)}:{number}: {line.strip()}"
