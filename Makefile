@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet --index-url $(TORCH_INDEX) 'torch>=2.4' 'torchvision>=0.19')
-	$(PY) -m pip install --quiet -e '.[train,export,qat,serve,dev]'
+	$(PY) -m pip install --quiet -e '.[train,export,qat,serve,ray,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import signal
 from collections.abc import Sequence
 from typing import Any
 
 from pgd_deploy.cli_support import add_verbose, choices, run_command, setup_logging
 from pgd_deploy.config import ServeConfig, add_override_argument, load_config
+
+logger = logging.getLogger(__name__)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -93,6 +96,25 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--image-root", help="image folder for a list or COCO source")
     pr.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
+    )
+    pr.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (decode threads + one model); ray: Ray Data, decoding in Ray "
+        "tasks and the model in a pool of actors (pip install 'pgd-deploy[ray]')",
+    )
+    pr.add_argument("--actors", type=int, default=1, help="ray: inference actors (default: 1)")
+    pr.add_argument(
+        "--cpus-per-actor", type=float, default=1.0, help="ray: CPUs per actor (default: 1)"
+    )
+    pr.add_argument(
+        "--gpus-per-actor", type=float, default=0.0, help="ray: GPUs per actor (default: 0)"
+    )
+    pr.add_argument(
+        "--address",
+        help="ray: join this cluster (default: RAY_ADDRESS, else a local Ray with this "
+        "machine's cores, stopped at the end)",
     )
     _common(pr)
     demo = sub.add_parser("demo", help="web demo: teacher and student side by side")
@@ -191,13 +213,40 @@ def _predict(args: argparse.Namespace, cfg: ServeConfig) -> int:
         source=f"the first {len(images)} readable inputs of {args.source}",
     )
     with _sigterm_as_ctrl_c():
-        summary = run_predict(backend, source, args.out, **_run_options(args, cfg))
+        if args.engine == "ray":
+            summary = _predict_ray(args, cfg, backend, source)
+        else:
+            summary = run_predict(backend, source, args.out, **_run_options(args, cfg))
     print(format_summary(summary))
     if summary.metrics is not None:
         from pgd_deploy.metrics import format_metrics
 
         print(format_metrics(summary.metrics, title=f"COCO bbox ({summary.processed} images)"))
     return summary.exit_code
+
+
+def _predict_ray(args: argparse.Namespace, cfg: ServeConfig, backend: Any, source: Any) -> Any:
+    from pgd_deploy.serve.ray_engine import ray_session, run_predict_ray
+
+    if args.save_images:
+        raise ValueError("--save-images is not available with --engine ray (use --engine local)")
+    options = _run_options(args, cfg)
+    for local_only in ("workers", "queue_size", "decode_timeout", "save_images", "draw_score"):
+        options.pop(local_only)
+    pool = {"actors": args.actors, "cpus_per_actor": args.cpus_per_actor}
+    with ray_session(args.address, **pool) as reached:
+        logger.info("ray: %s, %d actor(s)", reached, args.actors)
+        return run_predict_ray(
+            backend,
+            args.model,
+            source,
+            args.out,
+            **pool,
+            gpus_per_actor=args.gpus_per_actor,
+            device=args.device,
+            allow_unverified=args.allow_unverified,
+            **options,
+        )
 
 
 def _demo(args: argparse.Namespace, cfg: ServeConfig) -> int:

@@ -1,0 +1,334 @@
+"""`pgd-serve predict --engine ray`: the local engine's inputs, artifacts and outputs, on Ray Data.
+
+The work is one streaming Ray Data pipeline over the source's inputs, kept in input order:
+
+1. decode and letterbox: `load_item` (the local engine's) in Ray tasks, a batch of paths each;
+   unreadable images become rows with their error, never failures of the job;
+2. inference and post-processing: a fixed pool of `--actors` actors (`ActorPoolStrategy`),
+   each opening the artifact once through the runtime (ONNX Runtime and TensorRT import no
+   torch), with `--gpus-per-actor` GPUs each on GPU machines;
+3. writing: the driver consumes the results as they stream back and writes the same
+   predictions.json, failures.json and summary.json as the local engine (`outputs`).
+
+Without `--address` (or `RAY_ADDRESS`) a local Ray starts with this machine's cores and stops at
+the end; with one, the run joins that cluster and leaves it running. The artifact is verified
+before any actor opens it, by the same check as the local engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pgd_deploy.metrics import detections_to_coco
+from pgd_deploy.runtime.backends import Backend
+from pgd_deploy.runtime.preprocess import ImageTransform
+from pgd_deploy.serve.batcher import LoadedItem, load_item
+from pgd_deploy.serve.outputs import SUMMARY_NAME, RunOutputs, SummaryFile
+from pgd_deploy.serve.predictor import PredictSummary, _evaluate, _progress, check_evaluable
+from pgd_deploy.serve.sources import Source, SourceItem
+
+logger = logging.getLogger(__name__)
+
+TRANSFORM_FIELDS = ("scale_x", "scale_y", "orig_h", "orig_w", "resized_h", "resized_w")
+DECODE_CPUS = 0.5  # Ray CPUs of each decode task (unlike the actors': no stage fusion)
+
+
+def require_ray() -> Any:
+    """`ray` with Ray Data, or an ImportError that says how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ImportError("--engine ray needs Ray Data: pip install 'pgd-deploy[ray]'") from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(
+    address: str | None = None, *, actors: int = 1, cpus_per_actor: float = 1.0
+) -> Iterator[str]:
+    """Join the cluster at `address` (or `RAY_ADDRESS`), or start a local Ray with this
+    machine's cores (at least room for the actors and one decode task) and stop it at the end;
+    one already running in this process is used and left running. Yields how the run reached
+    Ray, for the log."""
+    ray = require_ray()
+    if ray.is_initialized():
+        yield "the Ray already running in this process"
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        reached = f"the cluster at {address}"
+    else:
+        cpus = max(os.cpu_count() or 1, math.ceil(actors * cpus_per_actor + DECODE_CPUS))
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        reached = f"a local Ray on {cpus} CPUs"
+    try:
+        yield reached
+    finally:
+        if not address:
+            ray.shutdown()
+
+
+def _decode(batch: dict[str, np.ndarray], *, input_size: Sequence[int], max_pixels: int | None):
+    """Ray task: decode and letterbox a batch of inputs (`serve.batcher.load_item`)."""
+    height, width = (int(v) for v in input_size)
+    tensors = np.zeros((len(batch["index"]), 3, height, width), np.float32)
+    transforms = np.zeros((len(batch["index"]), len(TRANSFORM_FIELDS)), np.float64)
+    errors, seconds = [], []
+    for i, (index, path, image_id) in enumerate(
+        zip(batch["index"], batch["path"], batch["image_id"], strict=True)
+    ):
+        item = SourceItem(int(index), Path(str(path)), str(path), int(image_id))
+        loaded = load_item(item, (height, width), max_pixels=max_pixels)
+        if loaded.ok:
+            tensors[i] = loaded.tensor
+            transforms[i] = [getattr(loaded.transform, f) for f in TRANSFORM_FIELDS]
+        errors.append(loaded.error or "")
+        seconds.append(loaded.seconds)
+    return {
+        "index": batch["index"],
+        "path": batch["path"],
+        "image_id": batch["image_id"],
+        "tensor": tensors,
+        "transform": transforms,
+        "error": np.array(errors, dtype=object),
+        "pre_s": np.array(seconds, np.float64),
+    }
+
+
+class _Infer:
+    """Ray actor: opens the artifact once; runs and post-processes each batch it is given.
+
+    Its rows come back as the COCO results of each image (a JSON string) or its error.
+    """
+
+    def __init__(
+        self,
+        artifact: str,
+        *,
+        device: str,
+        allow_unverified: bool,
+        overrides: dict[str, float],
+        category_ids: Sequence[int],
+    ) -> None:
+        from pgd_deploy.runtime.backends import load_backend
+
+        self.backend = load_backend(artifact, device=device, allow_unverified=allow_unverified)
+        self.overrides = overrides
+        self.category_ids = category_ids
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        results = np.array([""] * len(ok), dtype=object)
+        counts = np.zeros(len(ok), np.int64)
+        infer_s = post_s = 0.0
+        if ok.any():
+            t0 = time.perf_counter()
+            raw = self.backend.infer(np.ascontiguousarray(batch["tensor"][ok]))
+            self.backend.sync()
+            t1 = time.perf_counter()
+            transforms = [
+                ImageTransform(*(float(v) for v in row[:2]), *(int(v) for v in row[2:]))
+                for row in batch["transform"][ok]
+            ]
+            dets = self.backend.postprocess(raw, transforms, **self.overrides)
+            post_s = time.perf_counter() - t1
+            infer_s = t1 - t0
+            for row, det in zip(np.flatnonzero(ok), dets, strict=True):
+                entries = detections_to_coco(int(batch["image_id"][row]), det, self.category_ids)
+                results[row] = json.dumps(entries)
+                counts[row] = len(entries)
+        share = float(ok.sum()) or 1.0
+        return {
+            "index": batch["index"],
+            "path": batch["path"],
+            "image_id": batch["image_id"],
+            "error": batch["error"],
+            "results": results,
+            "detections": counts,
+            "pre_s": batch["pre_s"],
+            "infer_s": np.where(ok, infer_s / share, 0.0),
+            "post_s": np.where(ok, post_s / share, 0.0),
+        }
+
+
+def run_predict_ray(
+    backend: Backend,
+    artifact: str | Path,
+    source: Source,
+    out_dir: str | Path,
+    *,
+    actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+    device: str = "cpu",
+    allow_unverified: bool = False,
+    batch_size: int = 8,
+    score_thresh: float | None = None,
+    nms_thresh: float | None = None,
+    max_det: int | None = None,
+    max_pixels: int | None = 40_000_000,
+    evaluate: bool = False,
+    progress: bool = True,
+) -> PredictSummary:
+    """`serve.predictor.run_predict` on Ray Data (inside a `ray_session`).
+
+    Args:
+        backend: the artifact opened in the driver (its input size, classes, description).
+        artifact: its file, which every actor opens (verified already: `runtime.verify`).
+        actors, cpus_per_actor, gpus_per_actor: the inference actor pool (Ray resources of
+            each actor); the cluster must have a CPU left for decoding beside them.
+        device: where the actors run the artifact (`runtime.backends.load_backend`).
+        Others: as `run_predict`.
+
+    Returns:
+        The summary, as the local engine's (Ctrl-C ends the run early with valid outputs).
+    """
+    ray = require_ray()
+    if actors < 1:
+        raise ValueError(f"--actors must be >= 1, got {actors}")
+    if gpus_per_actor < 0 or not cpus_per_actor > 0:
+        raise ValueError(
+            f"--cpus-per-actor must be > 0 and --gpus-per-actor >= 0, got {cpus_per_actor} and "
+            f"{gpus_per_actor}"
+        )
+    _check_room(ray, actors, cpus_per_actor, gpus_per_actor)
+    category_ids = backend.category_ids
+    if evaluate:
+        check_evaluable(source, category_ids, backend.class_names)
+    category_ids = category_ids or range(1, 1 << 31)  # no class list: label + 1, as local
+    out_dir = Path(out_dir)
+    thresholds = {"score_thresh": score_thresh, "nms_thresh": nms_thresh, "max_det": max_det}
+    batch = max(1, min(batch_size, backend.max_batch))
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # results written in input order
+    context.enable_progress_bars = False  # the run's own bar counts images
+    rows = [
+        {"index": it.index, "path": str(it.path), "image_id": it.image_id} for it in source.items
+    ]
+    pipeline = (
+        ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch)))
+        .map_batches(
+            _decode,
+            batch_size=batch,
+            batch_format="numpy",
+            fn_kwargs={"input_size": backend.input_size, "max_pixels": max_pixels},
+            num_cpus=DECODE_CPUS,  # unlike the actors': Ray keeps the stages apart (no fusion)
+        )
+        .map_batches(
+            _Infer,
+            batch_size=batch,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor,
+            fn_constructor_kwargs={
+                "artifact": str(artifact),
+                "device": device,
+                "allow_unverified": allow_unverified,
+                "overrides": {k: v for k, v in thresholds.items() if v is not None},
+                "category_ids": category_ids,
+            },
+        )
+    )
+    summary = PredictSummary(
+        total=len(source),
+        out_dir=str(out_dir),
+        backend=f"{backend.describe()} on Ray ({actors} actor{'s' * (actors > 1)})",
+        warnings=list(backend.warnings),
+    )
+    outputs = RunOutputs(out_dir, backend, False, 1.0)
+    summary_file = SummaryFile(out_dir / SUMMARY_NAME, {**summary.to_dict(), "status": "running"})
+    try:
+        _consume(pipeline, source, summary, outputs, progress)
+    except Exception as err:  # a full disk, a lost cluster: what was written stays valid
+        summary.error = str(err) or type(err).__name__
+        logger.error("stopped after %d inputs: %s", summary.processed, err)
+        with contextlib.suppress(Exception):
+            summary_file.record(summary.to_dict())
+        raise
+    if evaluate and summary.processed:
+        summary.metrics = _evaluate(source, out_dir, summary.processed)
+    summary_file.write(summary.to_dict())
+    return summary
+
+
+def _check_room(ray: Any, actors: int, cpus_per_actor: float, gpus_per_actor: float) -> None:
+    """Refuse a pool that would leave no CPU for the decode tasks (the run would wait forever)
+    or ask for more GPUs than the cluster has."""
+    have = ray.cluster_resources()
+    cpus, gpus = float(have.get("CPU", 0.0)), float(have.get("GPU", 0.0))
+    if actors * cpus_per_actor + DECODE_CPUS > cpus:
+        raise ValueError(
+            f"--actors {actors} x --cpus-per-actor {cpus_per_actor} leave no room for the decode "
+            f"tasks ({DECODE_CPUS} CPU each) on a Ray cluster of {cpus:g} CPUs: use fewer "
+            "actors or a smaller --cpus-per-actor"
+        )
+    if actors * gpus_per_actor > gpus:
+        raise ValueError(
+            f"--actors {actors} x --gpus-per-actor {gpus_per_actor} need "
+            f"{actors * gpus_per_actor:g} GPUs; the Ray cluster has {gpus:g}"
+        )
+
+
+def _consume(
+    pipeline: Any, source: Source, summary: PredictSummary, outputs: RunOutputs, progress: bool
+) -> None:
+    """Write every result row as it streams back; the outputs are closed whatever happens."""
+    totals = {"pre": 0.0, "infer": 0.0, "post": 0.0}
+    bar, redirect = _progress(summary.total, progress)
+    start = time.perf_counter()
+    try:
+        with redirect:
+            for rows in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
+                _write(rows, source, summary, outputs, totals)
+                if bar is not None:
+                    bar.update(len(rows["index"]))
+                    bar.set_postfix(dets=summary.detections, failed=summary.failed, refresh=False)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: keeping the %d inputs done", summary.processed)
+        summary.interrupted = True
+    finally:
+        if bar is not None:
+            bar.close()
+        summary.seconds = time.perf_counter() - start
+        summary.save_errors = outputs.close()
+    done = max(summary.succeeded, 1)
+    summary.stage_ms = {k: 1000.0 * v / done for k, v in totals.items()} | {"wait": 0.0}
+
+
+def _write(
+    rows: dict[str, np.ndarray],
+    source: Source,
+    summary: PredictSummary,
+    outputs: RunOutputs,
+    totals: dict[str, float],
+) -> None:
+    failures: list[LoadedItem] = []
+    entries: list[dict[str, Any]] = []
+    for i, index in enumerate(rows["index"]):
+        item = source.items[int(index)]
+        if rows["error"][i]:
+            failures.append(LoadedItem(item, error=str(rows["error"][i])))
+        else:
+            entries.extend(json.loads(rows["results"][i]))
+    outputs.add_failures(failures)
+    outputs.results.extend(entries)
+    ok = len(rows["index"]) - len(failures)
+    summary.processed += len(rows["index"])
+    summary.succeeded += ok
+    summary.failed += len(failures)
+    summary.detections += len(entries)
+    for stage in totals:
+        totals[stage] += float(np.sum(rows[f"{stage}_s"]))

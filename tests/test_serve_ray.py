@@ -1,0 +1,100 @@
+"""`pgd-serve predict --engine ray` (issue 37, part 1) on a local Ray cluster: the same
+detections, failures and summary as the local engine over coco128 val with a real ONNX model,
+unreadable images reported as rows, and a failed or unverified artifact refused before any actor
+starts. Ray runs inside the test (2 CPUs, a small object store, no dashboard) and is always
+stopped by it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from serve_helpers import coco128_images, onnx_model, student_checkpoint
+
+pytest.importorskip("ray.data")
+pytest.importorskip("onnxruntime")
+
+from pgd_deploy.serve.command import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray for the module's tests, always shut down (also when a test fails)."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        object_store_memory=200 * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return onnx_model(tmp_path_factory, student_checkpoint(tmp_path_factory))
+
+
+def _predict(model: Path, source: Path, out: Path, *extra: str) -> dict:
+    argv = ["predict", "--model", str(model), "--source", str(source), "--out", str(out)]
+    assert main([*argv, "--no-progress", "--batch", "4", *extra]) == 0
+    return {
+        name: json.loads((out / f"{name}.json").read_text())
+        for name in ("predictions", "failures", "summary")
+    }
+
+
+def test_ray_gives_exactly_the_local_engines_results(ray_cluster, coco128, model, tmp_path):
+    images = coco128_images(coco128, 128)
+    local = _predict(model, images[0].parent, tmp_path / "local")
+    pool = ["--actors", "2", "--cpus-per-actor", "0.5"]  # two actors and decoding on 2 CPUs
+    ray = _predict(model, images[0].parent, tmp_path / "ray", "--engine", "ray", *pool)
+    assert ray["predictions"] == local["predictions"]  # same boxes, scores, classes and order
+    assert len(local["predictions"]) > 100
+    assert ray["failures"] == local["failures"] == []
+    for key in ("status", "total", "processed", "succeeded", "failed", "detections"):
+        assert ray["summary"][key] == local["summary"][key], key
+    assert ray["summary"]["backend"].endswith("on Ray (2 actors)")
+    assert set(ray["summary"]["stage_ms"]) == {"pre", "infer", "post", "wait"}
+    assert ray_cluster.is_initialized()  # a running Ray is used, and left running
+
+
+def test_unreadable_images_are_rows_with_their_reason(ray_cluster, coco128, model, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for image in coco128_images(coco128, 3):
+        (folder / image.name).symlink_to(image)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(3000))
+    local = _predict(model, folder, tmp_path / "local")
+    ray = _predict(model, folder, tmp_path / "ray", "--engine", "ray")
+    assert ray["failures"] == local["failures"]
+    assert sorted(Path(f["path"]).name for f in ray["failures"]) == ["corrupt.jpg", "empty.jpg"]
+    assert all(f["error"] for f in ray["failures"])
+    assert ray["predictions"] == local["predictions"]
+    assert (ray["summary"]["succeeded"], ray["summary"]["failed"]) == (3, 2)
+
+
+def test_an_artifact_its_manifest_does_not_vouch_for_is_refused_before_ray(
+    ray_cluster, coco128, model, tmp_path, capsys
+):
+    tampered = tmp_path / model.name
+    tampered.write_bytes(model.read_bytes() + b"\0")
+    manifest = model.with_name(model.stem + ".manifest.json")
+    (tmp_path / manifest.name).write_bytes(manifest.read_bytes())
+    source = coco128_images(coco128, 1)[0].parent
+    argv = ["predict", "--model", str(tampered), "--source", str(source), "--engine", "ray"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "sha256" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "predictions.json").exists()  # refused before any work
+    argv = ["predict", "--model", str(model), "--source", str(source), "--engine", "ray"]
+    assert main([*argv, "--out", str(tmp_path / "x"), "--save-images"]) == 2
+    assert "--save-images" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "y"), "--actors", "2"]) == 2  # would wait forever
+    assert "leave no room for the decode tasks" in capsys.readouterr().err
