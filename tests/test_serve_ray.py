@@ -98,3 +98,52 @@ def test_an_artifact_its_manifest_does_not_vouch_for_is_refused_before_ray(
     assert "--save-images" in capsys.readouterr().err
     assert main([*argv, "--out", str(tmp_path / "y"), "--actors", "2"]) == 2  # would wait forever
     assert "leave no room for the decode tasks" in capsys.readouterr().err
+
+
+def _outputs(out: Path) -> tuple[list, list]:
+    return tuple(json.loads((out / f"{n}.json").read_text()) for n in ("predictions", "failures"))
+
+
+def test_a_driver_killed_mid_run_loses_and_repeats_nothing_on_rerun(
+    ray_cluster, coco128, model, tmp_path
+):
+    """kill -9 of the driver (joined to this test's Ray) after a few shards; the rerun into the
+    same --out finishes the rest: exactly the images and detections of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for image in coco128_images(coco128, 64):
+        (folder / image.name).symlink_to(image)
+    (folder / "empty.jpg").write_bytes(b"")  # a failure row survives the kill too
+    clean = _predict(model, folder, tmp_path / "clean", "--engine", "ray")
+    out = tmp_path / "killed"
+    address = ray_cluster.get_runtime_context().gcs_address
+    argv = ["predict", "--model", str(model), "--source", str(folder), "--out", str(out)]
+    argv += ["--engine", "ray", "--address", address, "--batch", "2", "--no-progress"]
+    code = "import sys; from pgd_deploy.cli import serve_main; sys.exit(serve_main(sys.argv[1:]))"
+    driver = subprocess.Popen([sys.executable, "-c", code, *argv])
+    shards = out / "shards"
+    deadline = time.monotonic() + 240
+    while len(list(shards.glob("part-*.jsonl"))) < 3 and driver.poll() is None:
+        assert time.monotonic() < deadline, "the driver wrote no shards"
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    written = len(list(shards.glob("part-*.jsonl")))
+    assert 3 <= written < 33, written  # killed mid-run: some shards, not all (65 images, 2 each)
+    resumed = _predict(model, folder, out, "--engine", "ray")
+    assert _outputs(out) == (clean["predictions"], clean["failures"])
+    assert resumed["summary"]["processed"] == resumed["summary"]["total"] == 65
+    assert resumed["summary"]["succeeded"] == 64 and resumed["summary"]["failed"] == 1
+    indices = [json.loads(line)["index"] for s in shards.glob("*.jsonl") for line in s.open()]
+    assert sorted(indices) == list(range(65))  # each image in exactly one shard
+    again = _predict(model, folder, out, "--engine", "ray")  # nothing left: nothing redone
+    assert _outputs(out) == (clean["predictions"], clean["failures"])
+    assert again["summary"]["processed"] == 65
+    other = _predict(model, folder, out, "--engine", "ray", "--score-thresh", "0.5")
+    assert len(other["predictions"]) < len(clean["predictions"])  # another run: shards replaced
+    assert all(p["score"] >= 0.5 for p in other["predictions"])

@@ -7,8 +7,9 @@ The work is one streaming Ray Data pipeline over the source's inputs, kept in in
 2. inference and post-processing: a fixed pool of `--actors` actors (`ActorPoolStrategy`),
    each opening the artifact once through the runtime (ONNX Runtime and TensorRT import no
    torch), with `--gpus-per-actor` GPUs each on GPU machines;
-3. writing: the driver consumes the results as they stream back and writes the same
-   predictions.json, failures.json and summary.json as the local engine (`outputs`).
+3. writing: the driver consumes the results as they stream back, writes each batch as a shard
+   (`serve.shards`: a rerun into the same --out after a kill skips what the shards hold), and
+   at the end the same predictions.json, failures.json and summary.json as the local engine.
 
 Without `--address` (or `RAY_ADDRESS`) a local Ray starts with this machine's cores and stops at
 the end; with one, the run joins that cluster and leaves it running. The artifact is verified
@@ -29,12 +30,20 @@ from typing import Any
 
 import numpy as np
 
-from pgd_deploy.metrics import detections_to_coco
+from pgd_deploy.io_utils import file_sha256, remove_stale_temp_files, write_json
+from pgd_deploy.metrics import detections_to_coco, evaluate_coco
 from pgd_deploy.runtime.backends import Backend
 from pgd_deploy.runtime.preprocess import ImageTransform
-from pgd_deploy.serve.batcher import LoadedItem, load_item
-from pgd_deploy.serve.outputs import SUMMARY_NAME, RunOutputs, SummaryFile
-from pgd_deploy.serve.predictor import PredictSummary, _evaluate, _progress, check_evaluable
+from pgd_deploy.serve.batcher import load_item
+from pgd_deploy.serve.outputs import (
+    FAILURES_NAME,
+    METRICS_NAME,
+    RESULTS_NAME,
+    SUMMARY_NAME,
+    SummaryFile,
+)
+from pgd_deploy.serve.predictor import PredictSummary, _progress, check_evaluable
+from pgd_deploy.serve.shards import ShardStore
 from pgd_deploy.serve.sources import Source, SourceItem
 
 logger = logging.getLogger(__name__)
@@ -157,6 +166,8 @@ class _Infer:
             "error": batch["error"],
             "results": results,
             "detections": counts,
+            "height": batch["transform"][:, 2].astype(np.int64),
+            "width": batch["transform"][:, 3].astype(np.int64),
             "pre_s": batch["pre_s"],
             "infer_s": np.where(ok, infer_s / share, 0.0),
             "post_s": np.where(ok, post_s / share, 0.0),
@@ -214,11 +225,29 @@ def run_predict_ray(
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # results written in input order
     context.enable_progress_bars = False  # the run's own bar counts images
+    overrides = {k: v for k, v in thresholds.items() if v is not None}
+    fingerprint = {
+        "artifact": str(Path(artifact).resolve()),
+        "sha256": file_sha256(artifact),
+        "source": source.spec,
+        "inputs": [str(it.path) for it in source.items],
+        "overrides": overrides,
+        "max_pixels": max_pixels,
+    }
+    for name in (SUMMARY_NAME, METRICS_NAME):  # a previous run's, until this one writes its own
+        (out_dir / name).unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in remove_stale_temp_files(out_dir):
+        logger.info("removed %s, left by a run that was killed", leftover)
+    store = ShardStore(out_dir, fingerprint)
+    done = store.done()
     rows = [
-        {"index": it.index, "path": str(it.path), "image_id": it.image_id} for it in source.items
+        {"index": it.index, "path": str(it.path), "image_id": it.image_id}
+        for it in source.items
+        if it.index not in done
     ]
-    pipeline = (
-        ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch)))
+    pipeline = lambda: (  # noqa: E731 (built only when images are left: from_items runs now)
+        ray.data.from_items(rows, override_num_blocks=-(-len(rows) // batch))
         .map_batches(
             _decode,
             batch_size=batch,
@@ -237,7 +266,7 @@ def run_predict_ray(
                 "artifact": str(artifact),
                 "device": device,
                 "allow_unverified": allow_unverified,
-                "overrides": {k: v for k, v in thresholds.items() if v is not None},
+                "overrides": overrides,
                 "category_ids": category_ids,
             },
         )
@@ -248,18 +277,32 @@ def run_predict_ray(
         backend=f"{backend.describe()} on Ray ({actors} actor{'s' * (actors > 1)})",
         warnings=list(backend.warnings),
     )
-    outputs = RunOutputs(out_dir, backend, False, 1.0)
     summary_file = SummaryFile(out_dir / SUMMARY_NAME, {**summary.to_dict(), "status": "running"})
     try:
-        _consume(pipeline, source, summary, outputs, progress)
-    except Exception as err:  # a full disk, a lost cluster: what was written stays valid
+        if rows:
+            _consume(pipeline(), store, summary, progress)
+    except Exception as err:  # a full disk, a lost cluster: the shards written stay valid
         summary.error = str(err) or type(err).__name__
-        logger.error("stopped after %d inputs: %s", summary.processed, err)
+        logger.error("stopped after %d inputs: %s", len(store.rows), err)
         with contextlib.suppress(Exception):
             summary_file.record(summary.to_dict())
         raise
-    if evaluate and summary.processed:
-        summary.metrics = _evaluate(source, out_dir, summary.processed)
+    finally:  # the final files from every shard, also after Ctrl-C or an error
+        ok, failed, detections = store.write_outputs(
+            out_dir / RESULTS_NAME, out_dir / FAILURES_NAME
+        )
+        summary.processed, summary.succeeded, summary.failed = ok + failed, ok, failed
+        summary.detections = detections
+    for row in store.ordered():
+        if row["status"] != "ok":
+            logger.warning("skipped: %s", row["error"])
+    if evaluate and store.rows:
+        summary.metrics = evaluate_coco(
+            source.annotations.raw,
+            json.loads((out_dir / RESULTS_NAME).read_text()),
+            image_ids=[int(row["image_id"]) for row in store.ordered()],
+        )
+        write_json(out_dir / METRICS_NAME, summary.metrics)
     summary_file.write(summary.to_dict())
     return summary
 
@@ -282,53 +325,48 @@ def _check_room(ray: Any, actors: int, cpus_per_actor: float, gpus_per_actor: fl
         )
 
 
-def _consume(
-    pipeline: Any, source: Source, summary: PredictSummary, outputs: RunOutputs, progress: bool
-) -> None:
-    """Write every result row as it streams back; the outputs are closed whatever happens."""
+def _consume(pipeline: Any, store: ShardStore, summary: PredictSummary, progress: bool) -> None:
+    """A shard for every result batch as it streams back; this run's time per stage."""
     totals = {"pre": 0.0, "infer": 0.0, "post": 0.0}
     bar, redirect = _progress(summary.total, progress)
-    start = time.perf_counter()
+    if bar is not None:
+        bar.update(len(store.rows))  # done by an earlier run into this --out
+    start, images = time.perf_counter(), 0
     try:
         with redirect:
-            for rows in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
-                _write(rows, source, summary, outputs, totals)
+            for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
+                store.write(_rows(batch))
+                images += int(sum(1 for e in batch["error"] if not e))
+                for stage in totals:
+                    totals[stage] += float(np.sum(batch[f"{stage}_s"]))
                 if bar is not None:
-                    bar.update(len(rows["index"]))
-                    bar.set_postfix(dets=summary.detections, failed=summary.failed, refresh=False)
+                    bar.update(len(batch["index"]))
     except KeyboardInterrupt:
-        logger.warning("interrupted: keeping the %d inputs done", summary.processed)
+        logger.warning("interrupted: keeping the %d inputs done", len(store.rows))
         summary.interrupted = True
     finally:
         if bar is not None:
             bar.close()
         summary.seconds = time.perf_counter() - start
-        summary.save_errors = outputs.close()
-    done = max(summary.succeeded, 1)
-    summary.stage_ms = {k: 1000.0 * v / done for k, v in totals.items()} | {"wait": 0.0}
+    summary.stage_ms = {k: 1000.0 * v / max(images, 1) for k, v in totals.items()}
+    summary.stage_ms["wait"] = 0.0
 
 
-def _write(
-    rows: dict[str, np.ndarray],
-    source: Source,
-    summary: PredictSummary,
-    outputs: RunOutputs,
-    totals: dict[str, float],
-) -> None:
-    failures: list[LoadedItem] = []
-    entries: list[dict[str, Any]] = []
-    for i, index in enumerate(rows["index"]):
-        item = source.items[int(index)]
-        if rows["error"][i]:
-            failures.append(LoadedItem(item, error=str(rows["error"][i])))
-        else:
-            entries.extend(json.loads(rows["results"][i]))
-    outputs.add_failures(failures)
-    outputs.results.extend(entries)
-    ok = len(rows["index"]) - len(failures)
-    summary.processed += len(rows["index"])
-    summary.succeeded += ok
-    summary.failed += len(failures)
-    summary.detections += len(entries)
-    for stage in totals:
-        totals[stage] += float(np.sum(rows[f"{stage}_s"]))
+def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """One shard row per image of a result batch."""
+    rows = []
+    for i, index in enumerate(batch["index"]):
+        error = str(batch["error"][i])
+        rows.append(
+            {
+                "index": int(index),
+                "path": str(batch["path"][i]),
+                "image_id": int(batch["image_id"][i]),
+                "height": int(batch["height"][i]) if not error else None,
+                "width": int(batch["width"][i]) if not error else None,
+                "status": "error" if error else "ok",
+                "error": error or None,
+                "detections": [] if error else json.loads(batch["results"][i]),
+            }
+        )
+    return rows
