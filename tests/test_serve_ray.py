@@ -147,3 +147,29 @@ def test_a_driver_killed_mid_run_loses_and_repeats_nothing_on_rerun(
     other = _predict(model, folder, out, "--engine", "ray", "--score-thresh", "0.5")
     assert len(other["predictions"]) < len(clean["predictions"])  # another run: shards replaced
     assert all(p["score"] >= 0.5 for p in other["predictions"])
+
+
+def test_an_actor_serving_onnx_imports_no_torch(ray_cluster, coco128, model):
+    """What an inference actor runs for an ONNX artifact (open it, decode a batch, infer,
+    post-process), in a fresh Ray worker process: torch is never imported."""
+
+    @ray_cluster.remote(max_calls=1)  # a worker process of its own, discarded afterwards
+    def probe(artifact: str, image: str) -> tuple[int, list[str]]:
+        import sys
+
+        import numpy as np
+
+        from pgd_deploy.serve.ray_engine import _decode, _Infer
+
+        actor = _Infer(
+            artifact, device="cpu", allow_unverified=False, overrides={}, category_ids=[1, 2, 3]
+        )
+        batch = {"index": np.array([0]), "path": np.array([image]), "image_id": np.array([7])}
+        decoded = _decode(batch, input_size=actor.backend.input_size, max_pixels=None)
+        out = actor(decoded)
+        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        return int(out["detections"][0]), loaded
+
+    image = str(coco128_images(coco128, 1)[0])
+    detections, torch_modules = ray_cluster.get(probe.remote(str(model), image))
+    assert detections > 0 and torch_modules == []

@@ -84,9 +84,8 @@ def ray_session(
         reached = f"a local Ray on {cpus} CPUs"
     try:
         yield reached
-    finally:
-        if not address:
-            ray.shutdown()
+    finally:  # stops the local Ray this started; from a joined cluster it only disconnects
+        ray.shutdown()
 
 
 def _decode(batch: dict[str, np.ndarray], *, input_size: Sequence[int], max_pixels: int | None):
