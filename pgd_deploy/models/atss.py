@@ -23,7 +23,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from pgd_deploy.distributed import reduce_mean
 from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors, flatten_levels, grid_points
-from pgd_deploy.models.towers import Scale, Towers, predictor
+from pgd_deploy.models.towers import Scale, Towers, class_predictor, predictor
 
 DELTA_STDS = (0.1, 0.1, 0.2, 0.2)  # DeltaXYWHBBoxCoder target_stds of the ATSS configs (means 0)
 MAX_LOG_RATIO = abs(math.log(16.0 / 1000))  # MMDetection's clamp of dw, dh before exp
@@ -198,7 +198,7 @@ class ATSSHead(DenseHead):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.towers = Towers(channels=channels, num_convs=num_convs)
-        self.cls_logits = predictor(channels, num_classes, -math.log((1 - prior_prob) / prior_prob))
+        self.cls_logits = class_predictor(channels, num_classes, prior_prob)
         self.bbox_pred = predictor(channels, 4)
         self.iou_pred = predictor(channels, 1)
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))

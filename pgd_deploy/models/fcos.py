@@ -12,7 +12,6 @@ code's eval-only multiplication is docs/method.md D7).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from pgd_deploy.distributed import reduce_mean
 from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors, flatten_levels, grid_points
-from pgd_deploy.models.towers import Scale, Towers, predictor
+from pgd_deploy.models.towers import Scale, Towers, class_predictor, predictor
 
 INF = 1e8
 
@@ -58,7 +57,7 @@ class FCOSHead(DenseHead):
         self.focal_gamma = focal_gamma
         self.box_loss = box_loss
         self.towers = Towers(channels=channels, num_convs=num_convs)
-        self.cls_logits = predictor(channels, num_classes, -math.log((1 - prior_prob) / prior_prob))
+        self.cls_logits = class_predictor(channels, num_classes, prior_prob)
         self.bbox_pred = predictor(channels, 4)
         self.centerness = predictor(channels, 1)
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))

@@ -14,7 +14,6 @@ There is no separate quality branch: the test score, and PGD's teacher score, is
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any
@@ -27,7 +26,7 @@ from torchvision.ops import generalized_box_iou_loss
 from pgd_deploy.distributed import reduce_mean
 from pgd_deploy.models.atss import aligned_iou, anchor_priors, atss_targets
 from pgd_deploy.models.heads import DenseHead, DenseOutputs, Priors, flatten_levels
-from pgd_deploy.models.towers import Scale, Towers, predictor
+from pgd_deploy.models.towers import Scale, Towers, class_predictor, predictor
 
 DFL_EPS = 0.01  # MMDetection's bbox2distance: targets clamped to [0, reg_max - 0.01]
 
@@ -147,7 +146,7 @@ class GFLHead(DenseHead):
         self.reg_max = reg_max
         self.qfl_beta = qfl_beta
         self.towers = Towers(channels=channels, num_convs=num_convs)
-        self.cls_logits = predictor(channels, num_classes, -math.log((1 - prior_prob) / prior_prob))
+        self.cls_logits = class_predictor(channels, num_classes, prior_prob)
         self.bbox_pred = predictor(channels, 4 * (reg_max + 1))
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
 

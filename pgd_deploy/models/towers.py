@@ -8,6 +8,7 @@ of the first block of each tower is returned explicitly per level: it is the PGD
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -77,3 +78,9 @@ def predictor(channels: int, out: int, bias: float = 0.0) -> nn.Conv2d:
     nn.init.normal_(conv.weight, std=0.01)
     nn.init.constant_(conv.bias, bias)
     return conv
+
+
+def class_predictor(channels: int, num_classes: int, prior_prob: float) -> nn.Conv2d:
+    """The classification `predictor` with the focal-loss prior: its bias makes every initial
+    class score sigmoid(bias) = `prior_prob` (RetinaNet; FCOS, ATSS and GFL use 0.01)."""
+    return predictor(channels, num_classes, -math.log((1 - prior_prob) / prior_prob))
