@@ -41,7 +41,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return onnx_model(tmp_path_factory, student_checkpoint(tmp_path_factory))
 
 
-def _predict(model: Path, source: Path, out: Path, *extra: str) -> dict:
+def _predict(model: Path, source: Path | str, out: Path, *extra: str) -> dict:
     argv = ["predict", "--model", str(model), "--source", str(source), "--out", str(out)]
     assert main([*argv, "--no-progress", "--batch", "4", *extra]) == 0
     return {
@@ -94,10 +94,35 @@ def test_an_artifact_its_manifest_does_not_vouch_for_is_refused_before_ray(
     assert "sha256" in capsys.readouterr().err
     assert not (tmp_path / "out" / "predictions.json").exists()  # refused before any work
     argv = ["predict", "--model", str(model), "--source", str(source), "--engine", "ray"]
-    assert main([*argv, "--out", str(tmp_path / "x"), "--save-images"]) == 2
-    assert "--save-images" in capsys.readouterr().err
     assert main([*argv, "--out", str(tmp_path / "y"), "--actors", "2"]) == 2  # would wait forever
     assert "leave no room for the decode tasks" in capsys.readouterr().err
+
+
+def test_uri_sources_and_saved_images_match_the_local_engine(ray_cluster, coco128, model, tmp_path):
+    """A list of file:// URIs (opened through pyarrow.fs, as s3:// ones are) with a missing
+    object, and a folder URI: the local engine's detections and failures; --save-images writes
+    the local engine's files, byte for byte."""
+    import shutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for image in coco128_images(coco128, 6):
+        shutil.copy(image, folder / image.name)
+    uris = [p.as_uri() for p in sorted(folder.iterdir())] + [folder.as_uri() + "/gone.jpg"]
+    listing = tmp_path / "uris.txt"
+    listing.write_text("\n".join(uris) + "\n")
+    local = _predict(model, listing, tmp_path / "local", "--save-images")
+    ray = _predict(model, listing, tmp_path / "ray", "--engine", "ray", "--save-images")
+    assert ray["predictions"] == local["predictions"] and len(local["predictions"]) > 6
+    assert ray["failures"] == local["failures"]
+    assert [f["path"] for f in ray["failures"]] == [uris[-1]]
+    assert "no such object" in ray["failures"][0]["error"]
+    drawn = {p.name: p.read_bytes() for p in (tmp_path / "local" / "images").iterdir()}
+    assert len(drawn) == 6
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ray" / "images").iterdir()} == drawn
+    assert ray["summary"]["save_errors"] == 0
+    whole = _predict(model, folder.as_uri() + "/", tmp_path / "uri", "--engine", "ray")
+    assert whole["predictions"] == local["predictions"]  # the same image ids, from the names
 
 
 def _outputs(out: Path) -> tuple[list, list]:
@@ -159,13 +184,13 @@ def test_an_actor_serving_onnx_imports_no_torch(ray_cluster, coco128, model):
 
         import numpy as np
 
-        from pgd_deploy.serve.ray_engine import _decode, _Infer
+        from pgd_deploy.serve.ray_stages import InferActor, decode_batch
 
-        actor = _Infer(
+        actor = InferActor(
             artifact, device="cpu", allow_unverified=False, overrides={}, category_ids=[1, 2, 3]
         )
         batch = {"index": np.array([0]), "path": np.array([image]), "image_id": np.array([7])}
-        decoded = _decode(batch, input_size=actor.backend.input_size, max_pixels=None)
+        decoded = decode_batch(batch, input_size=actor.backend.input_size, max_pixels=None)
         out = actor(decoded)
         loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
         return int(out["detections"][0]), loaded

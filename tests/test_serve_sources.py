@@ -155,3 +155,35 @@ def test_bad_sources(tmp_path: Path, spec: str, message: str) -> None:
 def test_missing_image_root(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--image-root .*folder not found"):
         resolve_source(tmp_path, image_root=tmp_path / "nope")
+
+
+def test_uri_folders_objects_and_lists_are_opened_through_pyarrow(tmp_path: Path) -> None:
+    """file:// URIs go through pyarrow.fs, the layer s3:// and gs:// sources use: a "folder"
+    lists its visible objects (sorted, not recursing), an object is one input, a list file may
+    mix URIs and paths, and a missing object is an input that fails when decoded, by name."""
+    pytest.importorskip("pyarrow.fs")
+    from pgd_deploy.runtime.preprocess import ImageDecodeError
+    from pgd_deploy.serve.sources import load_source_image
+
+    for name in ("2.png", "1.png", ".hidden.png", "sub/3.png"):
+        _png(tmp_path / "imgs" / name)
+    uri = (tmp_path / "imgs").as_uri()
+    src = resolve_source(uri + "/")
+    assert src.kind == "uri"
+    assert [(it.path, it.name, it.image_id) for it in src.items] == [
+        (f"{uri}/1.png", "1.png", 1),
+        (f"{uri}/2.png", "2.png", 2),
+    ]
+    assert load_source_image(src.items[0].path, max_pixels=None).shape == (8, 8, 3)
+    (one,) = resolve_source(f"{uri}/sub/3.png").items
+    assert one.path == f"{uri}/sub/3.png" and one.image_id == 3
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{uri}/2.png\nimgs/1.png\n{uri}/gone.png\n")
+    items = resolve_source(listing).items
+    assert [it.path for it in items] == [f"{uri}/2.png", tmp_path / "imgs/1.png", f"{uri}/gone.png"]
+    with pytest.raises(ImageDecodeError, match=f"{uri}/gone.png: no such object"):
+        load_source_image(items[2].path, max_pixels=None)
+    with pytest.raises(ValueError, match="no such object or folder"):
+        resolve_source(f"{uri}/nothing/")
+    with pytest.raises(ValueError, match="cannot open this URI"):
+        resolve_source("nosuchscheme://bucket/key.jpg")

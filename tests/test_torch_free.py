@@ -29,6 +29,9 @@ MODULES = [
     "pgd_deploy.serve.side_by_side",
     "pgd_deploy.serve.gradio_app",
     "pgd_deploy.serve.command",
+    "pgd_deploy.serve.shards",
+    "pgd_deploy.serve.ray_engine",  # ray itself only when a run starts
+    "pgd_deploy.serve.ray_stages",
 ]
 
 

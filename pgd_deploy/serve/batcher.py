@@ -21,8 +21,8 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from pgd_deploy.runtime.preprocess import ImageDecodeError, ImageTransform, letterbox, load_image
-from pgd_deploy.serve.sources import SourceItem
+from pgd_deploy.runtime.preprocess import ImageDecodeError, ImageTransform, letterbox
+from pgd_deploy.serve.sources import SourceItem, load_source_image
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -87,7 +87,7 @@ def load_item(
     """Decode one file and letterbox it to `input_size`; failures are returned, not raised."""
     t0 = time.perf_counter()
     try:
-        image = load_image(item.path, name=str(item.path), max_pixels=max_pixels)
+        image = load_source_image(item.path, max_pixels=max_pixels)
         tensor, transform = letterbox(image, input_size)
     except ImageDecodeError as err:
         return LoadedItem(item, error=str(err), seconds=time.perf_counter() - t0)

@@ -84,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--model", required=True, help="artifact to run (.pt, .onnx, .plan)")
     pr.add_argument(
-        "--source", required=True, help="image folder, glob pattern, list .txt or COCO .json"
+        "--source",
+        required=True,
+        help="image folder, glob pattern, list .txt (paths or URIs), COCO .json, or a URI of an "
+        "object or folder (s3://bucket/prefix/, gs://..., file://...; needs the [ray] extra)",
     )
     pr.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
     pr.add_argument("--batch", type=int, help="images per inference call (default: 8)")
@@ -228,10 +231,8 @@ def _predict(args: argparse.Namespace, cfg: ServeConfig) -> int:
 def _predict_ray(args: argparse.Namespace, cfg: ServeConfig, backend: Any, source: Any) -> Any:
     from pgd_deploy.serve.ray_engine import ray_session, run_predict_ray
 
-    if args.save_images:
-        raise ValueError("--save-images is not available with --engine ray (use --engine local)")
     options = _run_options(args, cfg)
-    for local_only in ("workers", "queue_size", "decode_timeout", "save_images", "draw_score"):
+    for local_only in ("workers", "queue_size", "decode_timeout"):
         options.pop(local_only)
     pool = {"actors": args.actors, "cpus_per_actor": args.cpus_per_actor}
     with ray_session(args.address, **pool) as reached:

@@ -153,6 +153,28 @@ class SummaryFile:
             os.close(fd)
 
 
+def image_output_path(root: Path, item: SourceItem, used: set[str]) -> Path:
+    """Where the annotated copy of `item` goes in `root` (see `ImageSaver`); `used` holds the
+    names given so far in the run, and gets this one."""
+    parts = [
+        p for p in PurePosixPath(item.name.replace("\\", "/")).parts if p not in ("..", ".", "/")
+    ]
+    stem = PurePosixPath("__".join(parts) or f"image_{item.index}").stem
+    path = safe_child(root, f"{stem}.jpg")
+    if path.name in used:
+        path = safe_child(root, f"{path.stem}_{item.index}.jpg")
+    used.add(path.name)
+    return path
+
+
+def save_drawn(path: Path, image: Any, dets: Detections, class_names: Sequence[str]) -> None:
+    """`image` with `dets` drawn, as a JPEG at `path` (atomically: a full disk leaves no
+    truncated JPEG under the name)."""
+    drawn = draw_detections(image, dets, class_names)
+    with atomic_open(path) as fh:
+        drawn.save(fh, format="JPEG", quality=90)
+
+
 class ImageSaver:
     """Draws and writes annotated images on a background thread (bounded backlog).
 
@@ -175,17 +197,7 @@ class ImageSaver:
         self._pending: deque[cf.Future] = deque()
 
     def output_path(self, item: SourceItem) -> Path:
-        parts = [
-            p
-            for p in PurePosixPath(item.name.replace("\\", "/")).parts
-            if p not in ("..", ".", "/")
-        ]
-        stem = PurePosixPath("__".join(parts) or f"image_{item.index}").stem
-        path = safe_child(self.root, f"{stem}.jpg")
-        if path.name in self.used:
-            path = safe_child(self.root, f"{path.stem}_{item.index}.jpg")
-        self.used.add(path.name)
-        return path
+        return image_output_path(self.root, item, self.used)
 
     def submit(self, loaded: LoadedItem, dets: Detections) -> None:
         path = self.output_path(loaded.item)
@@ -194,9 +206,7 @@ class ImageSaver:
             self._collect(self._pending.popleft())
 
     def _write(self, image: Any, dets: Detections, path: Path) -> None:
-        drawn = draw_detections(image, dets.filter(self.min_score), self.class_names)
-        with atomic_open(path) as fh:  # a full disk leaves no truncated JPEG under the name
-            drawn.save(fh, format="JPEG", quality=90)
+        save_drawn(path, image, dets.filter(self.min_score), self.class_names)
 
     def _collect(self, future: cf.Future) -> None:
         try:

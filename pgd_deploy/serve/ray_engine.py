@@ -2,11 +2,14 @@
 
 The work is one streaming Ray Data pipeline over the source's inputs, kept in input order:
 
-1. decode and letterbox: `load_item` (the local engine's) in Ray tasks, a batch of paths each;
-   unreadable images become rows with their error, never failures of the job;
-2. inference and post-processing: a fixed pool of `--actors` actors (`ActorPoolStrategy`),
-   each opening the artifact once through the runtime (ONNX Runtime and TensorRT import no
-   torch), with `--gpus-per-actor` GPUs each on GPU machines;
+1. decode and letterbox (`ray_stages.decode_batch`): `load_item` (the local engine's) in Ray
+   tasks, a batch of paths or URIs each; unreadable images become rows with their error, never
+   failures of the job;
+2. inference and post-processing (`ray_stages.InferActor`): a fixed pool of `--actors` actors
+   (`ActorPoolStrategy`; Ray Data restarts a lost actor and retries its batch), each opening the
+   artifact once through the runtime (ONNX Runtime and TensorRT import no torch), with
+   `--gpus-per-actor` GPUs each on GPU machines; with `--save-images` the actor also draws each
+   image into `--out/images` (on a cluster `--out` must then be a shared folder);
 3. writing: the driver consumes the results as they stream back, writes each batch as a shard
    (`serve.shards`: a rerun into the same --out after a kill skips what the shards hold), and
    at the end the same predictions.json, failures.json and summary.json as the local engine.
@@ -24,31 +27,32 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pgd_deploy.io_utils import file_sha256, remove_stale_temp_files, write_json
-from pgd_deploy.metrics import detections_to_coco, evaluate_coco
+from pgd_deploy.metrics import evaluate_coco
 from pgd_deploy.runtime.backends import Backend
-from pgd_deploy.runtime.preprocess import ImageTransform
-from pgd_deploy.serve.batcher import load_item
 from pgd_deploy.serve.outputs import (
     FAILURES_NAME,
+    IMAGES_DIR,
     METRICS_NAME,
     RESULTS_NAME,
     SUMMARY_NAME,
     SummaryFile,
+    image_output_path,
+    prepare_images_dir,
 )
 from pgd_deploy.serve.predictor import PredictSummary, _progress, check_evaluable
+from pgd_deploy.serve.ray_stages import InferActor, decode_batch, result_rows
 from pgd_deploy.serve.shards import ShardStore
-from pgd_deploy.serve.sources import Source, SourceItem
+from pgd_deploy.serve.sources import Source
 
 logger = logging.getLogger(__name__)
 
-TRANSFORM_FIELDS = ("scale_x", "scale_y", "orig_h", "orig_w", "resized_h", "resized_w")
 DECODE_CPUS = 0.5  # Ray CPUs of each decode task (unlike the actors': no stage fusion)
 
 
@@ -88,91 +92,6 @@ def ray_session(
         ray.shutdown()
 
 
-def _decode(batch: dict[str, np.ndarray], *, input_size: Sequence[int], max_pixels: int | None):
-    """Ray task: decode and letterbox a batch of inputs (`serve.batcher.load_item`)."""
-    height, width = (int(v) for v in input_size)
-    tensors = np.zeros((len(batch["index"]), 3, height, width), np.float32)
-    transforms = np.zeros((len(batch["index"]), len(TRANSFORM_FIELDS)), np.float64)
-    errors, seconds = [], []
-    for i, (index, path, image_id) in enumerate(
-        zip(batch["index"], batch["path"], batch["image_id"], strict=True)
-    ):
-        item = SourceItem(int(index), Path(str(path)), str(path), int(image_id))
-        loaded = load_item(item, (height, width), max_pixels=max_pixels)
-        if loaded.ok:
-            tensors[i] = loaded.tensor
-            transforms[i] = [getattr(loaded.transform, f) for f in TRANSFORM_FIELDS]
-        errors.append(loaded.error or "")
-        seconds.append(loaded.seconds)
-    return {
-        "index": batch["index"],
-        "path": batch["path"],
-        "image_id": batch["image_id"],
-        "tensor": tensors,
-        "transform": transforms,
-        "error": np.array(errors, dtype=object),
-        "pre_s": np.array(seconds, np.float64),
-    }
-
-
-class _Infer:
-    """Ray actor: opens the artifact once; runs and post-processes each batch it is given.
-
-    Its rows come back as the COCO results of each image (a JSON string) or its error.
-    """
-
-    def __init__(
-        self,
-        artifact: str,
-        *,
-        device: str,
-        allow_unverified: bool,
-        overrides: dict[str, float],
-        category_ids: Sequence[int],
-    ) -> None:
-        from pgd_deploy.runtime.backends import load_backend
-
-        self.backend = load_backend(artifact, device=device, allow_unverified=allow_unverified)
-        self.overrides = overrides
-        self.category_ids = category_ids
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.array([not e for e in batch["error"]], dtype=bool)
-        results = np.array([""] * len(ok), dtype=object)
-        counts = np.zeros(len(ok), np.int64)
-        infer_s = post_s = 0.0
-        if ok.any():
-            t0 = time.perf_counter()
-            raw = self.backend.infer(np.ascontiguousarray(batch["tensor"][ok]))
-            self.backend.sync()
-            t1 = time.perf_counter()
-            transforms = [
-                ImageTransform(*(float(v) for v in row[:2]), *(int(v) for v in row[2:]))
-                for row in batch["transform"][ok]
-            ]
-            dets = self.backend.postprocess(raw, transforms, **self.overrides)
-            post_s = time.perf_counter() - t1
-            infer_s = t1 - t0
-            for row, det in zip(np.flatnonzero(ok), dets, strict=True):
-                entries = detections_to_coco(int(batch["image_id"][row]), det, self.category_ids)
-                results[row] = json.dumps(entries)
-                counts[row] = len(entries)
-        share = float(ok.sum()) or 1.0
-        return {
-            "index": batch["index"],
-            "path": batch["path"],
-            "image_id": batch["image_id"],
-            "error": batch["error"],
-            "results": results,
-            "detections": counts,
-            "height": batch["transform"][:, 2].astype(np.int64),
-            "width": batch["transform"][:, 3].astype(np.int64),
-            "pre_s": batch["pre_s"],
-            "infer_s": np.where(ok, infer_s / share, 0.0),
-            "post_s": np.where(ok, post_s / share, 0.0),
-        }
-
-
 def run_predict_ray(
     backend: Backend,
     artifact: str | Path,
@@ -191,6 +110,8 @@ def run_predict_ray(
     max_pixels: int | None = 40_000_000,
     evaluate: bool = False,
     progress: bool = True,
+    save_images: bool = False,
+    draw_score: float = 0.3,
 ) -> PredictSummary:
     """`serve.predictor.run_predict` on Ray Data (inside a `ray_session`).
 
@@ -200,6 +121,8 @@ def run_predict_ray(
         actors, cpus_per_actor, gpus_per_actor: the inference actor pool (Ray resources of
             each actor); the cluster must have a CPU left for decoding beside them.
         device: where the actors run the artifact (`runtime.backends.load_backend`).
+        save_images: the actors write annotated images to `out_dir/images` (the local engine's
+            names); a resumed run keeps those of the images done before.
         Others: as `run_predict`.
 
     Returns:
@@ -232,6 +155,7 @@ def run_predict_ray(
         "inputs": [str(it.path) for it in source.items],
         "overrides": overrides,
         "max_pixels": max_pixels,
+        "save_images": draw_score if save_images else None,
     }
     for name in (SUMMARY_NAME, METRICS_NAME):  # a previous run's, until this one writes its own
         (out_dir / name).unlink(missing_ok=True)
@@ -240,22 +164,34 @@ def run_predict_ray(
         logger.info("removed %s, left by a run that was killed", leftover)
     store = ShardStore(out_dir, fingerprint)
     done = store.done()
+    if not done:  # a new run: a previous run's annotated images go (those of a resumed one stay)
+        prepare_images_dir(out_dir, save_images=save_images)
+    used: set[str] = set()  # the local engine's names, given in input order, done or not
+    save_to = {
+        it.index: str(image_output_path(out_dir / IMAGES_DIR, it, used)) if save_images else ""
+        for it in source.items
+    }
     rows = [
-        {"index": it.index, "path": str(it.path), "image_id": it.image_id}
+        {
+            "index": it.index,
+            "path": str(it.path),
+            "image_id": it.image_id,
+            "save_to": save_to[it.index],
+        }
         for it in source.items
         if it.index not in done
     ]
     pipeline = lambda: (  # noqa: E731 (built only when images are left: from_items runs now)
         ray.data.from_items(rows, override_num_blocks=-(-len(rows) // batch))
         .map_batches(
-            _decode,
+            decode_batch,
             batch_size=batch,
             batch_format="numpy",
             fn_kwargs={"input_size": backend.input_size, "max_pixels": max_pixels},
             num_cpus=DECODE_CPUS,  # unlike the actors': Ray keeps the stages apart (no fusion)
         )
         .map_batches(
-            _Infer,
+            InferActor,
             batch_size=batch,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors),
@@ -267,6 +203,8 @@ def run_predict_ray(
                 "allow_unverified": allow_unverified,
                 "overrides": overrides,
                 "category_ids": category_ids,
+                "draw_score": draw_score if save_images else None,
+                "max_pixels": max_pixels,
             },
         )
     )
@@ -291,6 +229,7 @@ def run_predict_ray(
             out_dir / RESULTS_NAME, out_dir / FAILURES_NAME
         )
         summary.processed, summary.succeeded, summary.failed = ok + failed, ok, failed
+        summary.save_errors = sum(1 for row in store.rows.values() if row.get("save_error"))
         summary.detections = detections
     for row in store.ordered():
         if row["status"] != "ok":
@@ -334,7 +273,7 @@ def _consume(pipeline: Any, store: ShardStore, summary: PredictSummary, progress
     try:
         with redirect:
             for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
-                store.write(_rows(batch))
+                store.write(result_rows(batch))
                 images += int(sum(1 for e in batch["error"] if not e))
                 for stage in totals:
                     totals[stage] += float(np.sum(batch[f"{stage}_s"]))
@@ -349,23 +288,3 @@ def _consume(pipeline: Any, store: ShardStore, summary: PredictSummary, progress
         summary.seconds = time.perf_counter() - start
     summary.stage_ms = {k: 1000.0 * v / max(images, 1) for k, v in totals.items()}
     summary.stage_ms["wait"] = 0.0
-
-
-def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """One shard row per image of a result batch."""
-    rows = []
-    for i, index in enumerate(batch["index"]):
-        error = str(batch["error"][i])
-        rows.append(
-            {
-                "index": int(index),
-                "path": str(batch["path"][i]),
-                "image_id": int(batch["image_id"][i]),
-                "height": int(batch["height"][i]) if not error else None,
-                "width": int(batch["width"][i]) if not error else None,
-                "status": "error" if error else "ok",
-                "error": error or None,
-                "detections": [] if error else json.loads(batch["results"][i]),
-            }
-        )
-    return rows
