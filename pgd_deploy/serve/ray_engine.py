@@ -22,6 +22,7 @@ before any actor opens it, by the same check as the local engine.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -152,7 +153,7 @@ def run_predict_ray(
         "artifact": str(Path(artifact).resolve()),
         "sha256": file_sha256(artifact),
         "source": source.spec,
-        "inputs": [str(it.path) for it in source.items],
+        "inputs": _inputs_digest(source),  # a digest: run.json stays small for millions
         "overrides": overrides,
         "max_pixels": max_pixels,
         "save_images": draw_score if save_images else None,
@@ -220,25 +221,22 @@ def run_predict_ray(
             _consume(pipeline(), store, summary, progress)
     except Exception as err:  # a full disk, a lost cluster: the shards written stay valid
         summary.error = str(err) or type(err).__name__
-        logger.error("stopped after %d inputs: %s", len(store.rows), err)
+        logger.error("stopped after %d inputs: %s", len(store), err)
         with contextlib.suppress(Exception):
             summary_file.record(summary.to_dict())
         raise
     finally:  # the final files from every shard, also after Ctrl-C or an error
-        ok, failed, detections = store.write_outputs(
-            out_dir / RESULTS_NAME, out_dir / FAILURES_NAME
-        )
-        summary.processed, summary.succeeded, summary.failed = ok + failed, ok, failed
-        summary.save_errors = sum(1 for row in store.rows.values() if row.get("save_error"))
-        summary.detections = detections
-    for row in store.ordered():
-        if row["status"] != "ok":
-            logger.warning("skipped: %s", row["error"])
-    if evaluate and store.rows:
+        totals = store.write_outputs(out_dir / RESULTS_NAME, out_dir / FAILURES_NAME)
+        summary.processed, summary.succeeded = totals.ok + totals.failed, totals.ok
+        summary.failed, summary.detections = totals.failed, totals.detections
+        summary.save_errors = totals.save_errors
+    for error in totals.errors:
+        logger.warning("skipped: %s", error)
+    if evaluate and totals.image_ids:
         summary.metrics = evaluate_coco(
             source.annotations.raw,
             json.loads((out_dir / RESULTS_NAME).read_text()),
-            image_ids=[int(row["image_id"]) for row in store.ordered()],
+            image_ids=totals.image_ids,
         )
         write_json(out_dir / METRICS_NAME, summary.metrics)
     summary_file.write(summary.to_dict())
@@ -268,7 +266,7 @@ def _consume(pipeline: Any, store: ShardStore, summary: PredictSummary, progress
     totals = {"pre": 0.0, "infer": 0.0, "post": 0.0}
     bar, redirect = _progress(summary.total, progress)
     if bar is not None:
-        bar.update(len(store.rows))  # done by an earlier run into this --out
+        bar.update(len(store))  # done by an earlier run into this --out
     start, images = time.perf_counter(), 0
     try:
         with redirect:
@@ -280,7 +278,7 @@ def _consume(pipeline: Any, store: ShardStore, summary: PredictSummary, progress
                 if bar is not None:
                     bar.update(len(batch["index"]))
     except KeyboardInterrupt:
-        logger.warning("interrupted: keeping the %d inputs done", len(store.rows))
+        logger.warning("interrupted: keeping the %d inputs done", len(store))
         summary.interrupted = True
     finally:
         if bar is not None:
@@ -288,3 +286,11 @@ def _consume(pipeline: Any, store: ShardStore, summary: PredictSummary, progress
         summary.seconds = time.perf_counter() - start
     summary.stage_ms = {k: 1000.0 * v / max(images, 1) for k, v in totals.items()}
     summary.stage_ms["wait"] = 0.0
+
+
+def _inputs_digest(source: Source) -> str:
+    """sha256 of the source's inputs (path and image id of each, in order)."""
+    digest = hashlib.sha256()
+    for item in source.items:
+        digest.update(f"{item.path}\t{item.image_id}\n".encode())
+    return f"{len(source.items)} inputs, sha256 {digest.hexdigest()}"

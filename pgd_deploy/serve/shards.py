@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pgd_deploy.io_utils import atomic_write_text, remove_stale_temp_files, write_json
+from pgd_deploy.io_utils import atomic_open, atomic_write_text, remove_stale_temp_files, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,32 @@ SHARDS_DIR = "shards"
 RUN_FILE = "run.json"
 
 
+@dataclass
+class ShardTotals:
+    """What `ShardStore.write_outputs` wrote, for the summary (and `--eval`).
+
+    Attributes:
+        ok, failed: images with status ok / error.
+        detections: entries of predictions.json.
+        save_errors: images whose annotated copy could not be written.
+        image_ids: the image id of every image done, in input order.
+        errors: the error of every failed image, in input order.
+    """
+
+    ok: int = 0
+    failed: int = 0
+    detections: int = 0
+    save_errors: int = 0
+    image_ids: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
 class ShardStore:
     """The shards of one run under `out_dir/shards`.
+
+    The driver holds only the indices done and where each shard's range is, never the
+    detections: predictions.json is streamed from the shards at the end, one shard at a time,
+    so a run over millions of images needs no more driver memory than one over a thousand.
 
     Args:
         out_dir: the run's `--out`.
@@ -38,7 +63,8 @@ class ShardStore:
 
     def __init__(self, out_dir: str | Path, fingerprint: Mapping[str, Any]) -> None:
         self.dir = Path(out_dir) / SHARDS_DIR
-        self.rows: dict[int, dict[str, Any]] = {}
+        self._done: set[int] = set()
+        self._shards: list[tuple[int, int, Path]] = []  # (first index, last index, file)
         run_file = self.dir / RUN_FILE
         previous = _read_json(run_file)
         if previous is not None and previous != dict(fingerprint):
@@ -50,13 +76,26 @@ class ShardStore:
         if previous != dict(fingerprint):
             write_json(run_file, dict(fingerprint))
         for shard in sorted(self.dir.glob("part-*.jsonl")):
-            for row in _read_rows(shard):
-                self.rows.setdefault(int(row["index"]), row)
-        if self.rows:
-            logger.info("resuming: %d images already done in %s", len(self.rows), self.dir)
+            indices = [int(row["index"]) for row in _read_rows(shard)]
+            if not indices:
+                continue
+            if self._done.intersection(indices):  # never written by this engine (it refuses)
+                logger.warning("%s repeats images of another shard: removed, redone", shard)
+                shard.unlink()
+                continue
+            self._add(shard, indices)
+        if self._done:
+            logger.info("resuming: %d images already done in %s", len(self._done), self.dir)
+
+    def __len__(self) -> int:
+        return len(self._done)
 
     def done(self) -> set[int]:
-        return set(self.rows)
+        return set(self._done)
+
+    def _add(self, shard: Path, indices: list[int]) -> None:
+        self._done.update(indices)
+        self._shards.append((min(indices), max(indices), shard))
 
     def write(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """One shard for these rows (atomically).
@@ -66,34 +105,51 @@ class ShardStore:
                 written twice would be a bug, never hidden).
         """
         fresh = [dict(r) for r in rows]
-        again = [r["path"] for r in fresh if int(r["index"]) in self.rows]
+        again = [r["path"] for r in fresh if int(r["index"]) in self._done]
         if again:
             raise RuntimeError(f"{len(again)} image(s) already in a shard sent again: {again[0]}")
         if not fresh:
             return
-        first = min(int(r["index"]) for r in fresh)
+        indices = [int(r["index"]) for r in fresh]
         text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in fresh)
-        atomic_write_text(self.dir / f"part-{first:09d}.jsonl", text)
-        for row in fresh:
-            self.rows[int(row["index"])] = row
+        shard = self.dir / f"part-{min(indices):09d}.jsonl"
+        atomic_write_text(shard, text)
+        self._add(shard, indices)
 
-    def ordered(self) -> list[dict[str, Any]]:
-        return [self.rows[i] for i in sorted(self.rows)]
+    def ordered(self) -> Iterator[dict[str, Any]]:
+        """Every row, in input order: shard by shard when their index ranges do not interleave
+        (as this engine writes them), else all rows at once, sorted."""
+        shards = sorted(self._shards)
+        if all(a[1] < b[0] for a, b in zip(shards, shards[1:])):
+            for _, _, shard in shards:
+                yield from sorted(_read_rows(shard), key=lambda r: int(r["index"]))
+            return
+        rows = [row for _, _, shard in shards for row in _read_rows(shard)]
+        yield from sorted(rows, key=lambda r: int(r["index"]))
 
-    def write_outputs(self, results_path: Path, failures_path: Path) -> tuple[int, int, int]:
-        """predictions.json and failures.json from every shard, in input order; returns
-        (images ok, images failed, detections)."""
-        predictions: list[dict[str, Any]] = []
+    def write_outputs(self, results_path: Path, failures_path: Path) -> ShardTotals:
+        """predictions.json and failures.json from every shard, in input order (the local
+        engine's files), predictions streamed into place atomically."""
+        totals = ShardTotals()
         failures: list[dict[str, Any]] = []
-        for row in self.ordered():
-            if row["status"] == "ok":
-                predictions.extend(row["detections"])
-            else:
-                keys = ("index", "path", "image_id", "error")
-                failures.append({k: row[k] for k in keys})
-        write_json(results_path, predictions)
+        with atomic_open(results_path) as fh:
+            fh.write(b"[")
+            for row in self.ordered():
+                totals.image_ids.append(int(row["image_id"]))
+                totals.save_errors += bool(row.get("save_error"))
+                if row["status"] != "ok":
+                    failures.append({k: row[k] for k in ("index", "path", "image_id", "error")})
+                    totals.errors.append(str(row["error"]))
+                    continue
+                totals.ok += 1
+                for entry in row["detections"]:
+                    lead = ",\n" if totals.detections else "\n"
+                    fh.write((lead + json.dumps(entry, separators=(",", ":"))).encode("utf-8"))
+                    totals.detections += 1
+            fh.write(b"\n]\n")
         write_json(failures_path, failures)
-        return len(self.rows) - len(failures), len(failures), len(predictions)
+        totals.failed = len(failures)
+        return totals
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
