@@ -169,12 +169,14 @@ def test_a_driver_killed_mid_run_loses_and_repeats_nothing_on_rerun(
     resumed = _predict(model, folder, out, "--engine", "ray")
     assert _outputs(out) == (clean["predictions"], clean["failures"])
     assert resumed["summary"]["processed"] == resumed["summary"]["total"] == 65
+    assert 6 <= resumed["summary"]["resumed"] < 65  # the killed run's shards, not redone
     assert resumed["summary"]["succeeded"] == 64 and resumed["summary"]["failed"] == 1
     indices = [json.loads(line)["index"] for s in shards.glob("*.jsonl") for line in s.open()]
     assert sorted(indices) == list(range(65))  # each image in exactly one shard
     again = _predict(model, folder, out, "--engine", "ray")  # nothing left: nothing redone
     assert _outputs(out) == (clean["predictions"], clean["failures"])
-    assert again["summary"]["processed"] == 65
+    assert again["summary"]["processed"] == again["summary"]["resumed"] == 65
+    assert again["summary"]["images_per_second"] == 0.0  # nothing served by this run
     other = _predict(model, folder, out, "--engine", "ray", "--score-thresh", "0.5")
     assert len(other["predictions"]) < len(clean["predictions"])  # another run: shards replaced
     assert all(p["score"] >= 0.5 for p in other["predictions"])

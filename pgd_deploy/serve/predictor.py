@@ -64,6 +64,8 @@ class PredictSummary:
         warnings: the checks the model failed and was served despite (`--allow-unverified`,
             `--allow-failed`; `runtime.verify`); empty when it was verified.
         error: why the run stopped early (a failed write: the file and the free space).
+        resumed: inputs done by an earlier run into the same --out and not redone (Ray).
+        decoded: images this run served itself, when not all `succeeded` are (Ray).
     """
 
     total: int
@@ -80,10 +82,15 @@ class PredictSummary:
     save_errors: int = 0
     warnings: list[str] = field(default_factory=list)
     error: str = ""
+    resumed: int = 0
+    decoded: int | None = None
 
     @property
     def images_per_second(self) -> float:
-        return self.succeeded / self.seconds if self.seconds > 0 else 0.0
+        """Images this run decoded and served per second of its wall time (a resumed run's
+        earlier images are not counted)."""
+        images = self.succeeded if self.decoded is None else self.decoded
+        return images / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def exit_code(self) -> int:
@@ -124,6 +131,8 @@ def format_summary(summary: PredictSummary) -> str:
     if summary.warnings:
         failed = f"{len(summary.warnings)} check(s) failed, see 'warnings' in {SUMMARY_NAME}"
         rows.insert(0, ("model", f"NOT VERIFIED, served anyway ({failed})"))
+    if summary.resumed:
+        rows.insert(2, ("resumed", f"{summary.resumed} inputs done by an earlier run, kept"))
     if summary.interrupted:
         rows.insert(0, ("status", "INTERRUPTED: outputs hold the inputs done so far"))
     width = max(len(k) for k, _ in rows)

@@ -215,6 +215,7 @@ def run_predict_ray(
         backend=f"{backend.describe()} on Ray ({actors} actor{'s' * (actors > 1)})",
         warnings=list(backend.warnings),
     )
+    summary.resumed = len(store)  # done by an earlier run into this --out, not redone
     summary_file = SummaryFile(out_dir / SUMMARY_NAME, {**summary.to_dict(), "status": "running"})
     try:
         if rows:
@@ -266,7 +267,7 @@ def _consume(pipeline: Any, store: ShardStore, summary: PredictSummary, progress
     totals = {"pre": 0.0, "infer": 0.0, "post": 0.0}
     bar, redirect = _progress(summary.total, progress)
     if bar is not None:
-        bar.update(len(store))  # done by an earlier run into this --out
+        bar.update(len(store))
     start, images = time.perf_counter(), 0
     try:
         with redirect:
@@ -284,6 +285,7 @@ def _consume(pipeline: Any, store: ShardStore, summary: PredictSummary, progress
         if bar is not None:
             bar.close()
         summary.seconds = time.perf_counter() - start
+    summary.decoded = images
     summary.stage_ms = {k: 1000.0 * v / max(images, 1) for k, v in totals.items()}
     summary.stage_ms["wait"] = 0.0
 
