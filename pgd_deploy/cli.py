@@ -12,7 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from pgd_deploy.cli_support import add_verbose, fail, run_command, setup_logging
-from pgd_deploy.config import add_override_argument
+from pgd_deploy.config import DataConfig, add_override_argument
+from pgd_deploy.config.bounds import flag_of
 
 
 def _fail(message: str) -> int:
@@ -70,10 +71,14 @@ def _train_parser() -> argparse.ArgumentParser:
     yolo.add_argument("--out", required=True, help="COCO JSON to write")
     shapes = data.add_parser("shapes", help="write the built-in synthetic shapes dataset")
     shapes.add_argument("--out", required=True, help="output folder")
-    shapes.add_argument("--train", type=int, default=400, help="training images")
-    shapes.add_argument("--val", type=int, default=100, help="validation images")
-    shapes.add_argument("--size", type=int, default=128, help="image side, px")
-    shapes.add_argument("--seed", type=int, default=0, help="generator seed")
+    for name, key, what in (
+        ("train", "shapes_train", "training images (400)"),
+        ("val", "shapes_val", "validation images (100)"),
+        ("size", "shapes_size", "image side, px (128)"),
+        ("seed", "shapes_seed", "generator seed (0)"),
+    ):
+        default = getattr(DataConfig, key)
+        shapes.add_argument(f"--{name}", type=flag_of(DataConfig, key), default=default, help=what)
 
     demo = sub.add_parser(
         "demo", help="the quickstart: teacher, student, PGD student, int8 PGD student, scoreboard"

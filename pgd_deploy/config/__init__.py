@@ -10,6 +10,7 @@ Only the standard library is used here, so every stage (including the torch-free
 import it.
 """
 
+from pgd_deploy.config.deploy_schema import ExportConfig, ExportJob, GatesConfig, ServeConfig
 from pgd_deploy.config.loading import (
     add_override_argument,
     dumps_toml,
@@ -22,12 +23,8 @@ from pgd_deploy.config.loading import (
 from pgd_deploy.config.schema import (
     DataConfig,
     DistillConfig,
-    ExportConfig,
-    ExportJob,
-    GatesConfig,
     ModelConfig,
     QatConfig,
-    ServeConfig,
     TrainConfig,
     TrainJob,
 )

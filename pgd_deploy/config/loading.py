@@ -2,8 +2,9 @@
 
 Values come from, in order: the dataclass defaults, the defaults the root class derives from
 what was written (`TrainJob.head_defaults`: the head's PGD values), a base (a checkpoint's
-config), a TOML recipe, then command-line overrides `--set section.key=value`. Unknown keys and
-values of the wrong type raise `ValueError` naming the key.
+config), a TOML recipe, then command-line overrides `--set section.key=value`. Unknown keys,
+values of the wrong type and numbers out of their range (`config.bounds`: each field declares
+its own; NaN never passes) raise `ValueError` naming the key and where it was set.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -95,7 +97,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"config key '{key}': unsupported annotation {tp!r}")
 
 
-def _build(cls: type[C], values: Mapping[str, Any], prefix: str, source: str) -> C:
+_KEY_IN_MESSAGE = re.compile(r"config key '([^']+)'")
+
+
+def _coerced(cls: type, values: Mapping[str, Any], prefix: str, source: str) -> dict[str, Any]:
+    """`values` checked and converted for `cls` (sections stay dicts): unknown keys and wrong
+    types raise `ValueError` naming `source`."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -105,17 +112,50 @@ def _build(cls: type[C], values: Mapping[str, Any], prefix: str, source: str) ->
             raise ValueError(
                 f"{source}: unknown config key '{full}' (known: {', '.join(sorted(names))})"
             )
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(hints[key]):
             if not isinstance(value, Mapping):
                 raise ValueError(f"{source}: config key '{full}' must be a table/section")
-            kwargs[key] = _build(tp, value, f"{full}.", source)
+            kwargs[key] = _coerced(hints[key], value, f"{full}.", source)
         else:
             try:
-                kwargs[key] = _coerce(value, tp, full)
+                kwargs[key] = _coerce(value, hints[key], full)
             except ValueError as err:
                 raise ValueError(f"{source}: {err}") from None
-    return cls(**kwargs)
+    return kwargs
+
+
+def _construct(cls: type[C], kwargs: Mapping[str, Any], where: Callable[[str], str]) -> C:
+    """`cls` from `_coerced` values; a value out of its range (each section's `__post_init__`,
+    `config.bounds`) raises `ValueError` prefixed by `where(key)`, where it was set."""
+    hints = typing.get_type_hints(cls)
+    built = {
+        key: _construct(hints[key], value, where)
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key])
+        else value
+        for key, value in kwargs.items()
+    }
+    try:
+        return cls(**built)
+    except ValueError as err:
+        named = _KEY_IN_MESSAGE.search(str(err))
+        if named is None:
+            raise
+        raise ValueError(f"{where(named[1])}: {err}") from None
+
+
+def _build(cls: type[C], values: Mapping[str, Any], prefix: str, source: str) -> C:
+    return _construct(cls, _coerced(cls, values, prefix, source), lambda _: source)
+
+
+def _flat_keys(tree: Mapping[str, Any], prefix: str = "") -> set[str]:
+    """The dotted keys of the values in `tree` (table entries too: `train.loss_weights.x`)."""
+    keys = set()
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            keys |= _flat_keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(f"{prefix}{key}")
+    return keys
 
 
 def _parse_value(text: str) -> Any:
@@ -175,6 +215,7 @@ def load_config(
     path: str | Path | None = None,
     overrides: Iterable[str] = (),
     base: Mapping[str, Any] | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> C:
     """Load `cls` from defaults, an optional base dict, a TOML file and `--set` overrides.
 
@@ -186,10 +227,14 @@ def load_config(
         path: TOML recipe, or None for the defaults.
         overrides: `section.key=value` strings, applied last.
         base: values applied before the recipe (e.g. a checkpoint's training config).
+        flags: config key -> the command-line flag that set it through `overrides`
+            ("export.batch_opt" -> "--batch-opt"), named in the message of its bad value.
 
     Raises:
         FileNotFoundError: the recipe does not exist.
-        ValueError: an unknown key, a wrong type or malformed TOML (the message names it).
+        ValueError: an unknown key, a wrong type, a value out of its range (NaN and infinities
+            included) or malformed TOML; the message names the key, the value, the allowed
+            range and where it was set (the recipe, --set or the flag).
     """
     values: dict[str, Any] = dict(base or {})
     source = "config"
@@ -203,14 +248,24 @@ def load_config(
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path}: invalid TOML: {err}") from None
     overrides = list(overrides)
+    overridden: set[str] = set()
     if overrides:
         tree = parse_overrides(overrides)
-        _build(cls, tree, "", "--set")  # names the offending key with the right source
+        _coerced(cls, tree, "", "--set")  # names the offending key with the right source
         values = _merge(values, tree)
+        overridden = _flat_keys(tree)
     head_defaults = getattr(cls, "head_defaults", None)
     if head_defaults is not None:  # beneath everything written above: base, recipe, --set
         values = _merge(head_defaults(values), values)
-    return _build(cls, values, "", source)
+    flags = dict(flags or {})
+
+    def where(key: str) -> str:
+        """Who set `key`: its command-line flag, --set, or the recipe (else "config")."""
+        if key in flags and key in overridden:
+            return flags[key]
+        return "--set" if key in overridden else source
+
+    return _construct(cls, _coerced(cls, values, "", source), where)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -229,7 +284,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def _toml_value(value: Any) -> str:
+def toml_literal(value: Any) -> str:
     if value is None:
         return '"none"'
     if isinstance(value, bool):
@@ -239,10 +294,10 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)  # a JSON string is a valid TOML basic string
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
     if isinstance(value, dict):
         return (
-            "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+            "{" + ", ".join(f"{json.dumps(k)} = {toml_literal(v)}" for k, v in value.items()) + "}"
         )
     raise TypeError(f"cannot write {value!r} to TOML")
 
@@ -253,11 +308,11 @@ def dumps_toml(cfg: Any) -> str:
     top = to_dict(cfg)
     for key, value in top.items():
         if not isinstance(value, dict):
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_literal(value)}")
     for key, value in top.items():
         if isinstance(value, dict):
             lines.append(f"\n[{key}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+            lines.extend(f"{k} = {toml_literal(v)}" for k, v in value.items())
     return "\n".join(lines).lstrip("\n") + "\n"
 
 

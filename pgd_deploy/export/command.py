@@ -11,13 +11,14 @@ engine build failure.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from pgd_deploy.cli_support import add_verbose, choices, run_command, setup_logging
 from pgd_deploy.config import ExportConfig, ServeConfig, add_override_argument
+from pgd_deploy.config.bounds import NON_NEGATIVE, POSITIVE, at_least, flag, flag_of
+from pgd_deploy.config.loading import toml_literal
 
 EXPORT_FLAGS = {  # CLI flag (argparse dest) -> ExportConfig key
     "format": "format",
@@ -95,17 +96,26 @@ def _export_parser() -> argparse.ArgumentParser:
         "evaluated at, from the data config it records: e.g. 800x1344 for COCO, 128x128 for "
         "the demo models)",
     )
-    for flag in ("batch-min", "batch-opt", "batch-max"):
-        p.add_argument(f"--{flag}", type=int, help="optimisation profile batch")
+    for name in ("batch-min", "batch-opt", "batch-max"):
+        key = name.replace("-", "_")
+        p.add_argument(
+            f"--{name}", type=flag_of(ExportConfig, key), help="optimisation profile batch"
+        )
     p.add_argument(
         "--nms", choices=choices(ExportConfig, "nms"), help="onnx: in-graph NonMaxSuppression"
     )
-    p.add_argument("--max-det", type=int, help="detections per image with --nms onnx")
-    p.add_argument("--conf", type=float, help="score threshold of --nms onnx")
-    p.add_argument("--iou", type=float, help="IoU threshold of --nms onnx")
+    p.add_argument(
+        "--max-det", type=flag_of(ExportConfig, "max_det"), help="detections per image, --nms onnx"
+    )
+    p.add_argument(
+        "--conf", type=flag_of(ExportConfig, "conf", float), help="score threshold of --nms onnx"
+    )
+    p.add_argument(
+        "--iou", type=flag_of(ExportConfig, "iou", float), help="IoU threshold of --nms onnx"
+    )
     p.add_argument(
         "--nms-topk",
-        type=int,
+        type=flag_of(ExportConfig, "nms_topk"),
         help="--nms onnx: (location, class) candidates per image before NMS (TensorRT: < 3840; "
         "<= 2000 for SM 5.3/6.2 GPUs)",
     )
@@ -118,15 +128,27 @@ def _export_parser() -> argparse.ArgumentParser:
         help="without --val: gate on the checkpoint's own annotated validation split when its "
         "labels are here, which adds the mAP gate (default on)",
     )
-    p.add_argument("--gate-images", type=int, help="images used by the gates")
-    p.add_argument("--calib-images", type=int, help="int8 calibration images")
+    p.add_argument(
+        "--gate-images", type=flag_of(ExportConfig, "gate_images"), help="images used by the gates"
+    )
+    p.add_argument(
+        "--calib-images", type=flag_of(ExportConfig, "calib_images"), help="int8 calibration images"
+    )
     p.add_argument("--calib-method", choices=choices(ExportConfig, "calib_method"))
     p.add_argument("--calib-data", help="int8 calibration image folder")
-    p.add_argument("--opset", type=int, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=flag_of(ExportConfig, "opset"), help="ONNX opset (default 17)")
     p.add_argument("--exporter", choices=choices(ExportConfig, "exporter"))
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--workspace", type=float, help="TensorRT workspace, GB")
-    p.add_argument("--builder-opt-level", type=int, help="TensorRT builder level 0-5")
+    p.add_argument(
+        "--workspace",
+        type=flag_of(ExportConfig, "workspace_gb", float),
+        help="TensorRT workspace, GB",
+    )
+    p.add_argument(
+        "--builder-opt-level",
+        type=flag_of(ExportConfig, "builder_opt_level"),
+        help="TensorRT builder level 0-5",
+    )
     p.add_argument("--timing-cache", help="TensorRT timing cache file")
     p.add_argument("--hw-compat", choices=choices(ExportConfig, "hw_compat"))
     p.add_argument(
@@ -159,10 +181,12 @@ def _bench_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,8")
     p.add_argument("--imgsz", type=parse_imgsz, help="input size for checkpoints (.pt)")
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--min-seconds", type=float, default=2.0)
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0 = default)")
+    p.add_argument("--warmup", type=flag(NON_NEGATIVE), default=10)
+    p.add_argument("--iters", type=flag(POSITIVE), default=50)
+    p.add_argument("--min-seconds", type=flag(at_least(0.0), float), default=2.0)
+    p.add_argument(
+        "--threads", type=flag(NON_NEGATIVE), default=0, help="ONNX Runtime threads (0 = default)"
+    )
     p.add_argument(
         "--device",
         default="auto",
@@ -186,7 +210,7 @@ def _bench_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--val", help="COCO JSON (or dataset root) for AP and the plot")
     p.add_argument("--val-images", help="image folder of a --val JSON")
-    p.add_argument("--val-count", type=int, default=500, help="validation images for AP")
+    p.add_argument("--val-count", type=flag(POSITIVE), default=500, help="validation images for AP")
     p.add_argument("--plot", help="speed-accuracy PNG (needs --val)")
     p.add_argument("--json", help="also write the rows as JSON")
     return p
@@ -197,7 +221,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     for dest, key in EXPORT_FLAGS.items():
         value = getattr(args, dest, None)
         if value is not None:
-            out.append(f"export.{key}={json.dumps(value)}")
+            out.append(f"export.{key}={toml_literal(value)}")
     return [*out, *args.overrides]
 
 
@@ -205,7 +229,12 @@ def _run_export(args: argparse.Namespace) -> int:
     from pgd_deploy.config import ExportJob, load_config
     from pgd_deploy.export.pipeline import run_export
 
-    job = load_config(ExportJob, args.profile, _overrides(args))
+    flags = {  # the flags given, named in the message of a bad value they set
+        f"export.{key}": "--" + dest.replace("_", "-")
+        for dest, key in EXPORT_FLAGS.items()
+        if getattr(args, dest, None) is not None
+    }
+    job = load_config(ExportJob, args.profile, _overrides(args), flags=flags)
     result = run_export(args.checkpoint, job)
     print(result.markdown())
     for path in result.artifacts:

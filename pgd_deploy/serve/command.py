@@ -16,6 +16,7 @@ from typing import Any
 
 from pgd_deploy.cli_support import add_verbose, choices, run_command, setup_logging
 from pgd_deploy.config import ServeConfig, add_override_argument, load_config
+from pgd_deploy.config.bounds import POSITIVE, at_least, flag, flag_of, greater_than
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +27,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument(
         "--score-thresh",
-        type=float,
+        type=flag_of(ServeConfig, "score_thresh", float),
         help="minimum score (predict default: the artifact's; demo: where the slider starts, "
         "default from the models' own scores on the examples)",
     )
-    p.add_argument("--nms-thresh", type=float, help="class-aware NMS IoU (default: the artifact's)")
+    p.add_argument(
+        "--nms-thresh",
+        type=flag_of(ServeConfig, "nms_thresh", float),
+        help="class-aware NMS IoU (default: the artifact's)",
+    )
     p.add_argument(
         "--allow-failed",
         action="store_true",
@@ -65,7 +70,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="checkpoints: NHWC (auto: CUDA 16-bit)",
     )
     p.add_argument(
-        "--gate-images", type=int, help="inputs gating fp16/bf16/compiled against fp32 (16; 0 off)"
+        "--gate-images",
+        type=flag_of(ServeConfig, "gate_images"),
+        help="inputs gating fp16/bf16/compiled against fp32 (16; 0 off)",
     )
     add_verbose(p)
 
@@ -90,10 +97,13 @@ def _parser() -> argparse.ArgumentParser:
         "object or folder (s3://bucket/prefix/, gs://..., file://...; needs the [ray] extra)",
     )
     pr.add_argument("--out", default="runs/predict", help="output folder (default: runs/predict)")
-    pr.add_argument("--batch", type=int, help="images per inference call (default: 8)")
-    pr.add_argument("--workers", type=int, help="decode/preprocess threads (default: 2)")
-    pr.add_argument("--queue-size", type=int, help="images decoded ahead of the model (32)")
-    pr.add_argument("--max-det", type=int, help="detections per image (default: the artifact's)")
+    for name, what in (
+        ("batch", "images per inference call (default: 8)"),
+        ("workers", "decode/preprocess threads (default: 2)"),
+        ("queue_size", "images decoded ahead of the model (32)"),
+        ("max_det", "detections per image (default: the artifact's)"),
+    ):
+        pr.add_argument("--" + name.replace("_", "-"), type=flag_of(ServeConfig, name), help=what)
     pr.add_argument("--save-images", action="store_true", help="also write annotated images")
     pr.add_argument("--eval", action="store_true", help="COCO metrics (COCO .json source)")
     pr.add_argument("--image-root", help="image folder for a list or COCO source")
@@ -107,12 +117,20 @@ def _parser() -> argparse.ArgumentParser:
         help="local: this process (decode threads + one model); ray: Ray Data, decoding in Ray "
         "tasks and the model in a pool of actors (pip install 'pgd-deploy[ray]')",
     )
-    pr.add_argument("--actors", type=int, default=1, help="ray: inference actors (default: 1)")
     pr.add_argument(
-        "--cpus-per-actor", type=float, default=1.0, help="ray: CPUs per actor (default: 1)"
+        "--actors", type=flag(POSITIVE), default=1, help="ray: inference actors (default: 1)"
     )
     pr.add_argument(
-        "--gpus-per-actor", type=float, default=0.0, help="ray: GPUs per actor (default: 0)"
+        "--cpus-per-actor",
+        type=flag(greater_than(0.0), float),
+        default=1.0,
+        help="ray: CPUs per actor (default: 1)",
+    )
+    pr.add_argument(
+        "--gpus-per-actor",
+        type=flag(at_least(0.0), float),
+        default=0.0,
+        help="ray: GPUs per actor (default: 0)",
     )
     pr.add_argument(
         "--address",
@@ -124,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--teacher", required=True, help="teacher artifact (.pt, .onnx, .plan)")
     demo.add_argument("--student", required=True, help="student artifact (.pt, .onnx, .plan)")
     demo.add_argument("--host", help="bind address (default: 127.0.0.1, this machine only)")
-    demo.add_argument("--port", type=int, help="port (default: 7860)")
+    demo.add_argument("--port", type=flag_of(ServeConfig, "port"), help="port (default: 7860)")
     demo.add_argument("--examples", help="folder of extra example images")
     for role in ("teacher", "student"):
         demo.add_argument(

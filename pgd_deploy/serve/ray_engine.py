@@ -132,7 +132,7 @@ def run_predict_ray(
     ray = require_ray()
     if actors < 1:
         raise ValueError(f"--actors must be >= 1, got {actors}")
-    if gpus_per_actor < 0 or not cpus_per_actor > 0:
+    if not (gpus_per_actor >= 0 and 0 < cpus_per_actor < math.inf):
         raise ValueError(
             f"--cpus-per-actor must be > 0 and --gpus-per-actor >= 0, got {cpus_per_actor} and "
             f"{gpus_per_actor}"
