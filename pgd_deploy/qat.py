@@ -146,7 +146,7 @@ def insert_fake_quant(model: nn.Module, calib_batches: Iterable[Tensor]) -> nn.M
         mtq.quantize(model, quant_config(float_predictors(model)), forward_loop)
     model.train(was_training)
     if seen == 0:
-        raise ValueError("qat: no calibration images (qat.calib_images must be >= 1)")
+        raise ValueError("qat: no calibration batch was given")
     count = len(placement(model))
     logger.info("qat: %d quantized convolutions calibrated on %d images", count, seen)
     return model
@@ -207,19 +207,69 @@ def restore_fake_quant(model: nn.Module, entry: dict[str, Any], source: str = "c
         mto.restore_from_modelopt_state(model, entry["modelopt_state"])
 
 
+MIN_CALIB_IMAGES = 16  # fewer readable calibration images than this (or than asked) stop QAT
+
+
+def calibration_indices(cfg: Any, dataset: Any) -> list[int]:
+    """The first `qat.calib_images` training images that decode (each decoded once here); the
+    unreadable ones are skipped and reported (the count, the first few files and reasons), and
+    the next images take their place.
+
+    Raises:
+        ValueError: fewer readable images than `min(qat.calib_images, MIN_CALIB_IMAGES)`: the
+            folder, the reasons and how many were needed.
+    """
+    from pgd_deploy.data.dataset import Failure
+
+    wanted = min(cfg.qat.calib_images, len(dataset))
+    keep: list[int] = []
+    skipped: list[Any] = []
+    for index in range(len(dataset)):
+        if len(keep) >= wanted:
+            break
+        item = dataset[index]
+        if isinstance(item, Failure):
+            skipped.append(item)
+        else:
+            keep.append(index)
+    folder = Path(cfg.data.root) / cfg.data.train_images if cfg.data.root else "synthetic shapes"
+    first = "; ".join(f"{f.file_name}: {f.reason}" for f in skipped[:3])
+    needed = min(cfg.qat.calib_images, MIN_CALIB_IMAGES)
+    if len(keep) < needed:
+        raise ValueError(
+            f"qat calibration ({folder}, data.train_images): only {len(keep)} readable training "
+            f"image(s) of {len(dataset)}, {needed} needed (qat.calib_images = "
+            f"{cfg.qat.calib_images}); {len(skipped)} unreadable"
+            + (f", e.g. {first}" if first else "")
+        )
+    if skipped:
+        logger.warning(
+            "qat calibration: skipped %d unreadable training image(s) in %s, e.g. %s",
+            len(skipped),
+            folder,
+            first,
+        )
+    return keep
+
+
 def calibration_batches(cfg: Any, device: torch.device) -> Iterator[Tensor]:
-    """The first `qat.calib_images` training images, without augmentation, in batches of
-    `train.batch_size` on `device` (deterministic: every DDP process calibrates alike)."""
+    """The first `qat.calib_images` readable training images (`calibration_indices`), without
+    augmentation, in batches of `train.batch_size` on `device` (deterministic: every DDP
+    process calibrates alike)."""
     from pgd_deploy.data.dataset import build_dataset, collate
 
     dataset = build_dataset(cfg.data, "train", train=False)
-    count = min(cfg.qat.calib_images, len(dataset))
-    step = max(1, cfg.train.batch_size)
-    for start in range(0, count, step):
-        items = [dataset[i] for i in range(start, min(start + step, count))]
-        batch = collate(items, cfg.data.size_divisible)
-        if len(batch):
-            yield batch.images.to(device)
+    indices = calibration_indices(cfg, dataset)  # now: a refusal comes before modelopt starts
+
+    def batches() -> Iterator[Tensor]:
+        step = max(1, cfg.train.batch_size)
+        for start in range(0, len(indices), step):
+            items = [dataset[i] for i in indices[start : start + step]]
+            batch = collate(items, cfg.data.size_divisible)
+            if len(batch):
+                yield batch.images.to(device)
+
+    return batches()
 
 
 def prepare_student(model: nn.Module, cfg: Any, device: torch.device) -> None:
@@ -237,8 +287,6 @@ def prepare_student(model: nn.Module, cfg: Any, device: torch.device) -> None:
             "qat.init with distill.init_student=true: the QAT student starts from qat.init, "
             "copying the teacher's neck and head would overwrite it; set distill.init_student=false"
         )
-    if cfg.qat.calib_images < 1:
-        raise ValueError(f"qat.calib_images: expected >= 1, got {cfg.qat.calib_images}")
     path = Path(cfg.qat.init)
     state = load_checkpoint(path, map_location=device)
     if state.get("qat"):

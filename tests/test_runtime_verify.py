@@ -214,22 +214,29 @@ def test_the_demo_refuses_a_tampered_side_before_loading_either(exported, tmp_pa
     assert "NOT VERIFIED" not in teacher_side.describe()
 
 
-def test_an_export_that_exits_early_is_not_served(exported, images, tmp_path, capsys) -> None:
-    """pgd-export exits 2 on a corrupt --val image after it wrote the ONNX: the file is there,
-    its manifest says `unchecked`, and predict used to serve it."""
-    from pgd_deploy.export.command import main as export_main
+def test_an_export_killed_before_its_gates_end_is_not_served(exported, images, tmp_path, capsys):
+    """pgd-export killed (SIGKILL) once its ONNX is written, while it gates: the file is there,
+    its manifest does not vouch for it (`unchecked`, or none yet), and predict refuses it."""
+    import signal
+    import subprocess
+    import sys
+    import time
 
-    val = tmp_path / "val"
-    val.mkdir()
-    (val / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     ckpt = exported[0].with_suffix(".pt")  # the student checkpoint it was exported from
     argv = ["--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--name", "early"]
-    argv += ["--imgsz", "128x128", "--gate-images", "2", "--val", str(val)]
-    rc = export_main(argv)
+    argv += ["--imgsz", "128x128", "--gate-images", "64", "--precision", "fp16"]
+    code = "import sys; from pgd_deploy.export.command import main; sys.exit(main(sys.argv[1:]))"
+    export = subprocess.Popen([sys.executable, "-c", code, *argv], stderr=subprocess.DEVNULL)
     model = tmp_path / "x" / "early.onnx"
-    if not model.exists():
-        pytest.skip(f"pgd-export exited {rc} before writing the ONNX: nothing to serve")
-    assert rc != 0
+    deadline = time.monotonic() + 300
+    while not model.exists() and export.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    export.send_signal(signal.SIGKILL)
+    export.wait(timeout=30)
+    if export.returncode != -signal.SIGKILL or not model.exists():
+        pytest.skip(f"pgd-export ended ({export.returncode}) before it could be killed mid-gate")
+    manifest = model.with_name("early.manifest.json")
+    assert not manifest.exists() or read_manifest(model)["status"] == "unchecked"
     capsys.readouterr()
     assert _predict(model, images, tmp_path / "o") == 2
     assert "not verified" in capsys.readouterr().err

@@ -8,12 +8,19 @@ synthetic shapes rendered in memory with their boxes), which turns the mAP gate 
 without labels, else the built-in synthetic images. Calibration images
 (`--calib-images N`, int8): from `export.calib_data` when given, else the checkpoint's training
 images, else synthetic training images. Every choice is recorded in the manifest.
+
+An unreadable file (corrupt, empty, truncated, not an image, too large) is skipped and reported
+as predict reports it (the count, the first few paths and reasons, in the log and in the source
+recorded in the manifest), and the next file of the folder or annotation file takes its place.
+When too few readable images remain for the gate or the calibration to mean anything (fewer than
+`MIN_GATE_IMAGES` / `MIN_CALIB_IMAGES`, or than asked for when that is less), the export stops
+with the real reason and how many were needed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +28,13 @@ from typing import Any
 import numpy as np
 
 from pgd_deploy.config import DataConfig, ExportConfig
-from pgd_deploy.runtime.preprocess import ImageTransform, load_image, preprocess
+from pgd_deploy.runtime.preprocess import ImageDecodeError, ImageTransform, load_image, preprocess
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MIN_GATE_IMAGES = 8  # fewer readable gate images than this (or than asked for) stop the export
+MIN_CALIB_IMAGES = 16  # likewise for int8 calibration
 
 
 @dataclass
@@ -38,6 +47,7 @@ class ImageSet:
         arrays: uint8 RGB [H, W, 3] images already in memory (synthetic).
         image_ids: COCO image id per image (when annotations are known).
         annotations: the parsed COCO dict (enables the mAP gate), or None.
+        skipped: (path, reason) of each unreadable file passed over.
     """
 
     source: str
@@ -45,6 +55,7 @@ class ImageSet:
     arrays: list[np.ndarray] = field(default_factory=list)
     image_ids: list[int] = field(default_factory=list)
     annotations: dict[str, Any] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths) or len(self.arrays)
@@ -61,24 +72,77 @@ class ImageSet:
             yield preprocess([self.image(i) for i in range(start, stop)], imgsz)
 
 
-def _folder_images(folder: Path, count: int) -> list[Path]:
+def _readable(
+    candidates: Iterable[tuple[Path, int]], count: int
+) -> tuple[list[Path], list[int], list[tuple[str, str]]]:
+    """The first `count` candidates (path, image id) that decode, their ids, and the (path,
+    reason) of each that does not (decoded once here: a bad file never reaches a gate)."""
+    paths: list[Path] = []
+    ids: list[int] = []
+    skipped: list[tuple[str, str]] = []
+    for path, image_id in candidates:
+        if len(paths) >= count:
+            break
+        try:
+            load_image(path)
+        except ImageDecodeError as err:
+            skipped.append((str(path), str(err)))
+            continue
+        paths.append(path)
+        ids.append(image_id)
+    return paths, ids, skipped
+
+
+def _folder_set(folder: Path, count: int) -> ImageSet:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
-    return files[:count]
+    paths, _, skipped = _readable(((p, i) for i, p in enumerate(files)), count)
+    return ImageSet(source=str(folder), paths=paths, skipped=skipped)
 
 
 def _coco_set(ann: Path, image_dir: Path, count: int) -> ImageSet:
     from pgd_deploy.data.coco import load_coco
 
     coco = load_coco(ann, image_dir)
-    records = coco.images[:count]
+    candidates = ((image_dir / r.file_name, r.image_id) for r in coco.images)
+    paths, ids, skipped = _readable(candidates, count)
     return ImageSet(
         source=f"{ann} ({image_dir})",
-        paths=[image_dir / r.file_name for r in records],
-        image_ids=[r.image_id for r in records],
+        paths=paths,
+        image_ids=ids,
         annotations=coco.raw,
+        skipped=skipped,
     )
+
+
+def _checked(images: ImageSet, count: int, minimum: int, what: str) -> ImageSet:
+    """`images` with its unreadable files reported (the log and its recorded source).
+
+    Raises:
+        ValueError: fewer readable images than `min(count, minimum)`: the reason, the first
+            unreadable files and how many were needed.
+    """
+    if not images.skipped:
+        return images
+    first = "; ".join(f"{path}: {reason}" for path, reason in images.skipped[:3])
+    needed = min(count, minimum)
+    if len(images) < needed:
+        raise ValueError(
+            f"{what} {images.source}: only {len(images)} readable image(s), {needed} needed; "
+            f"{len(images.skipped)} unreadable, e.g. {first}"
+        )
+    logger.warning(
+        "%s %s: skipped %d unreadable image(s), e.g. %s",
+        what,
+        images.source,
+        len(images.skipped),
+        first,
+    )
+    names = ", ".join(Path(path).name for path, _ in images.skipped[:3])
+    more = ", ..." if len(images.skipped) > 3 else ""
+    images.source += f" ({len(images.skipped)} unreadable skipped: {names}{more})"
+    return images
 
 
 def _json_image_dir(ann: Path, explicit: str) -> Path:
@@ -137,7 +201,7 @@ def _dataset_split(data: DataConfig, split: str, count: int) -> ImageSet | None:
     folder = root / (data.train_images if split == "train" else data.val_images)
     if folder.is_dir():
         try:
-            return ImageSet(source=str(folder), paths=_folder_images(folder, count))
+            return _folder_set(folder, count)
         except ValueError:
             pass
     logger.warning("the checkpoint's %s images (%s) are not available here", split, folder)
@@ -156,19 +220,21 @@ def gate_images(cfg: ExportConfig, data: DataConfig, count: int) -> ImageSet:
     if cfg.val:
         val = Path(cfg.val)
         if val.is_file() and val.suffix.lower() == ".json":
-            return _coco_set(val, _json_image_dir(val, cfg.val_images), count)
-        if val.is_dir():
-            ann = val / data.val_ann
-            if ann.is_file():
-                return _coco_set(ann, val / data.val_images, count)
-            return ImageSet(source=str(val), paths=_folder_images(val, count))
-        raise ValueError(
-            f"--val {val}: expected a COCO annotation JSON, a dataset root with {data.val_ann}, "
-            "or a folder of images"
-        )
+            found = _coco_set(val, _json_image_dir(val, cfg.val_images), count)
+        elif val.is_dir() and (val / data.val_ann).is_file():
+            found = _coco_set(val / data.val_ann, val / data.val_images, count)
+        elif val.is_dir():
+            found = _folder_set(val, count)
+        else:
+            raise ValueError(
+                f"--val {val}: expected a COCO annotation JSON, a dataset root with "
+                f"{data.val_ann}, or a folder of images"
+            )
+        return _checked(found, count, MIN_GATE_IMAGES, "--val")
     found = _own_labelled_val(data, count) if cfg.own_val_labels else None
     found = found if found is not None else _dataset_split(data, "val", count)
-    return found if found is not None else _synthetic(data, "val", count)
+    found = found if found is not None else _synthetic(data, "val", count)
+    return _checked(found, count, MIN_GATE_IMAGES, "gate images")
 
 
 def calibration_images(cfg: ExportConfig, data: DataConfig, count: int) -> ImageSet:
@@ -179,6 +245,7 @@ def calibration_images(cfg: ExportConfig, data: DataConfig, count: int) -> Image
         folder = Path(cfg.calib_data)
         if not folder.is_dir():
             raise ValueError(f"export.calib_data {folder}: expected a folder of training images")
-        return ImageSet(source=str(folder), paths=_folder_images(folder, count))
+        return _checked(_folder_set(folder, count), count, MIN_CALIB_IMAGES, "--calib-data")
     found = _dataset_split(data, "train", count)
-    return found if found is not None else _synthetic(data, "train", count)
+    found = found if found is not None else _synthetic(data, "train", count)
+    return _checked(found, count, MIN_CALIB_IMAGES, "calibration images")
