@@ -312,15 +312,17 @@ def build_step_context(
     device: torch.device,
     schedule: Schedule,
     make_loss_provider: LossProviderFactory | None = None,
+    qat_entry: dict | None = None,
 ) -> StepContext:
-    """A training run's student (fake-quantized for QAT), loss provider, DDP wrapper,
-    optimiser, scheduler and mixed precision, on `device`."""
+    """A training run's student (fake-quantized for QAT; `qat_entry`: the checkpoint entry of
+    a resumed QAT run, `qat.prepare_student`), loss provider, DDP wrapper, optimiser, scheduler
+    and mixed precision, on `device`."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
     model = build_detector(cfg.model).to(device)
     if cfg.qat.init:  # quantization-aware fine-tune: the trained student, fake-quantized
         from pgd_deploy.qat import prepare_student
 
-        prepare_student(model, cfg, device)
+        prepare_student(model, cfg, device, resume=qat_entry)
     provider = make_loss_provider(model, device) if make_loss_provider else None
     memory_format = memory_format_for(cfg.train.channels_last, device)
     model.to(memory_format=memory_format)

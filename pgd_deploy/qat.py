@@ -272,8 +272,15 @@ def calibration_batches(cfg: Any, device: torch.device) -> Iterator[Tensor]:
     return batches()
 
 
-def prepare_student(model: nn.Module, cfg: Any, device: torch.device) -> None:
+def prepare_student(
+    model: nn.Module, cfg: Any, device: torch.device, resume: dict[str, Any] | None = None
+) -> None:
     """`pgd-train fit` with `qat.init`: load the trained student, then `insert_fake_quant`.
+
+    With `resume`, the "qat" entry of the checkpoint a run resumes from, only the fake
+    quantizers are rebuilt from it (`restore_fake_quant`): `qat.init` is not read (it may have
+    moved since) nor calibrated on again, since the checkpoint's weights and ranges are loaded
+    over the model next.
 
     Raises:
         ValueError: PGD's student initialisation is on (it would overwrite the trained neck and
@@ -282,6 +289,9 @@ def prepare_student(model: nn.Module, cfg: Any, device: torch.device) -> None:
     """
     from pgd_deploy.checkpoint import load_checkpoint
 
+    if resume:
+        restore_fake_quant(model, resume, source="the checkpoint resumed from")
+        return
     if cfg.distill.teacher and cfg.distill.init_student:
         raise ValueError(
             "qat.init with distill.init_student=true: the QAT student starts from qat.init, "

@@ -84,7 +84,11 @@ class Trainer:
     """Holds everything `fit` sets up; one method per phase."""
 
     def __init__(
-        self, cfg: TrainJob, work_dir: Path, make_loss_provider: LossProviderFactory | None
+        self,
+        cfg: TrainJob,
+        work_dir: Path,
+        make_loss_provider: LossProviderFactory | None,
+        resume_state: dict[str, Any] | None = None,
     ) -> None:
         self.work_dir = work_dir
         self.device = select_device(cfg.train.device)
@@ -96,7 +100,10 @@ class Trainer:
         self.schedule = Schedule.from_config(
             self.cfg.train, iters_per_epoch=len(self.sampler), world_size=dist.world_size()
         )
-        self.ctx = build_step_context(self.cfg, self.device, self.schedule, make_loss_provider)
+        qat_entry = (resume_state or {}).get("qat") or None  # QAT resume: not from qat.init
+        self.ctx = build_step_context(
+            self.cfg, self.device, self.schedule, make_loss_provider, qat_entry=qat_entry
+        )
         self.iteration = 0  # optimisation steps taken (the schedule's clock)
         self.epoch = 0
         self.position = 0  # batches of the current epoch consumed: trained on or skipped
@@ -334,7 +341,7 @@ def fit(
     state = load_checkpoint(work_dir / "last.pt") if resume else None
     if state is not None:
         check_resumable(cfg, state, work_dir / "last.pt")
-    trainer = Trainer(cfg, work_dir, make_loss_provider)
+    trainer = Trainer(cfg, work_dir, make_loss_provider, resume_state=state)
     if state is not None:
         _resume(trainer, state)
     if dist.is_main():

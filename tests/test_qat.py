@@ -8,6 +8,7 @@ own teacher here (PGD needs a teacher of the same head layout; the losses are wh
 from __future__ import annotations
 
 import copy
+import shutil
 
 import numpy as np
 import pytest
@@ -211,11 +212,16 @@ def _pgd_interrupted_at(step: int, cfg: TrainJob):
 
 
 def test_qat_checkpoint_resumes_bit_identically_on_cpu(qat_run, trained_run, tmp_path):
-    cfg = qat_run["cfg"]
+    """Interrupted at step 3, resumed after its qat.init file has moved away (the checkpoint
+    holds what resume needs): the same weights and ranges as the uninterrupted run."""
+    init = tmp_path / "student.pt"
+    shutil.copy(trained_run["checkpoint"], init)
+    cfg = qat_cfg(trained_run, f"qat.init={str(init)!r}")
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, work_dir=tmp_path / "b", make_loss_provider=_pgd_interrupted_at(3, cfg))
     state = load_checkpoint(tmp_path / "b" / "last.pt")  # torch.load(weights_only=True)
-    assert state["iteration"] == 2 and state["qat"]["init"] == str(trained_run["checkpoint"])
+    assert state["iteration"] == 2 and state["qat"]["init"] == str(init)
+    init.rename(tmp_path / "moved.pt")
     resumed = fit(cfg, work_dir=tmp_path / "b", resume=True)
     assert resumed.completed and resumed.iterations == 4
     a = load_checkpoint(qat_run["checkpoint"])["model"]
