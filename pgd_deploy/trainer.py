@@ -108,6 +108,7 @@ class Trainer:
         self.epoch = 0
         self.position = 0  # batches of the current epoch consumed: trained on or skipped
         self.best_ap = -1.0
+        self.saved_at: int | None = None  # the iteration of the last.pt this run wrote or resumed
         self.unreadable = UnreadableImages(enabled=dist.is_main())
         self.log = TrainingLog(work_dir, enabled=dist.is_main(), log_every=cfg.train.log_every)
 
@@ -145,6 +146,7 @@ class Trainer:
             return
         state = self.state(metrics)
         save_checkpoint(state, self.work_dir / "last.pt")
+        self.saved_at = self.iteration
         if best:
             save_checkpoint(state, self.work_dir / "best.pt")
 
@@ -157,6 +159,7 @@ class Trainer:
         if self.ctx.scaler and state.get("scaler"):
             self.ctx.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
+        self.saved_at = self.iteration
         self.epoch = int(state["epoch"])
         # Checkpoints before "epoch_batch" existed had no skipped batches to account for.
         self.position = int(
@@ -266,10 +269,7 @@ class Trainer:
         except (NonFiniteLossError, TrainingStopped) as err:
             message = f"stopped at iteration {self.iteration}: {err}"
             if isinstance(err, NonFiniteLossError):
-                message = (
-                    f"stopped at iteration {self.iteration + 1}: {err}. The last good checkpoint "
-                    f"is {self.work_dir / 'last.pt'}; lower train.base_lr or set train.grad_clip."
-                )
+                message = f"stopped at iteration {self.iteration + 1}: {err}. " + self._last_good()
             logger.error("%s", message)
             self.log.close()
             unreadable = self.unreadable.listing()
@@ -283,6 +283,21 @@ class Trainer:
                 logger.warning("%s", self.unreadable.summary())
         unreadable = self.unreadable.listing()
         return FitResult(True, self.work_dir, self.iteration, metrics, "", unreadable)
+
+    def _last_good(self) -> str:
+        """Where a run stopped by a non-finite loss can go on from, or that it cannot."""
+        last = self.work_dir / "last.pt"
+        if self.saved_at is not None and last.is_file():
+            return (
+                f"The last good checkpoint is {last} (iteration {self.saved_at}): set "
+                "train.grad_clip and go on from it with --resume, or lower train.base_lr and "
+                "start again (--overwrite)."
+            )
+        return (
+            f"No checkpoint was written before it ({last} comes at the end of the first epoch, "
+            "or every train.checkpoint_every iterations): lower train.base_lr or set "
+            "train.grad_clip and start again (--overwrite)."
+        )
 
     def already_finished(self, state: dict[str, Any]) -> FitResult:
         """`fit --resume` of a run that reached its last iteration: change nothing, say so.

@@ -132,6 +132,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    last = tmp_path / "run" / "last.pt"
+    assert f"The last good checkpoint is {last} (iteration 2)" in result.message
+    NaNAt.calls = 2  # the next run's first step is not finite: no checkpoint to name
+    cfg = tiny_cfg(tmp_path / "cache", "train.max_iters=6")
+    early = fit(cfg, work_dir=tmp_path / "early", make_loss_provider=lambda m, d: NaNAt())
+    assert not early.completed and not (tmp_path / "early" / "last.pt").exists()
+    assert "No checkpoint was written before it" in early.message, early.message
 
 
 def test_provider_weights_times_train_weights_are_applied_once_and_logged_unweighted(tmp_path):
@@ -359,6 +366,8 @@ def test_non_finite_gradient_stops_before_the_update(tmp_path):
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    last = tmp_path / "run" / "last.pt"
+    assert f"The last good checkpoint is {last} (iteration 2)" in result.message
 
 
 def test_channels_last_setting_and_training(tmp_path):
