@@ -244,7 +244,11 @@ def load_config(
         if not path.is_file():
             raise FileNotFoundError(f"recipe not found: {path}")
         try:
-            values = _merge(values, tomllib.loads(path.read_text()))
+            values = _merge(values, tomllib.loads(path.read_text(encoding="utf-8")))
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{path}: a recipe must be UTF-8 TOML text; byte {err.start} is not UTF-8"
+            ) from None
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path}: invalid TOML: {err}") from None
     overrides = list(overrides)

@@ -40,15 +40,24 @@ def read_manifest(artifact: str | Path) -> dict[str, Any] | None:
     """The manifest beside `artifact`, or None when there is none.
 
     Raises:
-        ValueError: the manifest exists but is not valid JSON.
+        ValueError: the manifest exists but is not UTF-8 JSON holding an object (the message
+            names the file and what was expected).
     """
     path = manifest_path(artifact)
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a manifest: not UTF-8 text (byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: invalid manifest JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(
+            f"{path}: not a manifest: expected a JSON object with 'status', 'format', ..., "
+            f"got a JSON {type(manifest).__name__}"
+        )
+    return manifest
 
 
 def write_manifest(artifact: str | Path, manifest: dict[str, Any]) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,8 +112,15 @@ def load_image(
         raise
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{label}: not a recognised image format") from None
-    except Image.DecompressionBombError as err:
-        raise ImageDecodeError(f"{label}: refused, {err}") from None
+    except Image.DecompressionBombError as err:  # PIL's own check, past 2x its limit
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{pixels[1]} pixels" if pixels else "its size"
+        limit = f"the limit of {max_pixels}" if max_pixels is not None else "PIL's limit"
+        raise ImageDecodeError(
+            f"{label}: {size} exceeds {limit} (possible decompression bomb)"
+        ) from None
+    except PermissionError as err:  # not a corrupt image: the file cannot be read by this user
+        raise ImageDecodeError(f"{label}: permission denied ({err.strerror})") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"{label}: corrupt or truncated image ({err})") from None
 
