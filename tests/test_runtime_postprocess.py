@@ -110,13 +110,13 @@ def test_postprocess_thresholds_sorts_caps_and_unletterboxes() -> None:
     # The image was 200x100 (w x h), letterboxed at scale 0.5 into a 64x128 input.
     tf = ImageTransform(0.5, 0.5, 100, 200, 50, 100)
     dets = postprocess(boxes, scores, tf, score_thresh=0.05, nms_thresh=0.5, max_det=10)
-    assert dets.scores.tolist() == pytest.approx([0.9, 0.7, 0.6])
-    assert dets.labels.tolist() == [0, 1, 1]
-    np.testing.assert_allclose(
-        dets.boxes, [[20, 20, 60, 60], [100, 100, 120, 100], [140, 20, 180, 40]]
-    )  # box 2 is clipped to the letterboxed content (50 px high) before scaling back
+    assert dets.scores.tolist() == pytest.approx([0.9, 0.6])
+    assert dets.labels.tolist() == [0, 1]
+    # box 2 is clipped to the letterboxed content (50 px high) before scaling back: zero height,
+    # dropped after NMS and the max_det cut, as the in-graph NMS outputs are (drop_degenerate)
+    np.testing.assert_allclose(dets.boxes, [[20, 20, 60, 60], [140, 20, 180, 40]])
     capped = postprocess(boxes, scores, tf, score_thresh=0.05, nms_thresh=0.5, max_det=2)
-    assert capped.scores.tolist() == pytest.approx([0.9, 0.7])
+    assert capped.scores.tolist() == pytest.approx([0.9])  # the cut took the 0.7, then dropped
     loose = postprocess(boxes, scores, None, score_thresh=0.05, nms_thresh=0.99)
     assert len(loose) == 4  # nothing suppressed; boxes stay in network pixels
     np.testing.assert_allclose(loose.boxes[1], [11, 11, 31, 31])
@@ -137,3 +137,36 @@ def test_postprocess_batch_checks_transform_count() -> None:
     assert len(postprocess_batch(boxes, scores, [None, None])) == 2
     with pytest.raises(ValueError, match="1 transforms for a batch of 2"):
         postprocess_batch(boxes, scores, [None])
+
+
+def test_boxes_of_zero_area_after_clipping_are_dropped_by_every_producer() -> None:
+    """A box outside the image clips to zero width: host post-processing and the in-graph NMS
+    outputs drop it alike, so a model's detections agree with themselves (a zero-area box has
+    IoU 0 with itself: it made an export with --nms onnx --conf 0.005 fail its fp32 gate)."""
+    from pgd_deploy.runtime.agreement import detection_agreement
+    from pgd_deploy.runtime.backends import Backend
+    from pgd_deploy.runtime.postprocess import drop_degenerate
+    from pgd_deploy.structures import Detections
+
+    tf = ImageTransform(1.0, 1.0, 32, 48, 32, 48)  # a 48x32 image, not resized
+    boxes = np.array([[2, 2, 20, 20], [50, 4, 60, 12], [4, 40, 12, 44]], np.float32)  # 2 outside
+    scores = np.array([[0.9], [0.8], [0.7]], np.float32)
+    dets = postprocess(boxes, scores, tf, score_thresh=0.005)
+    assert dets.boxes.tolist() == [[2, 2, 20, 20]]  # the two clipped to x = 48 / y = 32 dropped
+    with_zero_area = Detections(tf.to_original(boxes), scores[:, 0], np.zeros(3, np.int64))
+    assert detection_agreement([with_zero_area], [with_zero_area]) < 1.0  # why they must go
+    assert detection_agreement([dets], [dets]) == 1.0
+
+    class InGraph(Backend):  # the in-graph NMS branch of every runtime's post-processing
+        postprocess_kwargs = {"score_thresh": 0.005, "max_det": 100}
+        level_sizes = None
+
+    outputs = {
+        "det_boxes": boxes[None],
+        "det_scores": scores[None, :, 0],
+        "det_classes": np.zeros((1, 3), np.int64),
+        "num_dets": np.array([[3]]),
+    }
+    (in_graph,) = InGraph.postprocess(InGraph.__new__(InGraph), outputs, [tf])
+    assert in_graph.boxes.tolist() == dets.boxes.tolist()
+    assert len(drop_degenerate(Detections(np.zeros((0, 4)), [], []))) == 0

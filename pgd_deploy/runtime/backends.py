@@ -26,7 +26,7 @@ from pgd_deploy.runtime.contract import (
 )
 from pgd_deploy.runtime.defaults import POSTPROCESS_DEFAULTS
 from pgd_deploy.runtime.manifest import read_manifest
-from pgd_deploy.runtime.postprocess import postprocess_batch
+from pgd_deploy.runtime.postprocess import drop_degenerate, postprocess_batch
 from pgd_deploy.runtime.preprocess import ImageTransform, preprocess
 from pgd_deploy.runtime.providers import check_session_providers, select_providers
 from pgd_deploy.structures import Detections
@@ -97,7 +97,7 @@ class Backend:
                     outputs["det_scores"][i, :n],
                     outputs["det_classes"][i, :n],
                 )
-                dets.append(det.filter(kwargs["score_thresh"]))
+                dets.append(drop_degenerate(det.filter(kwargs["score_thresh"])))
             return dets
         return postprocess_batch(
             outputs["boxes"], outputs["scores"], transforms, level_sizes=level_sizes, **kwargs

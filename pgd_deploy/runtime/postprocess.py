@@ -113,7 +113,8 @@ def postprocess(
     max_det: int = MAX_DETECTIONS,
     level_sizes: Sequence[int] | None = None,
 ) -> Detections:
-    """Threshold, top-k per level, clip, class-aware NMS and un-letterbox one image.
+    """Threshold, top-k per level, clip, class-aware NMS and un-letterbox one image; boxes of
+    zero width or height are dropped (`drop_degenerate`).
 
     Args:
         boxes: float [N, 4] decoded xyxy boxes in network-input pixels.
@@ -142,7 +143,21 @@ def postprocess(
     out = cand[keep]
     if transform is not None:
         out = transform.to_original(out)
-    return Detections(out, vals[keep], labels[keep])
+    return drop_degenerate(Detections(out, vals[keep], labels[keep]))
+
+
+def drop_degenerate(dets: Detections) -> Detections:
+    """`dets` without the boxes of zero width or height (after clipping to the image).
+
+    Such a box covers no pixel and has IoU 0 with everything, itself included, so it could never
+    be matched by the agreement gate nor suppress anything in NMS; every producer of detections
+    drops it after NMS and the `max_det` cut (host post-processing, PyTorch, the in-graph NMS
+    outputs), so all of them keep the same set.
+    """
+    keep = (dets.boxes[:, 2] > dets.boxes[:, 0]) & (dets.boxes[:, 3] > dets.boxes[:, 1])
+    return (
+        dets if keep.all() else Detections(dets.boxes[keep], dets.scores[keep], dets.labels[keep])
+    )
 
 
 def postprocess_batch(
