@@ -119,6 +119,22 @@ def test_int8_artifact_is_qdq_calibrated_on_training_images_and_reported(ckpt, t
     if target == "tensorrt":  # TensorRT rules: int8 and zero point 0 everywhere
         assert zero_points == {(True, "int8"): {0}, (False, "int8"): {0}}
         assert recipe["activations"].startswith("int8 symmetric")
+        # NVIDIA's placement: Q/DQ on convolution inputs and on additions of two activations
+        # (residual, FPN), nothing inside GroupNorm (its Reshape/InstanceNorm/Mul/Add), no
+        # quantized constant but the conv weights
+        quantized = _quantized_inputs(model)
+        norm = {"Reshape", "InstanceNormalization", "GroupNormalization", "Mul"}
+        assert not norm & {op for op, _ in quantized}, quantized
+        assert "InstanceNormalization" in ops  # (the fixture's head has GroupNorm)
+        assert quantized["Conv", "weight"] == quantized["Conv", "activation"] > 0
+        assert ("Add", "weight") not in quantized and quantized["Add", "activation"] > 0
+        for node in model.graph.node:
+            if node.op_type == "Add" and any(
+                producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
+                for i in node.input
+            ):
+                assert not any(i in inits for i in node.input), node.name  # no + beta
+        assert "Adds of a constant" in recipe["fp32_reason"]
     else:  # U8S8: uint8 activations (calibrated zero points), symmetric int8 weights
         assert set(zero_points) == {(True, "int8"), (False, "uint8")}
         assert zero_points[True, "int8"] == {0}
@@ -131,6 +147,21 @@ def test_int8_artifact_is_qdq_calibrated_on_training_images_and_reported(ckpt, t
                 producers.get(i) is None or producers[i].op_type != "DequantizeLinear"
                 for i in node.input
             ), node.name
+
+
+def _quantized_inputs(model) -> dict[tuple[str, str], int]:
+    """(consumer op type, "weight" or "activation") -> how many inputs come from a
+    DequantizeLinear, over the exported graph."""
+    inits = {i.name for i in model.graph.initializer}
+    producers = _producers(model)
+    counts: dict[tuple[str, str], int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            dq = producers.get(name)
+            if dq is not None and dq.op_type == "DequantizeLinear":
+                key = (node.op_type, "weight" if dq.input[0] in inits else "activation")
+                counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def test_fp32_islands_are_found_from_the_graph(ckpt):

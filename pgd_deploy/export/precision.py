@@ -6,8 +6,10 @@ TensorRT 11 only builds strongly typed networks, so precision lives in the ONNX 
   sigmoids and the score product; mmdetection#6564, ultralytics#24668) stays in float32.
 - int8 (post-training): `onnxruntime.quantization.quantize_static` in QDQ format, per-channel
   symmetric int8 weights, float bias, calibrated on training images, with the rules of the int8
-  target (`qdq.py`): `tensorrt` = symmetric int8 activations (zero point 0), Conv and Add
-  quantized (TensorRT fuses Q/DQ around residual adds); `cpu` = uint8 activations, Conv quantized
+  target (`qdq.py`): `tensorrt` = symmetric int8 activations (zero point 0), the inputs of
+  convolutions and of additions of two activations (residual and FPN adds) quantized, nothing
+  inside normalisation (`constant_operand_adds`, NVIDIA's Q/DQ placement guidance); `cpu` =
+  uint8 activations, Conv quantized
   (inputs and outputs), the U8S8 form ONNX Runtime's x86 kernels run. The decode tail and the
   head's final predictor convolutions (which feed probabilities and box distances) stay float32.
   A quantization-aware checkpoint is not calibrated here: `pipeline` exports its learned scales.
@@ -33,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 INT8_OP_TYPES = {  # quantized ops per int8 target (export/README.md has the measurements)
-    "tensorrt": ("Conv", "Add"),  # TensorRT fuses Q/DQ around conv inputs and residual adds
+    "tensorrt": ("Conv", "Add"),  # conv inputs and residual/FPN adds (not normalisation shifts)
     "cpu": ("Conv",),  # as fast as Conv+Add in ONNX Runtime, and what QAT can match exactly
 }
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -100,6 +102,23 @@ def find_fp32_islands(model: Any) -> Fp32Islands:
     tail = [n.name for i, n in enumerate(nodes) if not reaches[i] and not weighted[i]]
     predictors = [n.name for i, n in enumerate(nodes) if not reaches[i] and weighted[i]]
     return Fp32Islands(tuple(tail), tuple(predictors))
+
+
+def constant_operand_adds(model: Any) -> list[str]:
+    """The Add nodes with a constant operand: the shift of a normalisation (GroupNorm's
+    `* gamma + beta`, a frozen BatchNorm's affine), not a residual or FPN addition of two
+    activations. NVIDIA's Q/DQ placement guidance keeps quantization out of normalisation
+    layers, where it blocks their fusion into the convolution before them; the tensorrt target
+    quantizes only convolution inputs and additions of two activations."""
+    constants = {init.name for init in model.graph.initializer}
+    constants |= {
+        out for node in model.graph.node if node.op_type == "Constant" for out in node.output
+    }
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type == "Add" and any(name in constants for name in node.input)
+    ]
 
 
 def convert_fp16(model: Any) -> tuple[Any, dict[str, Any]]:
@@ -230,6 +249,9 @@ def _quantize_static(
                 "ActivationSymmetric": target == "tensorrt",
                 "WeightSymmetric": True,
                 "QuantizeBias": False,  # TensorRT keeps bias in float
+                # tensorrt: Q/DQ on convolution inputs only, never on their outputs (which
+                # feed GroupNorm in the head; NVIDIA's Q/DQ placement guidance)
+                "OpTypesToExcludeOutputQuantization": ["Conv"] if target == "tensorrt" else [],
                 # No CalibMaxIntermediateOutputs: in onnxruntime 1.32 the MinMax calibrator
                 # *drops* the batches collected so far whenever that limit is reached, so a
                 # batch count that is a multiple of it fails ("No data is collected") and any
@@ -312,6 +334,8 @@ def quantize_int8(
     model = name_nodes(onnx.shape_inference.infer_shapes(model))
     islands = find_fp32_islands(model)
     excluded = [*islands.tail, *islands.predictors]
+    affine = constant_operand_adds(model) if "Add" in INT8_OP_TYPES[target] else []
+    excluded += affine  # normalisation shifts (GroupNorm's + beta): no Q/DQ inside them
     desc = f"int8 calibration ({method}, {target} target)"
     with Progress(calib_total, desc, unit="img") as bar:
         reader = _Reader(calib_batches, bar)
@@ -333,6 +357,7 @@ def quantize_int8(
         "calib_images": reader.images,
         "calib_source": calib_source,
         "fp32_nodes": excluded,
-        "fp32_reason": "decode tail and head predictor convolutions",
+        "fp32_reason": "decode tail and head predictor convolutions"
+        + (", and the Adds of a constant (normalisation shifts)" if affine else ""),
     }
     return quantized, recipe
