@@ -99,7 +99,6 @@ BAD_VALUES = [  # the ranges that matter, spelled out (the walk above takes them
     ("train", "model.regress_ranges=[64, 32, 256, 512]", "model.regress_ranges", "increasing"),
     ("train", "data.max_size=100", "data.max_size", ">= data.min_size"),
     ("train", "data.multiscale=[800]", "data.multiscale", "[lo, hi]"),
-    ("train", "distill.level_weights=[1, 2]", "distill.level_weights", "5 weights"),
     ("export", "gates.agreement_min_fp32=nan", "gates.agreement_min_fp32", "in [0, 1], got nan"),
     ("export", "export.imgsz=[100, 128]", "export.imgsz", "multiple of 32"),
     ("export", "export.batch_max=4", "export.batch_max", "batch_opt <= batch_max, got 1, 8, 4"),

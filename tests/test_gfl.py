@@ -142,7 +142,7 @@ def test_reg_max_comes_from_the_config_and_is_checked():
     model = _gfl(reg_max=8)
     assert isinstance(model.head, GFLHead) and model.head.bbox_pred.out_channels == 36
     assert model.head.layout()["distribution bins"] == 9
-    with pytest.raises(ValueError, match="model.reg_max must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="config key 'model.reg_max': must be >= 1, got 0"):
         _gfl(reg_max=0)
 
 

@@ -58,7 +58,7 @@ def test_pretrained_weights_freeze_stem_layer1_and_batchnorm(tmp_path):
 
 
 def test_bad_model_configs():
-    with pytest.raises(ValueError, match="model.depth must be one of"):
+    with pytest.raises(ValueError, match="config key 'model.depth': must be one of"):
         build_detector(ModelConfig(depth=42), num_classes=3)
     with pytest.raises(ValueError, match="model.weights"):
         build_detector(ModelConfig(depth=18, weights="/no/such/file.pth"), num_classes=3)
