@@ -205,3 +205,36 @@ def test_serve_flags_reach_the_config():
         "max-autotune",
         16,
     )
+
+
+def test_the_backend_asks_for_bfloat16_for_bf16_on_any_cpu(monkeypatch):
+    """The backend's choice of dtype, held also where the bf16 runs below skip: "bf16" is
+    torch.bfloat16 (never float16), on a CPU whose oneDNN has bf16 kernels (here declared so)."""
+    from pgd_deploy.runtime.torch_backend import _autocast_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert _autocast_dtype(torch, "bf16", cpu, "x.pt") is torch.bfloat16
+    assert _autocast_dtype(torch, "fp32", cpu, "x.pt") is None
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.raises(ValueError, match="no bf16 kernels"):
+        _autocast_dtype(torch, "bf16", cpu, "x.pt")
+
+
+@needs_cpu_bf16
+def test_bf16_on_the_cpu_runs_the_convolutions_in_bfloat16(ckpt):
+    """Not only outputs a little off fp32 (an fp16 autocast would pass that): the layers run in
+    bfloat16, seen at every convolution's output."""
+    backend = load_backend(str(ckpt), device="cpu", precision="bf16")
+    seen: set[torch.dtype] = set()
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+        for m in backend.model.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+    try:
+        backend.infer(np.zeros((1, 3, *backend.input_size), np.float32))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {torch.bfloat16}, seen
