@@ -207,9 +207,6 @@ def restore_fake_quant(model: nn.Module, entry: dict[str, Any], source: str = "c
         mto.restore_from_modelopt_state(model, entry["modelopt_state"])
 
 
-MIN_CALIB_IMAGES = 16  # fewer readable calibration images than this (or than asked) stop QAT
-
-
 def calibration_indices(cfg: Any, dataset: Any) -> list[int]:
     """The first `qat.calib_images` training images that decode (each decoded once here); the
     unreadable ones are skipped and reported (the count, the first few files and reasons), and
@@ -220,6 +217,7 @@ def calibration_indices(cfg: Any, dataset: Any) -> list[int]:
             folder, the reasons and how many were needed.
     """
     from pgd_deploy.data.dataset import Failure
+    from pgd_deploy.export.images import MIN_CALIB_IMAGES  # the int8 export's rule, shared
 
     wanted = min(cfg.qat.calib_images, len(dataset))
     keep: list[int] = []

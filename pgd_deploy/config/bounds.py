@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,8 +28,6 @@ __all__ = [
     "flag",
     "flag_of",
     "greater_than",
-    "name_flag",
-    "numeric_keys",
     "one_of",
 ]
 
@@ -120,20 +119,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def numeric_keys(section: Any) -> list[str]:
-    """The keys of a section instance whose value holds numbers (a number, a list of numbers or
-    a table of numbers); None values (an unset optional) count by their annotation elsewhere."""
-    keys = []
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        items = value.values() if isinstance(value, Mapping) else value
-        if _is_number(value) or (
-            isinstance(value, (tuple, list, Mapping)) and any(_is_number(v) for v in items)
-        ):
-            keys.append(f.name)
-    return keys
-
-
 def check_section(section: Any, name: str) -> None:
     """Check every numeric value of `section` against its field's range (`bounded`); NaN and
     infinities are refused anywhere a range does not allow them.
@@ -166,20 +151,6 @@ def require(ok: bool, key: str, message: str) -> None:
         raise ValueError(f"config key '{key}': {message}")
 
 
-def name_flag(message: str, flags: Mapping[str, str]) -> str:
-    """Put the command-line flag of the key a message names in front of it.
-
-    `flags` maps config keys ("export.batch_opt") to flags ("--batch-opt"): "config key
-    'export.batch_opt': ..." becomes "--batch-opt (config key 'export.batch_opt'): ...". A message
-    naming no key of `flags` comes back unchanged.
-    """
-    for key, flag in flags.items():
-        quoted = f"config key '{key}'"
-        if quoted in message:
-            return message.replace(quoted, f"{flag} ({quoted})", 1)
-    return message
-
-
 def flag(bound: Bound, kind: type = int) -> Callable[[str], Any]:
     """An argparse `type=` that parses a number and checks it against `bound`: a bad value
     stops the command before any work with "argument --iters: must be >= 1, got 0" (exit 2)."""
@@ -198,7 +169,9 @@ def flag(bound: Bound, kind: type = int) -> Callable[[str], Any]:
     return parse
 
 
-def flag_of(section: Any, key: str, kind: type = int) -> Callable[[str], Any]:
-    """`flag` with the range the config field `key` of `section` declares (one declaration for
-    the key and its command-line flag)."""
-    return flag(bound_of(section, key), kind)
+def flag_of(section: Any, key: str) -> Callable[[str], Any]:
+    """`flag` with the range and the number type (int, or float where the annotation says so)
+    that the config field `key` of `section` declares: one declaration for the key and its
+    command-line flag."""
+    annotation = str(typing.get_type_hints(section)[key])
+    return flag(bound_of(section, key), float if "float" in annotation else int)

@@ -108,11 +108,9 @@ def _export_parser() -> argparse.ArgumentParser:
         "--max-det", type=flag_of(ExportConfig, "max_det"), help="detections per image, --nms onnx"
     )
     p.add_argument(
-        "--conf", type=flag_of(ExportConfig, "conf", float), help="score threshold of --nms onnx"
+        "--conf", type=flag_of(ExportConfig, "conf"), help="score threshold of --nms onnx"
     )
-    p.add_argument(
-        "--iou", type=flag_of(ExportConfig, "iou", float), help="IoU threshold of --nms onnx"
-    )
+    p.add_argument("--iou", type=flag_of(ExportConfig, "iou"), help="IoU threshold of --nms onnx")
     p.add_argument(
         "--nms-topk",
         type=flag_of(ExportConfig, "nms_topk"),
@@ -141,7 +139,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(
         "--workspace",
-        type=flag_of(ExportConfig, "workspace_gb", float),
+        type=flag_of(ExportConfig, "workspace_gb"),
         help="TensorRT workspace, GB",
     )
     p.add_argument(

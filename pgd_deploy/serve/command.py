@@ -27,13 +27,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument(
         "--score-thresh",
-        type=flag_of(ServeConfig, "score_thresh", float),
+        type=flag_of(ServeConfig, "score_thresh"),
         help="minimum score (predict default: the artifact's; demo: where the slider starts, "
         "default from the models' own scores on the examples)",
     )
     p.add_argument(
         "--nms-thresh",
-        type=flag_of(ServeConfig, "nms_thresh", float),
+        type=flag_of(ServeConfig, "nms_thresh"),
         help="class-aware NMS IoU (default: the artifact's)",
     )
     p.add_argument(

@@ -24,7 +24,7 @@ import numpy as np
 from pgd_deploy.metrics import detections_to_coco
 from pgd_deploy.runtime.preprocess import ImageDecodeError, ImageTransform
 from pgd_deploy.serve.batcher import load_item
-from pgd_deploy.serve.sources import SourceItem, is_uri, load_source_image
+from pgd_deploy.serve.sources import SourceItem, load_source_image
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ def decode_batch(
     for i, (index, path, image_id) in enumerate(
         zip(batch["index"], batch["path"], batch["image_id"], strict=True)
     ):
-        text = str(path)
-        item = SourceItem(int(index), text if is_uri(text) else Path(text), text, int(image_id))
+        item = SourceItem(int(index), str(path), str(path), int(image_id))  # a path or a URI
         loaded = load_item(item, (height, width), max_pixels=max_pixels)
         if loaded.ok:
             tensors[i] = loaded.tensor
@@ -131,9 +130,7 @@ class InferActor:
         from pgd_deploy.serve.outputs import save_drawn
 
         try:
-            image = load_source_image(
-                str(path) if is_uri(str(path)) else Path(str(path)), max_pixels=self.max_pixels
-            )
+            image = load_source_image(str(path), max_pixels=self.max_pixels)
             names = self.backend.class_names
             save_drawn(Path(str(save_to)), image, dets.filter(self.draw_score), names)
         except (OSError, ImageDecodeError) as err:
