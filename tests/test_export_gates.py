@@ -243,7 +243,27 @@ def test_agreement_minimum_per_precision() -> None:
     )
     assert _result(report, "agreement").passed is False
     int8 = _result(_gates(Scripted(), Scripted(OBJECTS[:1]), "int8"), "agreement")
-    assert int8.passed is None and int8.threshold == "reported"  # int8 minimum 0: reported
+    assert int8.passed is False and int8.threshold == ">= 0.9 at IoU 0.5"  # gated like the rest
+    int8 = _result(
+        _gates(Scripted(), Scripted(OBJECTS[:1]), "int8", agreement_min_int8=0.0), "agreement"
+    )
+    assert int8.passed is None and int8.threshold == "reported"  # minimum 0: reported only
+
+
+def test_int8_agreement_counts_a_box_at_iou_half_and_reports_the_fp32_one() -> None:
+    """int8 moves a box edge by a grid step or two: a same-class box at IoU >= 0.5 reproduces
+    the source's detection (the shifted boxes, IoU 0.73, fail fp32's 0.9); without a separate
+    fp32 model (post-training int8) the agreement with fp32 is the gate's own."""
+    shifted = Scripted(shift=SHIFT)
+    fp32 = _result(_gates(Scripted(), shifted, **LOOSE_PARITY), "agreement")
+    assert fp32.detail["agreement"] == 0.0 and fp32.detail["iou"] == 0.9
+    assert "agreement_with_fp32" not in fp32.detail  # fp32 and fp16 are their own fp32 story
+    int8 = _result(_gates(Scripted(), shifted, "int8"), "agreement")
+    assert int8.passed is True and int8.detail["agreement"] == 1.0 and int8.detail["iou"] == 0.5
+    assert (
+        int8.detail["agreement_with_fp32"] == 1.0 and int8.detail["agreement_with_fp32_iou"] == 0.5
+    )
+    assert "with the fp32 model 1.0000 (reported)" in int8.value
 
 
 # --------------------------------------------------------------------------------------------

@@ -286,7 +286,12 @@ def test_cpu_target_runs_in_onnxruntime_and_tensorrt_target_has_zero_points_of_z
         parity, agreement, map_gate = manifest["gates"]["results"]
         assert parity["passed"] is True and parity["detail"]["layerwise"]["layers"] == 48
         assert agreement["detail"]["reference_detections"] > 0 and map_gate["passed"] is True
-        assert "fp32" in manifest["gates"]["references"]["agreement, map"]
+        # the gate: against the fake-quant model QAT trained, at IoU 0.5; with fp32: reported
+        assert agreement["passed"] is True and agreement["detail"]["iou"] == 0.5
+        assert 0.0 <= agreement["detail"]["agreement_with_fp32"] <= 1.0
+        references = manifest["gates"]["references"]
+        assert "fake-quant" in references["parity, agreement"]
+        assert "fp32" in references["map, agreement with fp32 (reported)"]
 
 
 @pytest.mark.parametrize("bug", ["uint8 zero point 0", "one output scale doubled"])

@@ -68,6 +68,13 @@ def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(
     int8 = board[3]  # the QAT PGD student, exported (cpu target) and run by ONNX Runtime
     assert int8["runtime"] == "onnxruntime int8 (cpu target)" and int8["gates"] == "passed"
     assert int8["base_iters"] == 2 and 0.0 <= int8["agreement_with_fp32"] <= 1.0
+    # the gate's, against the fake-quant model
+    assert int8["agreement_with_source"] >= int8["agreement_with_source_min"] == 0.9
+    assert int8["agreement_with_source_iou"] == int8["agreement_with_fp32_iou"] == 0.5
+    assert (
+        f"with its source, the fake-quant model QAT trained: {int8['agreement_with_source']:.3f}"
+        in printed
+    )
     assert Path(int8["checkpoint"]).suffix == ".onnx"
     manifest = json.loads((work / "pgd-int8" / "pgd-int8.manifest.json").read_text())
     assert manifest["int8_target"] == "cpu" and manifest["recipe"]["scales"].startswith("learned")

@@ -97,11 +97,17 @@ class GatesConfig:
     fp16_mean_abs: float = bounded(1e-2, at_least(0.0))
     # or mean |out - reference| / mean |reference| (Polygraphy-style)
     fp16_mean_rel: float = bounded(1e-2, at_least(0.0))
-    agreement_iou: float = bounded(0.9, IOU)  # IoU for a detection to count as matched
+    # detection agreement with the model the artifact reproduces (its source: the fp32 checkpoint,
+    # or a QAT checkpoint's fake-quant model); a reference detection counts as reproduced by a
+    # same-class detection at IoU >= agreement_iou (fp32, fp16) or agreement_iou_int8
+    agreement_iou: float = bounded(0.9, IOU)
+    agreement_iou_int8: float = bounded(0.5, IOU)  # int8 moves boxes by a grid step or two
     agreement_min_fp32: float = bounded(0.99, FRACTION)  # detection agreement required, fp32
-    agreement_min_fp16: float = bounded(0.9, FRACTION)  # detection agreement required, fp16
-    # detection agreement required, int8 (reported only)
-    agreement_min_int8: float = bounded(0.0, FRACTION)
+    agreement_min_fp16: float = bounded(0.95, FRACTION)  # detection agreement required, fp16
+    # detection agreement required, int8: a quantized model is a step function, so detections
+    # near the score threshold flip under any perturbation (a QAT model against itself with
+    # 1e-4 input noise: 0.965; export/README.md, "Detection agreement of int8")
+    agreement_min_int8: float = bounded(0.9, FRACTION)
     # allowed AP drop (points) vs PyTorch, fp32
     map_tolerance_fp32: float = bounded(0.1, at_least(0.0))
     # allowed AP drop (points) vs PyTorch, fp16
