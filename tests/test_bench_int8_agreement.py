@@ -29,16 +29,20 @@ def test_misses_are_counted_in_the_band_of_their_fp32_score() -> None:
         [0.5, 0.3, 0.15, 0.04],
         [0, 2, 2, 0],
     )
-    rows = {
-        band: (n, missed, near)
-        for band, n, missed, near in bench._unmatched_by_score([ref], [cand])
-    }
-    assert rows == {
+
+    def rows(iou: float) -> dict[str, tuple[int, int, int]]:
+        return {
+            band: (n, missed, near)
+            for band, n, missed, near in bench._unmatched_by_score([ref], [cand], iou)
+        }
+
+    assert rows(0.9) == {
         "[0.05, 0.1)": (1, 1, 0),
         "[0.1, 0.2)": (1, 1, 1),
         "[0.2, 0.4)": (1, 1, 0),
         "[0.4, 1)": (1, 0, 0),
     }
+    assert rows(0.5)["[0.1, 0.2)"] == (1, 0, 0)  # IoU 2/3 reproduces it at int8's IoU
 
 
 class _Inner:
