@@ -206,6 +206,9 @@ def export_int8(checkpoint: Path, cfg: TrainJob, out: Path) -> tuple[Path, dict[
     if finished and manifest.get("sha256") != artifact_sha256(path):
         logger.info("pgd-int8: %s is not the file its manifest describes: exporting again", path)
         finished = False
+    if finished and not _gated_as_now(manifest):
+        logger.info("pgd-int8: %s was gated by an older agreement gate: exporting again", path)
+        finished = False
     if finished and manifest.get("source", {}).get("sha256") == file_sha256(checkpoint):
         logger.info("pgd-int8: reusing the export %s (%s)", path, manifest.get("status"))
         return path, manifest
@@ -228,6 +231,14 @@ def export_int8(checkpoint: Path, cfg: TrainJob, out: Path) -> tuple[Path, dict[
     if not result.passed:
         logger.warning("pgd-int8: the int8 export failed a gate, see %s", result.report_path)
     return path, result.manifests[str(path)]
+
+
+def _gated_as_now(manifest: dict[str, Any]) -> bool:
+    """Whether the manifest's agreement gate measured what `int8_score` reads (since 2026-12-06:
+    with the source and, reported, with fp32)."""
+    results = manifest.get("gates", {}).get("results") or []
+    agreement = next((r for r in results if r.get("name") == "agreement"), {})
+    return "agreement_with_fp32" in agreement.get("detail", {})
 
 
 def int8_score(

@@ -164,3 +164,16 @@ def test_a_pgd_setting_does_not_retrain_the_teacher(tmp_path):
     assert not _same_config(
         tmp_path, load_config(TrainJob, ROOT / "train" / "quickstart_pgd.toml", ["distill.topk=9"])
     )
+
+
+def test_an_int8_export_gated_by_the_old_agreement_is_not_reused():
+    """Before 2026-12-06 the agreement gate compared a QAT export with fp32 only: its manifest
+    lacks what the scoreboard reads, so the demo exports again instead of failing on it."""
+    from pgd_deploy.quickstart import _gated_as_now
+
+    def manifest(detail):
+        return {"gates": {"results": [{"name": "parity"}, {"name": "agreement", "detail": detail}]}}
+
+    assert _gated_as_now(manifest({"agreement": 0.94, "agreement_with_fp32": 0.92}))
+    assert not _gated_as_now(manifest({"agreement": 0.78}))
+    assert not _gated_as_now({"status": "passed"})
