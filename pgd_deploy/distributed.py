@@ -6,6 +6,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def is_dist() -> bool:
@@ -40,6 +41,13 @@ def reduce_mean(value: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The detector inside a DistributedDataParallel / DataParallel wrapper (or the model
+    itself): any wrapper that holds it as `module`."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def all_gather_objects(obj: object) -> list[object]:

@@ -89,7 +89,7 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
     )
     with amp:
         outputs = ctx.model(batch.images)
-        losses = unwrap(ctx.model).loss(outputs, batch.targets)
+        losses = dist.unwrap(ctx.model).loss(outputs, batch.targets)
         if ctx.loss_provider is not None:
             losses.update(ctx.loss_provider(batch.images, outputs, batch.targets))
     unknown = ctx.weighted_by_user - losses.keys()
@@ -190,11 +190,6 @@ def train_one_epoch(
     stats.seconds += time.perf_counter() - start
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The detector inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 @dataclass
 class Evaluation:
     """What `evaluate` measured.
@@ -247,7 +242,7 @@ def evaluate(
     Unreadable images are reported in the result (and logged), never fatal; when none can be
     read there are no metrics.
     """
-    detector = unwrap(model)
+    detector = dist.unwrap(model)
     was_training = detector.training
     detector.eval()
     indices = list(range(len(dataset)))[dist.rank() :: dist.world_size()]
@@ -393,6 +388,5 @@ __all__ = [
     "format_epoch_summary",
     "train_one_epoch",
     "train_step",
-    "unwrap",
     "weighted_sum",
 ]

@@ -106,7 +106,8 @@ def _temp_path(path: Path, pid: int) -> Path:
     return path.with_name(f".{path.name}.{pid}.tmp")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -133,7 +134,7 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
         if not found or path.is_symlink() or not (path.is_file() or path.is_dir()):
             continue
         pid = int(found.group(2))
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:

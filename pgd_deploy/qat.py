@@ -283,9 +283,9 @@ def prepare_student(
     Raises:
         ValueError: PGD's student initialisation is on (it would overwrite the trained neck and
             head with the teacher's), or the checkpoint does not fit `model.*` of the recipe.
-        CheckpointError: an unreadable `qat.init`.
+        CheckpointError: an unreadable `qat.init` (`models.load_detector`).
     """
-    from pgd_deploy.checkpoint import load_checkpoint
+    from pgd_deploy.models import load_detector
 
     if resume:
         restore_fake_quant(model, resume, source="the checkpoint resumed from")
@@ -296,11 +296,11 @@ def prepare_student(
             "copying the teacher's neck and head would overwrite it; set distill.init_student=false"
         )
     path = Path(cfg.qat.init)
-    state = load_checkpoint(path, map_location=device)
-    if state.get("qat"):
+    loaded = load_detector(path, device=device)
+    if loaded.checkpoint.get("qat"):
         raise ValueError(f"qat.init {path}: already a QAT checkpoint; start from an fp32 student")
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(loaded.detector.state_dict())
     except RuntimeError as err:
         first = " ".join(str(err).strip().splitlines()[:2])
         raise ValueError(

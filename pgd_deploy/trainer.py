@@ -41,7 +41,6 @@ from pgd_deploy.engine import (
     evaluate,
     format_epoch_summary,
     train_one_epoch,
-    unwrap,
 )
 from pgd_deploy.io_utils import remove_stale_temp_files, write_json
 from pgd_deploy.metrics import format_metrics
@@ -120,10 +119,10 @@ class Trainer:
         if self.cfg.qat.init:  # what rebuilds the fake quantizers (plain data, weights_only)
             from pgd_deploy.qat import checkpoint_entry
 
-            qat = {"qat": checkpoint_entry(unwrap(ctx.model), self.cfg.qat.init)}
+            qat = {"qat": checkpoint_entry(dist.unwrap(ctx.model), self.cfg.qat.init)}
         return {
             **qat,
-            "model": unwrap(ctx.model).state_dict(),
+            "model": dist.unwrap(ctx.model).state_dict(),
             "config": to_dict(self.cfg),
             "classes": self.train_set.coco.class_names,
             "category_ids": self.train_set.coco.category_ids,
@@ -153,7 +152,7 @@ class Trainer:
     def resume(self) -> None:
         path = self.work_dir / "last.pt"
         state = load_checkpoint(path, map_location=self.device)
-        unwrap(self.ctx.model).load_state_dict(state["model"])
+        dist.unwrap(self.ctx.model).load_state_dict(state["model"])
         self.ctx.optimizer.load_state_dict(state["optimizer"])
         self.ctx.scheduler.load_state_dict(state["scheduler"])
         if self.ctx.scaler and state.get("scaler"):

@@ -14,6 +14,7 @@ MODULES = [
     "pgd_deploy.runtime.agreement",
     "pgd_deploy.runtime.timing",
     "pgd_deploy.runtime.manifest",
+    "pgd_deploy.runtime.backend_base",
     "pgd_deploy.runtime.backends",
     "pgd_deploy.runtime.torch_backend",  # torch only when a checkpoint is opened
     "pgd_deploy.runtime.contract",

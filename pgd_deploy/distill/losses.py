@@ -20,8 +20,9 @@ EPS = 1e-10  # clamp of the nonzero-count normalisation
 __all__ = ["cls_distill_loss", "cls_distill_terms", "reg_distill_loss", "reg_distill_terms"]
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (fp16/bf16 inputs are computed in fp32)."""
+def float_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype the PGD losses and masks compute in: float64 if any input is float64, else
+    float32 (fp16/bf16 inputs are computed in fp32)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
@@ -116,7 +117,7 @@ def cls_distill_terms(
         raise ValueError(
             f"mask_group must be None or a positive divisor of N = {n}, got {mask_group}"
         )
-    dtype = _compute_dtype(student, teacher)
+    dtype = float_dtype(student, teacher)
     student = student.to(dtype)
     teacher = teacher.detach().to(dtype)
     fg = _normalise_by_count(fg.detach().to(dtype))  # [N, H, W]
@@ -208,7 +209,7 @@ def reg_distill_terms(
     _check_features(student, teacher)
     _check_mask(fg, "fg", student)
     _check_temperature(temperature)
-    dtype = _compute_dtype(student, teacher)
+    dtype = float_dtype(student, teacher)
     fg = fg.detach()
     batch_idx, row_idx, col_idx = torch.nonzero(fg, as_tuple=True)  # P locations each
     if batch_idx.numel() == 0:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from pgd_deploy.distill import mask_ops
+from pgd_deploy.distill.losses import float_dtype
 
 __all__ = ["background_mask", "batch_masks", "gt_box_masks", "pgw_mask", "quality_score"]
 
@@ -33,11 +34,6 @@ def _check(tensor: Tensor, name: str, shape: str, rank: int, last: int | None = 
 def _empty_as(tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
     """An image without GT may come as any empty tensor (e.g. `torch.zeros(0)`): reshape it."""
     return tensor.reshape(shape) if isinstance(tensor, Tensor) and tensor.numel() == 0 else tensor
-
-
-def _float_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half inputs are computed in fp32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_gt(gt_boxes: Tensor, gt_labels: Tensor, index: str = "") -> tuple[Tensor, Tensor]:
@@ -127,7 +123,7 @@ def quality_score(
         ValueError: wrong ranks, mismatched A or G, non-integer or out-of-range labels.
     """
     gt_boxes, gt_labels = _check_quality_args(cls_logits, pred_boxes, gt_boxes, gt_labels)
-    dtype = _float_dtype(cls_logits, pred_boxes, gt_boxes)
+    dtype = float_dtype(cls_logits, pred_boxes, gt_boxes)
     labels = gt_labels.to(device=cls_logits.device, dtype=torch.long)
     boxes = gt_boxes.detach().to(dtype)
     return mask_ops.quality(cls_logits[None], pred_boxes[None], labels[None], boxes[None], (xi,))[0]
@@ -171,7 +167,7 @@ def pgw_mask(
         ValueError: wrong ranks or mismatched A or G, k < 1, jitter < 0.
     """
     gt_boxes = _check_pgw_args(quality, centers, gt_boxes, k, jitter)
-    dtype = _float_dtype(centers, gt_boxes, quality)
+    dtype = float_dtype(centers, gt_boxes, quality)
     num_points, num_gt = quality.shape
     if num_gt == 0 or num_points == 0:
         return torch.zeros(num_points, dtype=dtype, device=centers.device)
@@ -201,7 +197,7 @@ def background_mask(centers: Tensor, gt_boxes: Tensor, *, swap_xy: bool = False)
     gt_boxes = _empty_as(gt_boxes, (0, 4))
     _check(centers, "centers", "[A, 2]", 2, 2)
     _check(gt_boxes, "gt_boxes", "[G, 4]", 2, 4)
-    dtype = _float_dtype(centers, gt_boxes)
+    dtype = float_dtype(centers, gt_boxes)
     boxes = gt_boxes.detach().to(dtype)[None]  # [1, G, 4]
     return mask_ops.background(centers.detach().to(dtype), boxes, swap_xy)[0]
 
@@ -310,7 +306,7 @@ def batch_masks(
     """
     counts = _check_batch(cls_logits, pred_boxes, centers, gt_boxes, gt_labels, k, jitter)
     batch, num_points, num_classes = cls_logits.shape
-    dtype = _float_dtype(cls_logits, pred_boxes, centers, *gt_boxes)
+    dtype = float_dtype(cls_logits, pred_boxes, centers, *gt_boxes)
     device = centers.device
     if max(counts, default=0) == 0 or num_points == 0 or not xis:
         masks = [torch.zeros(batch, num_points, dtype=dtype, device=device) for _ in xis]
@@ -348,7 +344,7 @@ def gt_box_masks(
     boxes = [_empty_as(b, (0, 4)) for b in gt_boxes]
     for i, b in enumerate(boxes):
         _check(b, f"gt_boxes[{i}]", "[G, 4]", 2, 4)
-    dtype = _float_dtype(centers, *boxes)
+    dtype = float_dtype(centers, *boxes)
     if max((b.shape[0] for b in boxes), default=0) == 0:
         bg = torch.ones(len(boxes), centers.shape[0], dtype=dtype, device=centers.device)
     else:  # padding boxes (0, 0, 0, 0) contain no centre

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pgd_deploy.distributed import unwrap
 from pgd_deploy.models import DenseDetector, load_detector
 
 logger = logging.getLogger(__name__)
@@ -50,14 +51,8 @@ def load_teacher(
     return freeze(loaded.detector)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The detector inside a DistributedDataParallel / DataParallel wrapper."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
 def _head_layout(model: nn.Module) -> dict[str, Any]:
-    detector = _unwrap(model)
+    detector = unwrap(model)
     if not isinstance(detector, DenseDetector):
         raise TypeError(f"expected a DenseDetector, got {type(detector).__name__}")
     return {**detector.head.layout(), "strides": tuple(detector.strides)}
@@ -94,9 +89,9 @@ def init_student_from_teacher(
     Returns:
         (copied names, skipped names).
     """
-    student_state = _unwrap(student).state_dict()
+    student_state = unwrap(student).state_dict()
     copied, skipped = [], []
-    for name, tensor in _unwrap(teacher).state_dict().items():
+    for name, tensor in unwrap(teacher).state_dict().items():
         if name.startswith("backbone.body."):
             continue
         target = student_state.get(name)

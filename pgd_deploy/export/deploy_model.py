@@ -13,9 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-INPUT_NAME = "images"  # float32 [B, 3, H, W]
-OUTPUT_NAMES = ("boxes", "scores")  # float32 [B, N, 4] xyxy px, float32 [B, N, C]
-NMS_OUTPUT_NAMES = ("num_dets", "det_boxes", "det_scores", "det_classes")  # with --nms onnx
+from pgd_deploy.runtime import contract
+
+# The tensor names live in the torch-free contract, which checks them when an artifact loads.
+INPUT_NAME = contract.INPUT  # float32 [B, 3, H, W]
+OUTPUT_NAMES = contract.DENSE  # float32 [B, N, 4] xyxy px, float32 [B, N, C]
+NMS_OUTPUT_NAMES = contract.NMS  # with --nms onnx
 OPSET = 17  # pinned: ORT's CUDA EP lacks some opset 19/20 kernels; ORT static int8 refuses >= 21
 BATCH_AXIS = "batch"  # name of the only dynamic axis
 

@@ -61,6 +61,12 @@ class ExportResult:
     def markdown(self) -> str:
         return "\n".join(r.to_markdown() for r in self.reports)
 
+    def add(self, artifact: Path, manifest: dict[str, Any], report: GateReport) -> None:
+        """Record a gated artifact with its manifest and gate report."""
+        self.artifacts.append(artifact)
+        self.manifests[str(artifact)] = manifest
+        self.reports.append(report)
+
 
 @dataclass
 class ExportContext:
@@ -81,6 +87,22 @@ class ExportContext:
     postprocess: dict[str, Any]  # the artifact's post-processing (`export_postprocess`)
     int8_target: str | None = None  # "cpu" / "tensorrt" for int8, else None
     fp32_reference: Any = None  # QAT checkpoint: the fp32 student's backend (agreement, mAP)
+
+    def gate(self, candidate: Any, dense_candidate: Any | None, artifact: str) -> GateReport:
+        """`gates.run_gates` of an artifact's backend against this export's reference, images
+        and tolerances (`dense_candidate`: the dense twin of an in-graph NMS artifact)."""
+        return run_gates(
+            self.reference,
+            candidate,
+            self.images,
+            precision=self.cfg.precision,
+            gates=self.job.gates,
+            imgsz=self.imgsz,
+            batch_size=self.gate_batch,
+            dense_candidate=dense_candidate,
+            artifact=artifact,
+            fp32_reference=self.fp32_reference,
+        )
 
 
 def export_postprocess(detector_post: dict[str, Any], cfg: ExportConfig) -> dict[str, Any]:
@@ -220,18 +242,8 @@ def _gate_onnx(ctx: ExportContext, onnx_path: Path, manifest: dict[str, Any]) ->
     if ctx.cfg.nms == "onnx":  # tensor parity needs the outputs before NMS: the dense twin
         dense_path = ctx.tmp / "dense.onnx"
         dense_backend = OrtBackend(dense_path, device="cpu")
-    report = run_gates(
-        ctx.reference,
-        candidate,
-        ctx.images,
-        precision=ctx.cfg.precision,
-        gates=ctx.job.gates,
-        imgsz=ctx.imgsz,
-        batch_size=ctx.gate_batch,
-        dense_candidate=dense_backend,
-        artifact=f"{onnx_path.name} (ONNX Runtime {candidate.provider})",
-        fp32_reference=ctx.fp32_reference,
-    )
+    artifact = f"{onnx_path.name} (ONNX Runtime {candidate.provider})"
+    report = ctx.gate(candidate, dense_backend, artifact)
     if ctx.fp32_reference is not None:  # QAT: tensor parity layer by layer
         batch = next(iter(ctx.images.batches(ctx.imgsz, ctx.gate_batch)))[0]
         qat_export.gate_layerwise(report, ctx.src.detector, dense_path, batch, ctx.job.gates)
@@ -266,9 +278,7 @@ def _export_onnx_artifact(ctx: ExportContext, result: ExportResult) -> tuple[Pat
     report = _gate_onnx(ctx, path, manifest)
     extra = {"parity_on": DENSE_TWIN} if ctx.cfg.nms == "onnx" else {}
     record_gates(path, manifest, report, "onnxruntime CPUExecutionProvider", extra)
-    result.artifacts.append(path)
-    result.manifests[str(path)] = manifest
-    result.reports.append(report)
+    result.add(path, manifest, report)
     return path, manifest
 
 

@@ -4,7 +4,8 @@ The plan is `<name>_trt.plan` with `<name>_trt.manifest.json` beside it, so it n
 manifest with `<name>.onnx`. An in-graph-NMS plan has no dense outputs, so its tensor parity is
 measured on a dense twin: a plan built with the same settings from the same model before NMS,
 kept only for the gates. Its detection agreement and mAP are measured on its own NMS outputs,
-against host NMS with the same pre-NMS top-k (`gates.run_gates`).
+against host NMS with the same pre-NMS top-k (`gates.run_gates`, through
+`pipeline.ExportContext.gate`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from pgd_deploy.export.deploy_model import INPUT_NAME
-from pgd_deploy.export.gates import run_gates
 from pgd_deploy.export.manifest import plan_manifest, record_gates
 from pgd_deploy.runtime.manifest import read_manifest, write_manifest
 
@@ -80,21 +80,9 @@ def export_plan(
     manifest = plan_manifest(onnx_path, onnx_manifest, info, plan)
     write_manifest(plan, manifest)  # "unchecked" until the gates below finish
     dense = _dense_twin(ctx)
-    report = run_gates(
-        ctx.reference,
-        trt_backend.TrtBackend(plan),
-        ctx.images,
-        precision=ctx.cfg.precision,
-        gates=ctx.job.gates,
-        imgsz=ctx.imgsz,
-        batch_size=ctx.gate_batch,
-        dense_candidate=dense,
-        artifact=f"{plan.name} (TensorRT {info['version']}, {info['gpu']})",
-        fp32_reference=ctx.fp32_reference,
-    )
+    artifact = f"{plan.name} (TensorRT {info['version']}, {info['gpu']})"
+    report = ctx.gate(trt_backend.TrtBackend(plan), dense, artifact)
     extra = {"parity_on": DENSE_TWIN} if dense is not None else {}
     record_gates(plan, manifest, report, f"tensorrt {info['version']}", extra)
-    result.artifacts.append(plan)
-    result.manifests[str(plan)] = manifest
-    result.reports.append(report)
+    result.add(plan, manifest, report)
     return plan, manifest

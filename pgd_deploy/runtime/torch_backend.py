@@ -6,21 +6,23 @@ module needs only numpy.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pgd_deploy.labels import class_labels
-from pgd_deploy.runtime.backends import Backend, _round32
+from pgd_deploy.runtime.backend_base import Backend
 
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-class TorchBackend(Backend):
-    """A pgd-deploy checkpoint run in PyTorch (CPU or CUDA), eager or compiled.
+@dataclass(frozen=True)
+class TorchOptions:
+    """How a `TorchBackend` runs its network (its keyword options).
 
-    Args:
+    Attributes:
         precision: "fp32", or "fp16" / "bf16" autocast (fp16 needs CUDA; bf16 a CUDA GPU or a
             CPU whose oneDNN has bf16 kernels). Outputs are float32 either way: box decoding and
             scores run in fp32 (`DenseDetector.decode`).
@@ -29,6 +31,17 @@ class TorchBackend(Backend):
             size, so warm up before timing.
         channels_last: NHWC weights and inputs; "auto" = on CUDA at fp16/bf16, where cuDNN's
             tensor-core convolutions are NHWC.
+    """
+
+    precision: str = "fp32"
+    compile: bool = False
+    compile_mode: str = "default"
+    channels_last: str = "auto"
+
+
+class TorchBackend(Backend):
+    """A pgd-deploy checkpoint run in PyTorch (CPU or CUDA), eager or compiled, with the
+    keyword options of `TorchOptions` (precision, compile, compile_mode, channels_last).
 
     Raises:
         ValueError: a precision this device cannot run, or autocast on a QAT checkpoint.
@@ -43,22 +56,21 @@ class TorchBackend(Backend):
         device: str = "auto",
         input_size: Sequence[int] | None = None,
         postprocess: Mapping[str, Any] | None = None,
-        precision: str = "fp32",
-        compile: bool = False,
-        compile_mode: str = "default",
-        channels_last: str = "auto",
+        **options: Any,
     ) -> None:
-        """`postprocess`: thresholds replacing the detector's own (`postprocess_kwargs`)."""
+        """`postprocess`: thresholds replacing the detector's own (`postprocess_kwargs`);
+        `options`: the fields of `TorchOptions`."""
+        run = TorchOptions(**options)
         torch = _import_torch()
         from pgd_deploy.models import load_detector
 
         dev = _torch_device(torch, device)
         loaded = load_detector(path, device=dev)
         if loaded.checkpoint.get("qat"):  # a quantization-aware checkpoint runs its fake quant
-            if precision != "fp32":
+            if run.precision != "fp32":
                 raise ValueError(
                     f"{path}: a QAT checkpoint runs its int8 fake quant in fp32; "
-                    f"precision must be fp32, got {precision!r}"
+                    f"precision must be fp32, got {run.precision!r}"
                 )
             self.precision = "int8 fake quant"
         if input_size is None:
@@ -66,19 +78,7 @@ class TorchBackend(Backend):
             input_size = (_round32(data.min_size), _round32(data.max_size))
         names, ids = loaded.class_names, loaded.category_ids
         self.path = Path(path)
-        self._setup(
-            torch,
-            loaded.detector,
-            dev,
-            input_size,
-            names,
-            ids,
-            postprocess,
-            precision=precision,
-            compile=compile,
-            compile_mode=compile_mode,
-            channels_last=channels_last,
-        )
+        self._setup(torch, loaded.detector, dev, input_size, names, ids, postprocess, run)
 
     @classmethod
     def from_detector(
@@ -109,12 +109,10 @@ class TorchBackend(Backend):
         classes: list[str],
         category_ids: list[int],
         postprocess: Mapping[str, Any] | None = None,
-        *,
-        precision: str = "fp32",
-        compile: bool = False,
-        compile_mode: str = "default",
-        channels_last: str = "auto",
+        run: TorchOptions | None = None,
     ) -> None:
+        run = run or TorchOptions()
+        precision, channels_last = run.precision, run.channels_last
         self.torch, self.model, self.device = torch, model, torch.device(device)
         self.autocast_dtype = _autocast_dtype(torch, precision, self.device, self.path)
         if self.autocast_dtype is not None:
@@ -126,15 +124,15 @@ class TorchBackend(Backend):
         )
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.compiled = bool(compile)
-        self.compile_mode = compile_mode
+        self.compiled = bool(run.compile)
+        self.compile_mode = run.compile_mode
         self._run = self._network
-        if compile:
+        if run.compile:
             # one static graph per batch size and backend: every TorchBackend shares the code
             # of `_network`, and past dynamo's default 8 graphs a call silently runs eager
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
-            self._run = torch.compile(self._network, mode=compile_mode, dynamic=False)
+            self._run = torch.compile(self._network, mode=run.compile_mode, dynamic=False)
         with torch.no_grad():
             probe = model(torch.zeros(1, 3, *input_size, device=self.device))
         meta = {
@@ -203,6 +201,10 @@ def _autocast_dtype(torch: Any, precision: str, device: Any, path: Any) -> Any:
             "AMX); use fp32"
         )
     return torch.bfloat16
+
+
+def _round32(v: int) -> int:
+    return -(-int(v) // 32) * 32
 
 
 def _import_torch() -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pgd_deploy.runtime.backends import Backend
+from pgd_deploy.runtime.backend_base import Backend
 from pgd_deploy.runtime.contract import check_io_contract, check_metadata, manifest_disagreements
 from pgd_deploy.runtime.manifest import manifest_path, read_manifest
 from pgd_deploy.runtime.verify import refuse_or_warn

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pgd_deploy.io_utils import atomic_open, safe_child
+from pgd_deploy.io_utils import atomic_open, pid_alive, safe_child
 from pgd_deploy.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 
 logger = logging.getLogger(__name__)
@@ -88,16 +88,6 @@ def copy_folder_examples(
     return copies
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_folders(root: str | Path | None = None) -> list[Path]:
     """Delete this user's example folders (in `root`, default the temp dir) whose demo process
     no longer runs; returns them."""
@@ -109,7 +99,7 @@ def remove_stale_folders(root: str | Path | None = None) -> list[Path]:
             mine = path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid()
         except OSError:
             continue
-        if found and mine and not _pid_alive(int(found.group(1))):
+        if found and mine and not pid_alive(int(found.group(1))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
