@@ -1,5 +1,6 @@
-"""Shared fixtures (synthetic datasets, a trained checkpoint, the coco128 location) and the
-end-of-run report of skipped tests (`_skip_report`)."""
+"""Shared fixtures (synthetic datasets, a random R18 checkpoint, trained checkpoints, the coco128
+location) and the end-of-run report of skipped tests (`_skip_report`). Helpers that tests import
+live in `tests/_*.py` (the model builders in `_models`)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,20 @@ def shapes_root(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("shapes")
     return generate_shapes(out, train=16, val=8, seed=0, spec=ShapesSpec(size=64))
+
+
+@pytest.fixture(scope="session")
+def r18_checkpoint(tmp_path_factory) -> Path:
+    """A project checkpoint (pgd_deploy.checkpoint format) of a random R18 FCOS, 3 classes:
+    `_models.r18_fcos(seed=1)`. Read-only: tests that alter a checkpoint copy it first."""
+    from _models import r18_fcos
+
+    from pgd_deploy.checkpoint import save_checkpoint
+    from pgd_deploy.config import ModelConfig, TrainJob, to_dict
+
+    job = TrainJob(model=ModelConfig(depth=18, num_classes=3))
+    path = tmp_path_factory.mktemp("r18_checkpoint") / "teacher.pt"
+    return save_checkpoint({"model": r18_fcos(seed=1).state_dict(), "config": to_dict(job)}, path)
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _models import narrow_fcos, r18_fcos
 
-from pgd_deploy.checkpoint import save_checkpoint
 from pgd_deploy.config import DistillConfig, ModelConfig, TrainJob, to_dict
 from pgd_deploy.distill import (
     build_distiller,
@@ -18,31 +18,9 @@ from pgd_deploy.distill import (
 from pgd_deploy.models import build_detector
 
 
-def _r18(num_classes: int = 3, seed: int = 0):
-    torch.manual_seed(seed)
-    return build_detector(ModelConfig(depth=18), num_classes=num_classes)
-
-
-def _narrow(seed: int = 0):
-    """R18 with a 64-channel, 2-conv head: the cheap model of the tests below."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(depth=18, fpn_channels=64, head_convs=2)
-    return build_detector(cfg, num_classes=3)
-
-
-@pytest.fixture(scope="module")
-def r18_checkpoint(tmp_path_factory) -> Path:
-    """A project checkpoint (pgd_deploy.checkpoint format) of a random R18 FCOS, 3 classes."""
-    model = _r18(seed=1)
-    job = TrainJob(model=ModelConfig(depth=18, num_classes=3))
-    path = tmp_path_factory.mktemp("ckpt") / "teacher.pt"
-    save_checkpoint({"model": model.state_dict(), "config": to_dict(job)}, path)
-    return path
-
-
 def test_load_teacher_project_checkpoint(r18_checkpoint: Path) -> None:
     teacher = load_teacher(r18_checkpoint, device="cpu")  # default_depth 101 is not used
-    reference = _r18(seed=1)
+    reference = r18_fcos(seed=1)
     assert teacher.num_classes == 3 and not teacher.training
     assert all(not p.requires_grad for p in teacher.parameters())
     for name, value in reference.state_dict().items():
@@ -50,7 +28,7 @@ def test_load_teacher_project_checkpoint(r18_checkpoint: Path) -> None:
 
 
 def test_load_teacher_classes_key_and_plain_state_dict(tmp_path: Path) -> None:
-    model = _r18(num_classes=5, seed=3)
+    model = r18_fcos(num_classes=5, seed=3)
     job = TrainJob(model=ModelConfig(depth=18))  # num_classes = 0: from "classes"
     # An untagged {"model", "config", "classes"} dict written by plain torch.save.
     path = tmp_path / "with_classes.pt"
@@ -80,25 +58,24 @@ def test_load_teacher_clear_errors(r18_checkpoint: Path, tmp_path: Path) -> None
     # The config says 3 classes, the weights hold 4: an incompatible head.
     bad_head = tmp_path / "bad_head.pt"
     job = TrainJob(model=ModelConfig(depth=18, num_classes=3))
-    torch.save({"model": _r18(num_classes=4).state_dict(), "config": to_dict(job)}, bad_head)
+    torch.save({"model": r18_fcos(num_classes=4).state_dict(), "config": to_dict(job)}, bad_head)
     with pytest.raises(ValueError, match="bad_head.pt.*3 classes"):
         load_teacher(bad_head, device="cpu")
 
 
 def test_incompatible_heads_are_rejected(r18_checkpoint: Path) -> None:
-    teacher = _r18(num_classes=3)
+    teacher = r18_fcos(num_classes=3)
     with pytest.raises(ValueError, match="classes: teacher 3 vs student 5"):
-        check_compatible(teacher, _r18(num_classes=5))
-    narrow = build_detector(ModelConfig(depth=18, fpn_channels=64, head_convs=2), num_classes=3)
+        check_compatible(teacher, r18_fcos(num_classes=5))
     with pytest.raises(ValueError, match="tower depth.*tower width"):
-        check_compatible(teacher, narrow)
+        check_compatible(teacher, narrow_fcos())
     cfg = DistillConfig(teacher=str(r18_checkpoint))
     with pytest.raises(ValueError, match="classes"):
-        build_distiller(cfg, _r18(num_classes=5), device="cpu")
+        build_distiller(cfg, r18_fcos(num_classes=5), device="cpu")
 
 
 def test_init_student_from_teacher_r18_to_r50() -> None:
-    teacher = _r18(seed=1)
+    teacher = r18_fcos(seed=1)
     torch.manual_seed(2)
     student = build_detector(ModelConfig(depth=50), num_classes=3)
     body_before = {
@@ -130,17 +107,17 @@ def test_wrapped_models_are_unwrapped() -> None:
             super().__init__()
             self.module = module
 
-    teacher, student = _narrow(seed=1), _narrow(seed=2)
+    teacher, student = narrow_fcos(seed=1), narrow_fcos(seed=2)
     check_compatible(Wrapper(teacher), Wrapper(student))
     with pytest.raises(ValueError, match="tower width: teacher 64 vs student 256"):
-        check_compatible(Wrapper(teacher), Wrapper(_r18()))
+        check_compatible(Wrapper(teacher), Wrapper(r18_fcos()))
     copied, _ = init_student_from_teacher(Wrapper(student), Wrapper(teacher))
     assert "head.cls_logits.weight" in copied
     assert torch.equal(student.head.cls_logits.weight, teacher.head.cls_logits.weight)
 
 
 def test_plain_state_dict_of_a_narrow_head_infers_its_width_and_depth(tmp_path: Path) -> None:
-    model = _narrow(seed=3)
+    model = narrow_fcos(seed=3)
     path = tmp_path / "narrow.pt"
     torch.save(model.state_dict(), path)
     teacher = load_teacher(path, device="cpu", default_depth=18)

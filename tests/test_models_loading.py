@@ -6,17 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _models import NARROW, narrow_fcos
 
 from pgd_deploy.checkpoint import CheckpointError, save_checkpoint
 from pgd_deploy.config import DataConfig, ModelConfig, TrainJob, to_dict
-from pgd_deploy.models import build_detector, load_detector
-
-NARROW = ModelConfig(depth=18, fpn_channels=64, head_convs=2)
-
-
-def _narrow(num_classes: int = 3, seed: int = 0):
-    torch.manual_seed(seed)
-    return build_detector(NARROW, num_classes=num_classes)
+from pgd_deploy.models import load_detector
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -25,7 +19,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def test_project_checkpoint_round_trip_with_its_labels(tmp_path: Path) -> None:
-    model = _narrow(seed=1)
+    model = narrow_fcos(seed=1)
     job = TrainJob(model=NARROW, data=DataConfig(min_size=96, max_size=160))  # num_classes 0
     state = {"model": model.state_dict(), "config": to_dict(job), "classes": ["a", "b", "c"]}
     path = save_checkpoint({**state, "category_ids": [3, 7, 9], "iteration": 5}, tmp_path / "c.pt")
@@ -39,14 +33,15 @@ def test_project_checkpoint_round_trip_with_its_labels(tmp_path: Path) -> None:
 def test_labels_default_from_the_class_count(tmp_path: Path) -> None:
     job = TrainJob(model=ModelConfig(depth=18, fpn_channels=64, head_convs=2, num_classes=4))
     path = save_checkpoint(
-        {"model": _narrow(num_classes=4).state_dict(), "config": to_dict(job)}, tmp_path / "c.pt"
+        {"model": narrow_fcos(num_classes=4).state_dict(), "config": to_dict(job)},
+        tmp_path / "c.pt",
     )
     loaded = load_detector(path, device="cpu")
     assert loaded.class_names == ["0", "1", "2", "3"] and loaded.category_ids == [1, 2, 3, 4]
 
 
 def test_plain_state_dicts_only_with_a_default_depth(tmp_path: Path) -> None:
-    model = _narrow(num_classes=5, seed=2)
+    model = narrow_fcos(num_classes=5, seed=2)
     path = tmp_path / "plain.pt"
     torch.save(model.state_dict(), path)
     with pytest.raises(CheckpointError, match="plain.pt: not a pgd-deploy checkpoint"):
@@ -61,7 +56,7 @@ def test_plain_state_dicts_only_with_a_default_depth(tmp_path: Path) -> None:
 
 
 def test_untagged_dict_without_a_config_is_read_like_a_plain_state_dict(tmp_path: Path) -> None:
-    model = _narrow(seed=3)
+    model = narrow_fcos(seed=3)
     path = tmp_path / "untagged.pt"
     torch.save({"model": model.state_dict(), "classes": ["x", "y", "z"]}, path)
     loaded = load_detector(path, device="cpu", default_depth=18)
@@ -71,7 +66,7 @@ def test_untagged_dict_without_a_config_is_read_like_a_plain_state_dict(tmp_path
 def test_architecture_mismatch_names_the_file_and_the_config(tmp_path: Path) -> None:
     job = TrainJob(model=ModelConfig(depth=50, fpn_channels=64, head_convs=2, num_classes=3))
     path = save_checkpoint(
-        {"model": _narrow().state_dict(), "config": to_dict(job)}, tmp_path / "r18_says_r50.pt"
+        {"model": narrow_fcos().state_dict(), "config": to_dict(job)}, tmp_path / "r18_says_r50.pt"
     )
     with pytest.raises(CheckpointError, match=r"r18_says_r50.pt: .*in its config \(depth 50"):
         load_detector(path, device="cpu")
@@ -81,7 +76,7 @@ def test_missing_batch_counters_are_tolerated_other_missing_weights_are_not(
     tmp_path: Path,
 ) -> None:
     """Frozen-BN files carry no `num_batches_tracked`; anything else missing is an error."""
-    weights = _narrow().state_dict()
+    weights = narrow_fcos().state_dict()
     counters = [k for k in weights if k.endswith("num_batches_tracked")]
     job = TrainJob(model=ModelConfig(depth=18, fpn_channels=64, head_convs=2, num_classes=3))
     trimmed = {k: v for k, v in weights.items() if k not in counters}
