@@ -289,6 +289,8 @@ def test_cpu_target_runs_in_onnxruntime_and_tensorrt_target_has_zero_points_of_z
         # the gate: against the fake-quant model QAT trained, at IoU 0.5; with fp32: reported
         assert agreement["passed"] is True and agreement["detail"]["iou"] == 0.5
         assert 0.0 <= agreement["detail"]["agreement_with_fp32"] <= 1.0
+        # two references, two measures (0.943 and 0.932 here): the gate's is not fp32's
+        assert agreement["detail"]["agreement"] != agreement["detail"]["agreement_with_fp32"]
         references = manifest["gates"]["references"]
         assert "fake-quant" in references["parity, agreement"]
         assert "fp32" in references["map, agreement with fp32 (reported)"]

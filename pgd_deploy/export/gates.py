@@ -273,7 +273,6 @@ def run_gates(
     cand_dets: list[Detections] = []
     post = reference.postprocess_kwargs
     ref_post = same_candidates(candidate)
-    accurate = fp32_reference or reference
 
     def collect(i: int, batch: np.ndarray, ref_out: Any, dense_out: Any) -> None:
         transforms = items[i][1]
@@ -311,7 +310,7 @@ def run_gates(
         agreement.value += f"; with the fp32 model {with_fp32:.4f} (reported)"
     report.results.append(agreement)
     if fp32_reference is not None:
-        fp32_name = f"the fp32 model {getattr(accurate, 'path', None) or ''}".strip()
+        fp32_name = f"the fp32 model {getattr(fp32_reference, 'path', None) or ''}".strip()
         report.references = {
             "parity, agreement": "the fake-quant model in PyTorch (the model QAT trained)",
             "map, agreement with fp32 (reported)": fp32_name,
