@@ -42,6 +42,27 @@ def _job(out, precision, **extra):
     return ExportJob(export=export, gates=GatesConfig())
 
 
+def _trained_export(trained_run, out, precision, name, **extra):
+    """Export `trained_run`'s checkpoint at 64x64, gated on its 16 annotated validation images:
+    (the export result, the artifact's path)."""
+    export = ExportConfig(
+        format="onnx",
+        precision=precision,
+        imgsz=(64, 64),
+        batch_opt=4,
+        batch_max=8,
+        gate_images=16,
+        simplify=False,
+        out=str(out),
+        val=str(trained_run["val_json"]),
+        val_images=str(trained_run["val_images"]),
+        name=name,
+        **extra,
+    )
+    result = run_export(trained_run["checkpoint"], ExportJob(export=export, gates=GatesConfig()))
+    return result, out / f"{name}.onnx"
+
+
 def _producers(model):
     return {out: node for node in model.graph.node for out in node.output}
 
@@ -50,21 +71,7 @@ def test_fp16_artifact_keeps_io_and_decode_tail_in_fp32_and_passes_its_gate(trai
     # A model that detects, on its annotated validation images: all three gates run. (A random
     # model's near-uniform scores put fp16 agreement at exactly 0.9000, one detection from the
     # 0.9 minimum: a tie-breaking lottery at the max_det cut, not a measure of fp16.)
-    export = ExportConfig(
-        format="onnx",
-        precision="fp16",
-        imgsz=(64, 64),
-        batch_opt=4,
-        batch_max=8,
-        gate_images=16,
-        simplify=False,
-        out=str(tmp_path),
-        val=str(trained_run["val_json"]),
-        val_images=str(trained_run["val_images"]),
-        name="student_fp16",
-    )
-    result = run_export(trained_run["checkpoint"], ExportJob(export=export, gates=GatesConfig()))
-    path = tmp_path / "student_fp16.onnx"
+    result, path = _trained_export(trained_run, tmp_path, "fp16", "student_fp16")
     manifest = read_manifest(path)
     assert result.exit_code == 0 and manifest["status"] == "passed", result.markdown()
     parity, agreement, gate_map = manifest["gates"]["results"]
@@ -97,24 +104,15 @@ def test_int8_artifact_is_qdq_calibrated_on_training_images_and_gated(
     # A model that detects (a random one's near-uniform scores make agreement a lottery at the
     # max_det cut), calibrated on its own training images, gated on its validation images.
     calib = trained_run["root"] / "train"
-    export = ExportConfig(
-        format="onnx",
-        precision="int8",
-        imgsz=(64, 64),
-        batch_opt=4,
-        batch_max=8,
-        gate_images=16,
-        simplify=False,
-        out=str(tmp_path),
-        val=str(trained_run["val_json"]),
-        val_images=str(trained_run["val_images"]),
+    result, path = _trained_export(
+        trained_run,
+        tmp_path,
+        "int8",
+        f"student_int8_{target}",  # the two targets are different models
         calib_images=32,
         calib_data=str(calib),
         int8_target=target,
-        name=f"student_int8_{target}",  # the two targets are different models
     )
-    result = run_export(trained_run["checkpoint"], ExportJob(export=export, gates=GatesConfig()))
-    path = tmp_path / f"student_int8_{target}.onnx"
     manifest = read_manifest(path)
     parity, agreement, gate_map = manifest["gates"]["results"]
     assert parity["passed"] is None and "max" in parity["value"]  # int8: reported only
