@@ -1,6 +1,11 @@
-"""COCO box metrics over detections from any backend (torch-free; pycocotools loaded lazily).
+"""Box metrics over detections from any backend (torch-free; pycocotools loaded lazily).
 
-AP values are fractions in [0, 1] under the keys `AP`, `AP50`, `AP75`, `APs`, `APm`, `APl`.
+Two metrics, chosen by `data.metric`:
+- `coco`: pycocotools' AP values, fractions in [0, 1] under `AP`, `AP50`, `AP75`, `APs`, `APm`,
+  `APl`;
+- `crowd`: CrowdHuman's MR^-2, AP and JI (`pgd_deploy.crowd_metrics`), fractions under `MR2`
+  (lower is better), `AP` and `JI`, for one-class data with ignore regions (COCO `iscrowd`).
+Both give an `AP` (higher is better), which picks the best checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 from pgd_deploy.structures import Detections
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+CROWD_KEYS = ("MR2", "AP", "JI")
+METRICS = ("coco", "crowd")
 
 
 def detections_to_coco(
@@ -120,8 +127,78 @@ def evaluate_coco(
     return {k: float(v) for k, v in zip(AP_KEYS, ev.stats[:6])}
 
 
+def crowd_metrics(
+    gt_records: Sequence[dict[str, Any]], detections: Iterable[dict[str, Any]], **kwargs: Any
+) -> dict[str, float]:
+    """MR^-2, AP and JI with CrowdHuman's definitions (`pgd_deploy.crowd_metrics`): odgt
+    records and `{"ID", "box": [x, y, w, h], "score"}` detections in, `mr2`, `ap`, `ji` out."""
+    from pgd_deploy.crowd_metrics import crowd_metrics as compute
+
+    return compute(gt_records, detections, **kwargs)
+
+
+def evaluate_crowd(
+    annotations: str | Path | dict,
+    results: str | Path | list,
+    *,
+    image_ids: Iterable[int] | None = None,
+) -> dict[str, float]:
+    """CrowdHuman's metrics of COCO `results` against one-class COCO `annotations` whose
+    `iscrowd` boxes are ignore regions (`pgd-train data crowdhuman` writes such files).
+
+    Returns:
+        {"MR2", "AP", "JI"} as fractions (MR^-2 lower is better).
+
+    Raises:
+        ValueError: unreadable files, results naming unknown images or categories, more than
+            one category, or no object to evaluate against.
+    """
+    from pgd_deploy.crowd_metrics import coco_crowd_records, crowd_id
+
+    gt = _load(annotations, "annotation")
+    dets = _load(results, "results")
+    where = str(annotations) if isinstance(annotations, (str, Path)) else "annotations"
+    _validate_results(dets, gt, str(results) if isinstance(results, (str, Path)) else "results")
+    if len(gt.get("categories", [])) != 1:
+        names = [c.get("name", c.get("id")) for c in gt.get("categories", [])][:5]
+        raise ValueError(
+            f"{where}: field 'categories': the crowd metrics (data.metric = 'crowd') evaluate "
+            f"one class, found {len(gt.get('categories', []))} {names}"
+        )
+    records = coco_crowd_records(gt, image_ids)
+    ids = {img["id"]: crowd_id(img) for img in gt["images"]}
+    kept = {record["ID"] for record in records}
+    detections = [
+        {"ID": ids[d["image_id"]], "box": d["bbox"], "score": d["score"]}
+        for d in dets
+        if ids[d["image_id"]] in kept
+    ]
+    out = crowd_metrics(records, detections)
+    return {"MR2": out["mr2"], "AP": out["ap"], "JI": out["ji"]}
+
+
+def evaluate(
+    annotations: str | Path | dict,
+    results: str | Path | list,
+    *,
+    image_ids: Iterable[int] | None = None,
+    metric: str = "coco",
+) -> dict[str, float]:
+    """`evaluate_coco` or `evaluate_crowd`, as `metric` ("coco" or "crowd") says."""
+    if metric == "crowd":
+        return evaluate_crowd(annotations, results, image_ids=image_ids)
+    if metric == "coco":
+        return evaluate_coco(annotations, results, image_ids=image_ids)
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
 def format_metrics(metrics: dict[str, float], title: str = "COCO bbox") -> str:
-    """A small fixed-width table of the AP metrics (values in AP points, i.e. x100)."""
+    """A small fixed-width table of the metrics (values in points, i.e. x100): COCO's six AP
+    values, or MR^-2, AP and JI for the crowd metrics."""
+    if "MR2" in metrics:
+        header = f"{'MR^-2':>6} {'AP':>6} {'JI':>6}"
+        row = " ".join(f"{100 * metrics[k]:6.1f}" for k in CROWD_KEYS)
+        return f"{title.replace('COCO bbox', 'CrowdHuman')}\n{header}\n{row}"
     header = " ".join(f"{k:>6}" for k in AP_KEYS)
     row = " ".join(
         f"{100 * metrics[k]:6.1f}" if metrics.get(k, -1) >= 0 else f"{'-':>6}" for k in AP_KEYS
