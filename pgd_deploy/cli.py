@@ -69,6 +69,15 @@ def _train_parser() -> argparse.ArgumentParser:
     yolo.add_argument("--labels", required=True, help="folder of YOLO .txt labels")
     yolo.add_argument("--names", required=True, help="YAML with 'names:' or one name per line")
     yolo.add_argument("--out", required=True, help="COCO JSON to write")
+    crowd = data.add_parser(
+        "crowdhuman", help="CrowdHuman odgt -> COCO JSON (one class; ignore regions as iscrowd)"
+    )
+    crowd.add_argument("--odgt", required=True, help="annotation file, e.g. annotation_train.odgt")
+    crowd.add_argument("--images", required=True, help="folder holding <ID>.jpg of every record")
+    crowd.add_argument("--out", required=True, help="COCO JSON to write")
+    crowd.add_argument(
+        "--box", choices=("fbox", "vbox"), default="fbox", help="full body (fbox) or visible part"
+    )
     shapes = data.add_parser("shapes", help="write the built-in synthetic shapes dataset")
     shapes.add_argument("--out", required=True, help="output folder")
     for name, key, what in (
@@ -130,6 +139,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
         from pgd_deploy.data.yolo import yolo_to_coco
 
         summary = yolo_to_coco(args.images, args.labels, args.names, args.out)
+        print(json.dumps(summary))
+        return 0
+    if args.data_command == "crowdhuman":
+        from pgd_deploy.data.odgt import odgt_to_coco
+
+        summary = odgt_to_coco(args.odgt, args.images, args.out, box_key=args.box)
         print(json.dumps(summary))
         return 0
     from pgd_deploy.data.shapes import ShapesSpec, generate_shapes

@@ -41,7 +41,7 @@ def read_names(path: str | Path) -> list[str]:
     return names
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def image_size(path: Path) -> tuple[int, int]:
     """(width, height) after EXIF orientation, as the detector will see the image."""
     try:
         with Image.open(path) as img:
@@ -80,7 +80,7 @@ def yolo_to_coco(
     coco_images, annotations = [], []
     for i, path in enumerate(files):
         image_id = int(path.stem) if numeric else i + 1
-        w, h = _image_size(path)
+        w, h = image_size(path)
         coco_images.append({"id": image_id, "file_name": path.name, "width": w, "height": h})
         label_file = labels / f"{path.stem}.txt"
         if not label_file.is_file():
