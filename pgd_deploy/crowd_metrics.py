@@ -351,4 +351,3 @@ def coco_crowd_records(
 def crowd_id(image: dict[str, Any]) -> str:
     """The odgt ID of a COCO image entry: its `crowd_id`, else its id."""
     return str(image.get("crowd_id", image["id"]))
-
