@@ -50,11 +50,18 @@ def _train_parser() -> argparse.ArgumentParser:
         help="replace the run WORK_DIR holds (without it, such a folder is refused)",
     )
 
-    ev = sub.add_parser("eval", help="COCO metrics of a checkpoint or of a results file")
+    ev = sub.add_parser("eval", help="COCO or crowd metrics of a checkpoint or of a results file")
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint to evaluate on its validation data")
     src.add_argument("--predictions", help="COCO results JSON to evaluate")
     ev.add_argument("--annotations", help="COCO annotation JSON (with --predictions)")
+    ev.add_argument(
+        "--metric",
+        choices=("coco", "crowd"),
+        default="coco",
+        help="with --predictions: COCO AP, or CrowdHuman's MR^-2/AP/JI (a checkpoint uses its "
+        "data.metric)",
+    )
     add_override_argument(
         ev, "override data/model keys of the checkpoint's config (with --checkpoint)"
     )
@@ -111,13 +118,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pgd_deploy.io_utils import write_json
-    from pgd_deploy.metrics import evaluate_coco, format_metrics
+    from pgd_deploy.metrics import evaluate, format_metrics
 
     unreadable = ""
     if args.predictions:
         if not args.annotations:
             return _fail("--predictions needs --annotations")
-        metrics = evaluate_coco(args.annotations, args.predictions)
+        metrics = evaluate(args.annotations, args.predictions, metric=args.metric)
     else:
         from pgd_deploy.engine import evaluate_checkpoint
 

@@ -23,7 +23,8 @@ from pgd_deploy import distributed as dist
 from pgd_deploy.config import TrainJob, load_config, to_dict
 from pgd_deploy.data.dataset import Batch, DetectionDataset, build_dataset, collate
 from pgd_deploy.devices import autocast_setup, memory_format_for
-from pgd_deploy.metrics import AP_KEYS, detections_to_coco, evaluate_coco
+from pgd_deploy.metrics import AP_KEYS, detections_to_coco
+from pgd_deploy.metrics import evaluate as evaluate_metrics
 from pgd_deploy.models import build_detector, load_detector
 from pgd_deploy.progress import Progress
 from pgd_deploy.schedule import Schedule, build_optimizer, build_scheduler
@@ -195,8 +196,8 @@ class Evaluation:
     """What `evaluate` measured.
 
     Attributes:
-        metrics: COCO metrics (keys of `metrics.AP_KEYS`); empty on processes other than rank 0
-            and when no image could be read.
+        metrics: COCO metrics (`metrics.AP_KEYS`) or crowd metrics (`metrics.CROWD_KEYS`); empty
+            on processes other than rank 0 and when no image could be read.
         results: COCO results (rank 0: all of them; other processes: their share).
         images: images in the dataset.
         unreadable: (file name, reason) of the images that could not be read (all processes);
@@ -234,8 +235,10 @@ def evaluate(
     device: torch.device,
     batch_size: int = 8,
     autocast_dtype: torch.dtype | None = None,
+    metric: str = "coco",
 ) -> Evaluation:
-    """COCO bbox metrics of `model` on `dataset` (no augmentation), sharded over processes.
+    """The metrics of `model` on `dataset` (no augmentation), sharded over processes: COCO's,
+    or with `metric="crowd"` CrowdHuman's MR^-2, AP and JI (`pgd_deploy.metrics.evaluate`).
 
     Images are resized as in training (shorter side `min_size`, longer at most `max_size`), padded
     to a multiple of 32 and post-processed with the shared numpy code of `pgd_deploy.runtime`.
@@ -272,7 +275,9 @@ def evaluate(
         return out
     out.results = [r for part, _ in gathered for r in part]
     image_ids = [r.image_id for r in dataset.coco.images]
-    out.metrics = evaluate_coco(dataset.coco.raw, out.results, image_ids=image_ids)
+    out.metrics = evaluate_metrics(
+        dataset.coco.raw, out.results, image_ids=image_ids, metric=metric
+    )
     return out
 
 
@@ -297,7 +302,9 @@ def evaluate_checkpoint(
             f"{val.coco.category_ids}"
         )
     start = time.perf_counter()
-    evaluation = evaluate(model, val, device=dev, batch_size=cfg.train.batch_size)
+    evaluation = evaluate(
+        model, val, device=dev, batch_size=cfg.train.batch_size, metric=cfg.data.metric
+    )
     logger.info("evaluated %d images in %.1f s", evaluation.read, time.perf_counter() - start)
     return evaluation
 
@@ -365,7 +372,7 @@ def format_epoch_summary(
         f"{lr:.2e}",
         f"{means.get('loss', math.nan):.4f}",
     ]
-    for key in ("AP", "AP50"):
+    for key in ("AP", "AP50", "MR2", "JI"):
         if metrics and key in metrics:
             cols.append(key)
             vals.append(f"{100 * metrics[key]:.1f}")

@@ -221,6 +221,7 @@ class Trainer:
             self.val_set,
             device=self.device,
             batch_size=max(1, self.cfg.train.batch_size),
+            metric=self.cfg.data.metric,
             # no autocast: the metrics match `pgd-train eval` and the exported model (for a QAT
             # run, the fake-quant model its int8 export reproduces)
         )

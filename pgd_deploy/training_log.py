@@ -139,12 +139,12 @@ class TrainingLog:
         ax_loss.set_yscale("log")
         ax_loss.legend(fontsize=7, ncol=2)
         ax_loss.set_title("training losses")
-        for key in ("AP", "AP50", "AP75"):
+        for key in ("AP", "AP50", "AP75", "MR2", "JI"):
             pts = [(h["iter"], 100 * h[key]) for h in evals if key in h]
             if pts:
                 ax_ap.plot(*zip(*pts), marker="o", label=key)
         ax_ap.set_xlabel("iteration")
-        ax_ap.set_ylabel("AP (%)")
+        ax_ap.set_ylabel("%")
         ax_ap.set_title("validation")
         if evals:
             ax_ap.legend()

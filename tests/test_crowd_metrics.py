@@ -266,3 +266,17 @@ def test_evaluate_crowd_refuses_more_than_one_class_and_unknown_metrics():
         evaluate(_coco(), [], metric="voc")
     with pytest.raises(ValueError, match="'image_id' names 1 image"):
         evaluate(_coco(), [_result(7, [1, 1, 2, 2], 0.5)], metric="crowd")
+
+
+def test_pgd_train_eval_scores_a_results_file_with_the_crowd_metrics(tmp_path, capsys):
+    import json
+
+    from pgd_deploy.cli import train_main
+
+    (tmp_path / "gt.json").write_text(json.dumps(_coco()))
+    (tmp_path / "dets.json").write_text(json.dumps([_result(1, [10, 10, 20, 40], 0.9)]))
+    args = ["eval", "--annotations", str(tmp_path / "gt.json")]
+    args += ["--predictions", str(tmp_path / "dets.json"), "--json", str(tmp_path / "m.json")]
+    assert train_main([*args, "--metric", "crowd"]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == ["CrowdHuman", " MR^-2     AP     JI"]
+    assert json.loads((tmp_path / "m.json").read_text()) == {"MR2": 0.5, "AP": 0.0, "JI": 0.5}

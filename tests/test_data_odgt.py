@@ -158,3 +158,22 @@ def test_pgd_train_data_crowdhuman_writes_the_coco_file(crowd, tmp_path, capsys)
     (images / f"{RECORDS[0]['ID']}.jpg").unlink()
     assert train_main(args) != 0
     assert f"{RECORDS[0]['ID']}.jpg of odgt record" in capsys.readouterr().err
+
+
+def test_crowd_evaluation_of_a_dataset_with_more_than_one_class_is_refused(tmp_path):
+    from pgd_deploy.config import DataConfig
+    from pgd_deploy.data.dataset import build_dataset
+
+    (tmp_path / "val").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "val" / "a.jpg")
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 32, "height": 32}],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "person"}, {"id": 2, "name": "car"}],
+    }
+    (tmp_path / "val.json").write_text(json.dumps(coco))
+    cfg = DataConfig(root=str(tmp_path), val_images="val", val_ann="val.json")
+    assert build_dataset(cfg, "val", train=False).coco.num_classes == 2
+    crowd = DataConfig(root=str(tmp_path), val_images="val", val_ann="val.json", metric="crowd")
+    with pytest.raises(ValueError, match=r"val.json: field 'categories' has 2 classes"):
+        build_dataset(crowd, "val", train=False)

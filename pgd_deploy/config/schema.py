@@ -107,6 +107,9 @@ class DataConfig:
     filter_empty: bool = False  # training: drop images with no annotation at all (mmdet)
     # training: drop boxes narrower or shorter than this, px (mmdet: 1)
     min_box_size: float = bounded(0.0, at_least(0.0))
+    # evaluation: "coco" (pycocotools AP) or "crowd" (CrowdHuman's MR^-2, AP and JI; one class,
+    # iscrowd boxes as ignore regions, e.g. from `pgd-train data crowdhuman`)
+    metric: Literal["coco", "crowd"] = "coco"
 
     def __post_init__(self) -> None:
         check_section(self, "data")

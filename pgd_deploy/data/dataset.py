@@ -283,6 +283,11 @@ def build_dataset(cfg: DataConfig, split: str, *, train: bool) -> DetectionDatas
     # the ground truth from the JSON itself, so they would change nothing there.
     min_box = cfg.min_box_size if train else 0.0
     coco = load_coco(paths.annotations, image_dir=paths.images, min_box_size=min_box)
+    if cfg.metric == "crowd" and coco.num_classes != 1:
+        raise ValueError(
+            f"{paths.annotations}: field 'categories' has {coco.num_classes} classes "
+            f"{coco.class_names[:5]}, but data.metric = 'crowd' evaluates one class"
+        )
     if train and cfg.filter_empty:
         before = len(coco.images)
         coco = coco.annotated()

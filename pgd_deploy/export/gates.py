@@ -188,26 +188,39 @@ def _map_result(
     cand: Sequence[Detections],
     category_ids: Sequence[int],
     tolerance: float,
+    metric: str = "coco",
 ) -> GateResult:
-    """The mAP gate; skipped (not counted) without annotations."""
+    """The mAP gate; skipped (not counted) without annotations. With the crowd metrics
+    (`metric="crowd"`) MR^-2 may rise by at most the same tolerance (points; lower is better)
+    and AP drop by at most it."""
     if images.annotations is None:
         return GateResult("map", None, "skipped", "needs --val annotations", {"skipped": True})
-    from pgd_deploy.metrics import detections_to_coco, evaluate_coco
+    from pgd_deploy.metrics import detections_to_coco, evaluate
 
-    def ap(dets: Sequence[Detections]) -> dict[str, float]:
+    def score(dets: Sequence[Detections]) -> dict[str, float]:
         results = [
             entry
             for image_id, d in zip(images.image_ids, dets)
             for entry in detections_to_coco(image_id, d, category_ids)
         ]
-        return evaluate_coco(images.annotations, results, image_ids=images.image_ids)
+        return evaluate(images.annotations, results, image_ids=images.image_ids, metric=metric)
 
-    ref_m, cand_m = ap(ref), ap(cand)
+    ref_m, cand_m = score(ref), score(cand)
     ref_ap, cand_ap = 100 * ref_m["AP"], 100 * cand_m["AP"]
     passed = cand_ap >= ref_ap - tolerance - 1e-9
     value = f"AP {cand_ap:.2f} vs PyTorch {ref_ap:.2f} (delta {cand_ap - ref_ap:+.2f})"
     detail = {"reference": ref_m, "exported": cand_m, "tolerance_ap_points": tolerance}
-    return GateResult("map", passed, value, f"drop <= {tolerance:g} AP", detail)
+    threshold = f"drop <= {tolerance:g} AP"
+    if metric == "crowd":
+        ref_mr, cand_mr = 100 * ref_m["MR2"], 100 * cand_m["MR2"]
+        passed = passed and cand_mr <= ref_mr + tolerance + 1e-9
+        value = (
+            f"MR^-2 {cand_mr:.2f} vs PyTorch {ref_mr:.2f} (delta {cand_mr - ref_mr:+.2f}, lower "
+            f"is better); {value}"
+        )
+        threshold = f"MR^-2 rise <= {tolerance:g}, AP {threshold}"
+        detail["metric"] = "crowd"
+    return GateResult("map", passed, value, threshold, detail)
 
 
 def same_candidates(candidate: Any) -> dict[str, Any]:
@@ -315,10 +328,10 @@ def run_gates(
             "parity, agreement": "the fake-quant model in PyTorch (the model QAT trained)",
             "map, agreement with fp32 (reported)": fp32_name,
         }
+    metric = getattr(fp32_reference or reference, "metric", "coco")
+    tolerance = map_tolerance(precision, gates)
     report.results.append(
-        _map_result(
-            images, fp32_side, cand_dets, reference.category_ids, map_tolerance(precision, gates)
-        )
+        _map_result(images, fp32_side, cand_dets, reference.category_ids, tolerance, metric)
     )
     return report
 

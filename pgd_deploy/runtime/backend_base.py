@@ -20,6 +20,15 @@ from pgd_deploy.runtime.preprocess import ImageTransform, preprocess
 from pgd_deploy.structures import Detections
 
 
+def evaluation_metric(meta: dict[str, Any]) -> str:
+    """How the model's data is evaluated: `meta["metric"]`, else the `data.metric` of the
+    training config an export manifest records ("coco" when neither says)."""
+    if meta.get("metric"):
+        return str(meta["metric"])
+    config = (meta.get("source") or {}).get("train_config") or {}
+    return str((config.get("data") or {}).get("metric") or "coco")
+
+
 class Backend:
     """Common interface. Subclasses implement `infer` (raw contract outputs, numpy).
 
@@ -55,6 +64,7 @@ class Backend:
             "max_det": int(post["max_det"]),
         }
         self.meta = meta
+        self.metric: str = evaluation_metric(meta)
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Run the network on float32 [B, 3, H, W]; returns its named outputs as numpy arrays."""

@@ -79,6 +79,7 @@ class TorchBackend(Backend):
         names, ids = loaded.class_names, loaded.category_ids
         self.path = Path(path)
         self._setup(torch, loaded.detector, dev, input_size, names, ids, postprocess, run)
+        self.metric = self.meta["metric"] = loaded.config.data.metric
 
     @classmethod
     def from_detector(

@@ -105,7 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     ):
         pr.add_argument("--" + name.replace("_", "-"), type=flag_of(ServeConfig, name), help=what)
     pr.add_argument("--save-images", action="store_true", help="also write annotated images")
-    pr.add_argument("--eval", action="store_true", help="COCO metrics (COCO .json source)")
+    pr.add_argument("--eval", action="store_true", help="metrics (COCO .json source)")
+    pr.add_argument(
+        "--metric",
+        choices=("coco", "crowd"),
+        default=None,
+        help="with --eval: COCO AP or CrowdHuman's MR^-2/AP/JI (default: the model's data.metric)",
+    )
     pr.add_argument("--image-root", help="image folder for a list or COCO source")
     pr.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
@@ -209,6 +215,7 @@ def _run_options(args: argparse.Namespace, cfg: ServeConfig) -> dict[str, Any]:
         "save_images": args.save_images,
         "draw_score": cfg.draw_score,
         "evaluate": args.eval,
+        "metric": args.metric,
         "progress": args.progress,
     }
 

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from pgd_deploy.io_utils import WriteError, write_json
-from pgd_deploy.metrics import detections_to_coco, evaluate_coco
+from pgd_deploy.metrics import detections_to_coco
+from pgd_deploy.metrics import evaluate as evaluate_metrics
 from pgd_deploy.runtime.backends import Backend
 from pgd_deploy.runtime.timing import StageTimer
 from pgd_deploy.serve.batcher import ImageBatch, iter_batches, load_item
@@ -251,6 +252,7 @@ def run_predict(
     save_images: bool = False,
     draw_score: float = 0.3,
     evaluate: bool = False,
+    metric: str | None = None,
     progress: bool = True,
 ) -> PredictSummary:
     """Run `backend` over every input of `source`, writing results under `out_dir`.
@@ -265,7 +267,9 @@ def run_predict(
         max_pixels: decode limit per image (decompression bombs become failures).
         decode_timeout: seconds one image may take to decode.
         save_images: also write annotated images, drawing detections >= `draw_score`.
-        evaluate: compute COCO metrics over the handled images (COCO JSON sources only).
+        evaluate: compute metrics over the handled images (COCO JSON sources only).
+        metric: "coco" or "crowd" (`metrics.evaluate`); None = the model's (`backend.metric`,
+            its training data's `data.metric`).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -322,7 +326,7 @@ def run_predict(
             logger.error("%s", again)
         raise
     if evaluate and summary.processed:
-        summary.metrics = _evaluate(source, out_dir, summary.processed)
+        summary.metrics = _evaluate(source, out_dir, summary.processed, metric or backend.metric)
     summary_file.write(summary.to_dict())
     return summary
 
@@ -374,12 +378,12 @@ def _consume(
     return True
 
 
-def _evaluate(source: Source, out_dir: Path, processed: int) -> dict[str, float]:
-    """COCO metrics over the first `processed` inputs (all of them unless interrupted); inputs
+def _evaluate(source: Source, out_dir: Path, processed: int, metric: str) -> dict[str, float]:
+    """The metrics over the first `processed` inputs (all of them unless interrupted); inputs
     that failed count as images without detections."""
     assert source.annotations is not None
     results = json.loads((out_dir / RESULTS_NAME).read_text())
     image_ids = [it.image_id for it in source.items[:processed]]
-    metrics = evaluate_coco(source.annotations.raw, results, image_ids=image_ids)
+    metrics = evaluate_metrics(source.annotations.raw, results, image_ids=image_ids, metric=metric)
     write_json(out_dir / METRICS_NAME, metrics)
     return metrics

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from pgd_deploy.io_utils import file_sha256, remove_stale_temp_files, write_json
-from pgd_deploy.metrics import evaluate_coco
+from pgd_deploy.metrics import evaluate as evaluate_metrics
 from pgd_deploy.runtime.backends import Backend
 from pgd_deploy.serve.outputs import (
     FAILURES_NAME,
@@ -110,6 +110,7 @@ def run_predict_ray(
     max_det: int | None = None,
     max_pixels: int | None = 40_000_000,
     evaluate: bool = False,
+    metric: str | None = None,
     progress: bool = True,
     save_images: bool = False,
     draw_score: float = 0.3,
@@ -234,10 +235,11 @@ def run_predict_ray(
     for error in totals.errors:
         logger.warning("skipped: %s", error)
     if evaluate and totals.image_ids:
-        summary.metrics = evaluate_coco(
+        summary.metrics = evaluate_metrics(
             source.annotations.raw,
             json.loads((out_dir / RESULTS_NAME).read_text()),
             image_ids=totals.image_ids,
+            metric=metric or backend.metric,
         )
         write_json(out_dir / METRICS_NAME, summary.metrics)
     summary_file.write(summary.to_dict())
