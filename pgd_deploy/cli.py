@@ -85,7 +85,14 @@ def _train_parser() -> argparse.ArgumentParser:
     crowd.add_argument(
         "--box", choices=("fbox", "vbox"), default="fbox", help="full body (fbox) or visible part"
     )
-    shapes = data.add_parser("shapes", help="write the built-in synthetic shapes dataset")
+    shapes = data.add_parser(
+        "shapes", help="write the built-in synthetic shapes dataset (or, with --crowd, crowd)"
+    )
+    shapes.add_argument(
+        "--crowd",
+        action="store_true",
+        help="the synthetic crowd instead: one class, overlapping figures, ignore regions, odgt",
+    )
     shapes.add_argument("--out", required=True, help="output folder")
     for name, key, what in (
         ("train", "shapes_train", "training images (400)"),
@@ -153,6 +160,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
         summary = odgt_to_coco(args.odgt, args.images, args.out, box_key=args.box)
         print(json.dumps(summary))
+        return 0
+    if args.crowd:
+        from pgd_deploy.data.crowd_shapes import generate_crowd
+
+        out = generate_crowd(
+            args.out, train=args.train, val=args.val, seed=args.seed, size=args.size
+        )
+        print(f"wrote {args.train} train + {args.val} val crowd images to {out}")
         return 0
     from pgd_deploy.data.shapes import ShapesSpec, generate_shapes
 

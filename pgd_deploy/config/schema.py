@@ -102,6 +102,9 @@ class DataConfig:
     shapes_val: int = bounded(100, POSITIVE)  # synthetic: validation images
     shapes_size: int = bounded(128, at_least(32))  # synthetic: image side, px
     shapes_seed: int = bounded(0, NON_NEGATIVE)  # synthetic: generator seed
+    # synthetic: the crowd set instead (one class, overlapping figures, ignore regions; odgt
+    # converted to COCO as `pgd-train data crowdhuman` does), scored with data.metric = "crowd"
+    shapes_crowd: bool = False
     # evaluate on the first N validation images only (0 = all)
     val_max_images: int = bounded(0, NON_NEGATIVE)
     filter_empty: bool = False  # training: drop images with no annotation at all (mmdet)

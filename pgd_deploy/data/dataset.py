@@ -45,11 +45,23 @@ def default_cache_dir() -> Path:
 def resolve_split(cfg: DataConfig, split: str) -> DatasetPaths:
     """Image folder and annotation file of `split` ("train" or "val").
 
-    With `data.root` empty, the built-in synthetic shapes dataset is generated on first use (into
-    `data.cache_dir`) and used regardless of the path fields.
+    With `data.root` empty, the built-in synthetic shapes dataset (or with `data.shapes_crowd`
+    the synthetic crowd) is generated on first use (into `data.cache_dir`) and used regardless
+    of the path fields.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if not cfg.root and cfg.shapes_crowd:
+        from pgd_deploy.data.crowd_shapes import ensure_crowd
+
+        root = ensure_crowd(
+            cfg.cache_dir or default_cache_dir(),
+            train=cfg.shapes_train,
+            val=cfg.shapes_val,
+            seed=cfg.shapes_seed,
+            size=cfg.shapes_size,
+        )
+        return DatasetPaths(root / split, root / "annotations" / f"{split}.json")
     if not cfg.root:
         from pgd_deploy.data.shapes import ShapesSpec, ensure_shapes
 

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class ShapesSpec:
     distractors: int = 2  # random strokes per image (not objects)
 
 
-def _background(rng: np.random.Generator, spec: ShapesSpec) -> Image.Image:
+def background(rng: np.random.Generator, spec: ShapesSpec) -> Image.Image:
     s = spec.size
     c0, c1 = rng.uniform(40, 215, size=3), rng.uniform(40, 215, size=3)
     angle = rng.uniform(0, 2 * math.pi)
@@ -115,7 +116,7 @@ def render_image(
     if not 1 <= spec.num_classes <= len(SHAPE_CLASSES):
         raise ValueError(f"num_classes must be in 1..{len(SHAPE_CLASSES)}, got {spec.num_classes}")
     rng = np.random.default_rng([seed, _SPLIT_ID[split], index])
-    img = _background(rng, spec)
+    img = background(rng, spec)
     draw = ImageDraw.Draw(img)
     s = spec.size
     objects: list[tuple[int, list[float]]] = []
@@ -203,13 +204,21 @@ def ensure_shapes(
     """The synthetic dataset for these parameters, generated on first use into `cache_dir`."""
     digest = hashlib.sha1(repr(spec).encode()).hexdigest()[:8]  # any knob change -> new data
     key = f"shapes_s{spec.size}_c{spec.num_classes}_n{train}-{val}_seed{seed}_{digest}"
-    out = Path(cache_dir) / key
+    return ensure_generated(
+        Path(cache_dir) / key,
+        lambda tmp: generate_shapes(tmp, train=train, val=val, seed=seed, spec=spec),
+    )
+
+
+def ensure_generated(out: Path, generate: Callable[[Path], object]) -> Path:
+    """`out`, written by `generate(folder)` on first use: a dataset is complete when its
+    `annotations/{train,val}.json` exist. It is generated beside `out` and renamed into place,
+    so concurrent callers never see half a dataset."""
     if all((out / "annotations" / f"{s}.json").is_file() for s in ("train", "val")):
         return out
-    # Generate beside the target, then rename: concurrent callers never see half a dataset.
-    tmp = Path(cache_dir) / f".{key}.{os.getpid()}.tmp"
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    generate_shapes(tmp, train=train, val=val, seed=seed, spec=spec)
+    generate(tmp)
     if out.exists():  # an incomplete leftover, or another process won the race
         if all((out / "annotations" / f"{s}.json").is_file() for s in ("train", "val")):
             shutil.rmtree(tmp, ignore_errors=True)
