@@ -81,7 +81,10 @@ def fold_batchnorm(model: nn.Module) -> int:
         for name, bn in children.items():
             if not isinstance(bn, (nn.BatchNorm2d, FrozenBatchNorm2d)):
                 continue
-            conv_name = "conv" + name[2:] if name.startswith("bn") else str(int(name) - 1)
+            if name.startswith("bn"):
+                conv_name = "conv" + name[2:]
+            else:
+                conv_name = str(int(name) - 1) if name.isdigit() else ""
             conv = children.get(conv_name)
             if not isinstance(conv, nn.Conv2d):
                 raise ValueError(f"{parent_name}.{name}: no convolution to fold this norm into")

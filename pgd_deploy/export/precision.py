@@ -18,6 +18,7 @@ The same strongly typed ONNX goes to TensorRT 10 and 11, and is gated here with 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tempfile
 import warnings
@@ -336,14 +337,16 @@ def quantize_int8(
     excluded = [*islands.tail, *islands.predictors]
     affine = constant_operand_adds(model) if "Add" in INT8_OP_TYPES[target] else []
     excluded += affine  # normalisation shifts (GroupNorm's + beta): no Q/DQ inside them
+    batches = iter(calib_batches)
+    first = next(batches, None)
+    if first is None:  # onnxruntime would fail later with "No data is collected."
+        raise ValueError("int8 calibration: no calibration images were given")
     desc = f"int8 calibration ({method}, {target} target)"
     with Progress(calib_total, desc, unit="img") as bar:
-        reader = _Reader(calib_batches, bar)
+        reader = _Reader(itertools.chain([first], batches), bar)
         quantized = _quantize_static(
             quant, onnx, model, reader, method, per_channel, excluded, target
         )
-    if reader.images == 0:
-        raise ValueError("int8 calibration: no calibration images were given")
     recipe = {
         "precision": "int8",
         "tool": "onnxruntime.quantization.quantize_static (QDQ)",

@@ -58,11 +58,12 @@ def fp32_reference_path(src: Any, override: str = "") -> Path:
     Raises:
         ValueError: the file is missing (the message names `export.fp32_reference`).
     """
-    path = Path(override or src.state["qat"].get("init", ""))
-    if not path.is_file():
+    recorded = override or src.state["qat"].get("init") or ""
+    path = Path(recorded)
+    if not recorded or not path.is_file():
         raise ValueError(
             f"{src.path}: the agreement and mAP gates of a QAT export compare with the fp32 "
-            f"student it was fine-tuned from, {str(path) or '(not recorded)'}, which is not "
+            f"student it was fine-tuned from, {recorded or '(not recorded)'}, which is not "
             "there; pass --set export.fp32_reference=PATH"
         )
     return path

@@ -249,8 +249,12 @@ def check_int8_target(model: Any, target: str) -> None:
         raise ValueError(f"export.int8_target: expected one of {INT8_TARGETS}, got {target!r}")
     graph = _Graph(model)
     for node in graph.nodes:
-        if node.op_type not in _QDQ or len(node.input) < 3:
+        if node.op_type not in _QDQ:
             continue
+        if len(node.input) < 3 or not node.input[2]:  # ONNX then reads uint8 0
+            raise ValueError(
+                f"{node.name}: the {target} int8 target needs an explicit zero point, got none"
+            )
         zero = graph.constant(node.input[2])
         if target == "tensorrt" or graph.is_weight(node):
             ok = zero is not None and zero.dtype == np.int8 and not zero.any()
