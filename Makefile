@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # venv); everything else then comes from PyPI as usual.
 TORCH_INDEX ?=
 
-.PHONY: install demo test test-isa lint mutate clean
+.PHONY: install demo test test-isa lint mutate mutate-report clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,19 +39,23 @@ test-isa: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pgd_deploy tests bench
 
-# Mutation testing (mutmut; [tool.mutmut] in pyproject.toml): distill/, runtime/postprocess.py,
-# export/parity.py, export/gates.py and schedule.py against their own test files. Incremental:
-# results are kept in mutants/ (`make clean` starts over). One module at a time, e.g.
+# Mutation testing (mutmut; [tool.mutmut] in pyproject.toml lists the modules and their test
+# files). Incremental: results are kept in mutants/ (`make clean` starts over). One module at a
+# time, e.g.
 #   make mutate MUTANTS='pgd_deploy.schedule.*'
+# `make mutate-report` prints the score table and the survivors (docs/mutation_survivors.md).
 # PYTHONPATH is cleared: pointing it at the repository would import the unmutated package.
-# One OpenMP thread: mutmut forks each mutant from a process that already ran torch, and a
-# forked child deadlocks in an OpenMP pool its parent started.
+# One OpenMP thread: each mutant is forked from a fork server, and a forked child deadlocks in
+# an OpenMP pool its parent started.
 MUTANTS ?=
 MUTMUT := env -u PYTHONPATH OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) tests/_mutate.py
 mutate: $(STAMP)
 	$(MUTMUT) run $(MUTANTS)
 	$(MUTMUT) results
 	$(MUTMUT) export-cicd-stats && cat mutants/mutmut-cicd-stats.json
+
+mutate-report: $(STAMP)
+	$(PY) tests/_mutation_report.py
 
 clean:
 	rm -rf runs .pytest_cache mutants
