@@ -109,3 +109,18 @@ def test_clear_run_removes_the_runs_files_and_keeps_the_others(tmp_path, caplog)
     assert "removed the previous run's last.pt, metrics.json, tensorboard/ from" in caplog.text
     caplog.clear()
     assert clear_run(tmp_path) == [] and "removed" not in caplog.text
+
+
+def test_a_resume_finds_last_pt_and_the_refusal_names_every_run_file(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"x")
+    check_start(tmp_path, resume=True, overwrite=False)
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError) as err:
+        check_start(tmp_path, resume=False, overwrite=False)
+    assert str(err.value) == (
+        f"{tmp_path} already holds a training run (last.pt, metrics.json): continue it with "
+        "--resume, train into a new --work-dir, or replace it with --overwrite"
+    )
+    (tmp_path / "last.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=f"^--resume: no checkpoint at {tmp_path}/last.pt$"):
+        check_start(tmp_path, resume=True, overwrite=False)
