@@ -170,3 +170,31 @@ def test_boxes_of_zero_area_after_clipping_are_dropped_by_every_producer() -> No
     (in_graph,) = InGraph.postprocess(InGraph.__new__(InGraph), outputs, [tf])
     assert in_graph.boxes.tolist() == dets.boxes.tolist()
     assert len(drop_degenerate(Detections(np.zeros((0, 4)), [], []))) == 0
+
+
+def test_select_candidates_offsets_every_level_by_the_sizes_before_it() -> None:
+    """Three levels of 2 locations: the third level's locations are 4 and 5."""
+    scores = np.array([[0.9], [0.1], [0.2], [0.8], [0.3], [0.7]], np.float32)
+    loc, lab, val = select_candidates(scores, 0.05, topk=1, level_sizes=[2, 2, 2])
+    assert loc.tolist() == [0, 3, 5] and lab.tolist() == [0, 0, 0]
+    assert val.tolist() == pytest.approx([0.9, 0.8, 0.7])
+
+
+def test_boxes_are_clipped_to_the_letterboxed_content_on_every_side() -> None:
+    tf = ImageTransform(1.0, 1.0, 40, 60, 40, 60)  # a 60x40 image, not resized
+    boxes = np.array([[-5, -3, 20, 20], [50, 30, 70, 45]], np.float32)
+    scores = np.array([[0.9], [0.8]], np.float32)
+    dets = postprocess(boxes, scores, tf)
+    assert dets.boxes.tolist() == [[0, 0, 20, 20], [50, 30, 60, 40]]
+
+
+def test_postprocess_batch_maps_each_image_back_with_its_own_transform() -> None:
+    boxes = np.array([[[10, 10, 20, 20]], [[10, 10, 20, 20]]], np.float32)
+    scores = np.array([[[0.9]], [[0.9]]], np.float32)
+    same = ImageTransform(1.0, 1.0, 64, 64, 64, 64)
+    half = ImageTransform(0.5, 0.5, 128, 128, 64, 64)  # a 128 px image shrunk to 64
+    first, second = postprocess_batch(boxes, scores, [same, half])
+    assert first.boxes.tolist() == [[10, 10, 20, 20]]
+    assert second.boxes.tolist() == [[20, 20, 40, 40]]
+    with pytest.raises(ValueError, match="boxes has 3 rows but scores has 2$"):
+        postprocess(np.zeros((3, 4), np.float32), np.zeros((2, 3), np.float32))
