@@ -106,7 +106,15 @@ def _train_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="the quickstart: teacher, student, PGD student, int8 PGD student, scoreboard"
     )
-    demo.add_argument("--work-dir", default="runs/demo", help="output folder")
+    demo.add_argument(
+        "--work-dir", default=None, help="output folder (runs/demo, with --crowd runs/demo-crowd)"
+    )
+    demo.add_argument(
+        "--crowd",
+        action="store_true",
+        help="the crowd quickstart: teacher, student and PGD on the synthetic crowd, scored with "
+        "MR^-2, AP and JI, and the PGD student's ONNX gated in MR^-2",
+    )
     add_override_argument(demo, "override keys of all four quickstart recipes")
     demo.add_argument(
         "--recipes", default=None, help="folder holding the quickstart_*.toml recipes"
@@ -179,9 +187,15 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.crowd:
+        from pgd_deploy.crowd_quickstart import run_crowd_quickstart
+
+        work_dir = args.work_dir or "runs/demo-crowd"
+        run_crowd_quickstart(work_dir, overrides=args.overrides, recipes=args.recipes)
+        return 0
     from pgd_deploy.quickstart import run_quickstart
 
-    run_quickstart(args.work_dir, overrides=args.overrides, recipes=args.recipes)
+    run_quickstart(args.work_dir or "runs/demo", overrides=args.overrides, recipes=args.recipes)
     return 0
 
 

@@ -52,11 +52,12 @@ STAGES = (
 INT8_STAGE = ("pgd-int8", "quickstart_qat")  # fine-tuned from the pgd stage, then exported
 
 
-def _recipes_dir(recipes: str | Path | None) -> Path:
+def recipes_dir(recipes: str | Path | None, first: str = "quickstart_teacher") -> Path:
+    """The folder of the quickstart recipes (`train/` by default), checked for `first`.toml."""
     folder = Path(recipes) if recipes else Path("train")
-    if not (folder / "quickstart_teacher.toml").is_file():
+    if not (folder / f"{first}.toml").is_file():
         raise FileNotFoundError(
-            f"{folder}/quickstart_teacher.toml not found: run from the repository root or pass "
+            f"{folder}/{first}.toml not found: run from the repository root or pass "
             "--recipes pointing at the folder with the quickstart_*.toml recipes"
         )
     return folder
@@ -170,7 +171,7 @@ def scoreboard_warnings(rows: Sequence[dict[str, Any]], load: OtherLoad | None) 
     )
 
 
-def _train_stage(name: str, recipe: str, cfg: TrainJob, stage_dir: Path) -> None:
+def train_stage(name: str, recipe: str, cfg: TrainJob, stage_dir: Path) -> None:
     """Reuse a finished run of `cfg` in `stage_dir`, continue an unfinished one, else train
     (replacing a run of another configuration)."""
     if _finished(stage_dir, cfg):
@@ -196,21 +197,13 @@ def export_int8(checkpoint: Path, cfg: TrainJob, out: Path) -> tuple[Path, dict[
     from pgd_deploy.config import ExportConfig, ExportJob
     from pgd_deploy.data.dataset import resolve_split
     from pgd_deploy.export.pipeline import run_export
-    from pgd_deploy.io_utils import file_sha256
-    from pgd_deploy.runtime.manifest import read_manifest
-    from pgd_deploy.runtime.verify import artifact_sha256
 
     path = out / "pgd-int8.onnx"
-    manifest = read_manifest(path) if path.is_file() else None
-    finished = manifest and manifest.get("status") in ("passed", "failed")  # its gates ran
-    if finished and manifest.get("sha256") != artifact_sha256(path):
-        logger.info("pgd-int8: %s is not the file its manifest describes: exporting again", path)
-        finished = False
-    if finished and not _gated_as_now(manifest):
+    manifest = finished_export(path, checkpoint)
+    if manifest and not _gated_as_now(manifest):
         logger.info("pgd-int8: %s was gated by an older agreement gate: exporting again", path)
-        finished = False
-    if finished and manifest.get("source", {}).get("sha256") == file_sha256(checkpoint):
-        logger.info("pgd-int8: reusing the export %s (%s)", path, manifest.get("status"))
+        manifest = None
+    if manifest:
         return path, manifest
     val = resolve_split(cfg.data, "val")
     size = -(-cfg.data.max_size // 32) * 32
@@ -231,6 +224,25 @@ def export_int8(checkpoint: Path, cfg: TrainJob, out: Path) -> tuple[Path, dict[
     if not result.passed:
         logger.warning("pgd-int8: the int8 export failed a gate, see %s", result.report_path)
     return path, result.manifests[str(path)]
+
+
+def finished_export(path: Path, checkpoint: Path) -> dict[str, Any] | None:
+    """The manifest of an export of `checkpoint` at `path` whose gates ran and which is still
+    the file its manifest describes (a quickstart reuses it), else None."""
+    from pgd_deploy.io_utils import file_sha256
+    from pgd_deploy.runtime.manifest import read_manifest
+    from pgd_deploy.runtime.verify import artifact_sha256
+
+    manifest = read_manifest(path) if path.is_file() else None
+    if not manifest or manifest.get("status") not in ("passed", "failed"):  # no gates ran
+        return None
+    if manifest.get("sha256") != artifact_sha256(path):
+        logger.info("%s is not the file its manifest describes: exporting again", path)
+        return None
+    if manifest.get("source", {}).get("sha256") != file_sha256(checkpoint):
+        return None  # made from another checkpoint
+    logger.info("reusing the export %s (%s)", path, manifest["status"])
+    return manifest
 
 
 def _gated_as_now(manifest: dict[str, Any]) -> bool:
@@ -304,7 +316,7 @@ def run_quickstart(
 ) -> list[dict[str, Any]]:
     """Train (or reuse) the quickstart models, export the int8 one and write the scoreboard."""
     work_dir = Path(work_dir)
-    folder = _recipes_dir(recipes)
+    folder = recipes_dir(recipes)
     start = time.perf_counter()
     runs: list[tuple[str, Path, TrainJob]] = []
     minutes_per_stage: dict[str, float] = {}  # wall clock; a reused run takes ~0
@@ -313,7 +325,7 @@ def run_quickstart(
         extra = [*overrides, teacher] if name == "pgd" else list(overrides)
         cfg = load_config(TrainJob, folder / f"{recipe}.toml", extra)
         began = time.perf_counter()
-        _train_stage(name, recipe, cfg, work_dir / name)
+        train_stage(name, recipe, cfg, work_dir / name)
         minutes_per_stage[name] = (time.perf_counter() - began) / 60
         runs.append((name, work_dir / name, cfg))
     began = time.perf_counter()
@@ -321,7 +333,7 @@ def run_quickstart(
     int8_dir = work_dir / int8_name
     qat_init = f"qat.init='{work_dir / 'pgd' / 'best.pt'}'"
     qat_cfg = load_config(TrainJob, folder / f"{recipe}.toml", [*overrides, teacher, qat_init])
-    _train_stage(int8_name, recipe, qat_cfg, int8_dir)
+    train_stage(int8_name, recipe, qat_cfg, int8_dir)
     onnx_path, manifest = export_int8(int8_dir / "best.pt", qat_cfg, int8_dir)
     size = -(-runs[0][2].data.max_size // 32) * 32
     checkpoints = [d / "best.pt" for _, d, _ in runs]

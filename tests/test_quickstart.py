@@ -101,7 +101,7 @@ def test_demo_scoreboard_reports_real_aps_and_reuses_finished_runs(
     with caplog.at_level("INFO", logger="pgd_deploy.quickstart"):
         run_quickstart(work, overrides=overrides, recipes=ROOT / "train")
     assert caplog.text.count("reusing the finished run") == 4
-    assert "pgd-int8: reusing the export" in caplog.text
+    assert f"reusing the export {work / 'pgd-int8' / 'pgd-int8.onnx'} (" in caplog.text
 
     # A demo stopped while training the student leaves an unfinished run in its stage folder:
     # the next demo continues it (fit would refuse to train over it).

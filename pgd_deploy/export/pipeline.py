@@ -148,6 +148,7 @@ def _prepare(checkpoint: str | Path, job: ExportJob, checked: Checked, tmp: Path
         category_ids=src.category_ids,
         postprocess=postprocess,
     )
+    reference.metric = src.config.data.metric  # the mAP gate scores as the training did
     images = gate_images(cfg, src.config.data, cfg.gate_images)
     gate_batch = max(1, min(cfg.batch_opt, cfg.batch_max, len(images)))
     level_sizes = list(reference.level_sizes)
