@@ -21,6 +21,10 @@ pytestmark = pytest.mark.trained
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path):
+    """`pgd-train fit` under torchrun: two CPU processes finish, and only rank 0 writes the
+    run's files. That the ranks step together (DDP averages their gradients) is held by
+    test_two_process_ranks_step_together_on_different_data, which fails when the model is not
+    wrapped in DistributedDataParallel (this one alone still passes then)."""
     work = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     overrides = [
