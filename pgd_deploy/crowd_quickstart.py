@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pgd_deploy.config import TrainJob, load_config
+from pgd_deploy.config import TrainJob
 from pgd_deploy.devices import describe_cpu
 from pgd_deploy.io_utils import write_json
 from pgd_deploy.models import load_detector
-from pgd_deploy.quickstart import finished_export, recipes_dir, train_stage
+from pgd_deploy.quickstart import export_on_val, finished_export, recipes_dir, train_stages
 
 STAGES = (
     ("teacher", "quickstart_crowd_teacher"),
@@ -55,7 +55,7 @@ def export_crowd(checkpoint: Path, cfg: TrainJob, out: Path) -> dict[str, Any]:
     path = out / "pgd-crowd.onnx"
     manifest = finished_export(path, checkpoint)
     if manifest is None:
-        manifest = _export(checkpoint, cfg, out, path)
+        manifest = export_on_val(checkpoint, cfg, out, "pgd-crowd", precision="fp32")
     gate = next(r for r in manifest["gates"]["results"] if r["name"] == "map")
     exported, reference = gate["detail"]["exported"], gate["detail"]["reference"]
     return {
@@ -67,27 +67,6 @@ def export_crowd(checkpoint: Path, cfg: TrainJob, out: Path) -> dict[str, Any]:
         "map_gate": gate["value"],
         "checkpoint": str(path),
     }
-
-
-def _export(checkpoint: Path, cfg: TrainJob, out: Path, path: Path) -> dict[str, Any]:
-    from pgd_deploy.config import ExportConfig, ExportJob
-    from pgd_deploy.data.dataset import resolve_split
-    from pgd_deploy.export.pipeline import run_export
-
-    val = resolve_split(cfg.data, "val")
-    size = -(-cfg.data.max_size // 32) * 32
-    export = ExportConfig(
-        format="onnx",
-        precision="fp32",
-        imgsz=(size, size),
-        gate_images=1_000_000,  # all of them
-        val=str(val.annotations),
-        val_images=str(val.images),
-        out=str(out),
-        name="pgd-crowd",
-    )
-    result = run_export(checkpoint, ExportJob(export=export))
-    return result.manifests[str(path)]
 
 
 def format_crowd_scoreboard(rows: Sequence[dict[str, Any]]) -> str:
@@ -117,15 +96,9 @@ def run_crowd_quickstart(
     work_dir = Path(work_dir)
     folder = recipes_dir(recipes, first=STAGES[0][1])
     start = time.perf_counter()
-    rows, minutes = [], {}
-    teacher = f"distill.teacher='{work_dir / 'teacher' / 'best.pt'}'"
-    for name, recipe in STAGES:
-        extra = [*overrides, teacher] if name == "pgd" else list(overrides)
-        cfg = load_config(TrainJob, folder / f"{recipe}.toml", extra)
-        began = time.perf_counter()
-        train_stage(name, recipe, cfg, work_dir / name)
-        minutes[name] = (time.perf_counter() - began) / 60
-        rows.append(crowd_row(name, work_dir / name, cfg))
+    runs, minutes = train_stages(STAGES, folder, work_dir, overrides)
+    rows = [crowd_row(name, stage_dir, cfg) for name, stage_dir, cfg in runs]
+    cfg = runs[-1][2]
     began = time.perf_counter()
     rows.append(export_crowd(work_dir / "pgd" / "best.pt", cfg, work_dir / "pgd"))
     minutes["export"] = (time.perf_counter() - began) / 60

@@ -190,14 +190,28 @@ def train_stage(name: str, recipe: str, cfg: TrainJob, stage_dir: Path) -> None:
         raise RuntimeError(f"{name} training stopped: {result.message}")
 
 
+def train_stages(
+    stages: Sequence[tuple[str, str]], folder: Path, work_dir: Path, overrides: Sequence[str]
+) -> tuple[list[tuple[str, Path, TrainJob]], dict[str, float]]:
+    """Train (or reuse, `train_stage`) each (name, recipe) into `work_dir/name`, the `pgd`
+    stage distilled from `work_dir/teacher/best.pt`. Returns each stage's (name, folder,
+    config) and the wall-clock minutes it took (a reused run takes ~0)."""
+    runs, minutes = [], {}
+    teacher = f"distill.teacher='{work_dir / 'teacher' / 'best.pt'}'"
+    for name, recipe in stages:
+        extra = [*overrides, teacher] if name == "pgd" else list(overrides)
+        cfg = load_config(TrainJob, folder / f"{recipe}.toml", extra)
+        began = time.perf_counter()
+        train_stage(name, recipe, cfg, work_dir / name)
+        minutes[name] = (time.perf_counter() - began) / 60
+        runs.append((name, work_dir / name, cfg))
+    return runs, minutes
+
+
 def export_int8(checkpoint: Path, cfg: TrainJob, out: Path) -> tuple[Path, dict[str, Any]]:
     """The cpu-target int8 ONNX of the QAT student, gated on the whole validation split against
     its fake quant and the fp32 PGD student; reused when a passed export of the same checkpoint
     is there. Returns (the ONNX, its manifest)."""
-    from pgd_deploy.config import ExportConfig, ExportJob
-    from pgd_deploy.data.dataset import resolve_split
-    from pgd_deploy.export.pipeline import run_export
-
     path = out / "pgd-int8.onnx"
     manifest = finished_export(path, checkpoint)
     if manifest and not _gated_as_now(manifest):
@@ -205,25 +219,45 @@ def export_int8(checkpoint: Path, cfg: TrainJob, out: Path) -> tuple[Path, dict[
         manifest = None
     if manifest:
         return path, manifest
+    manifest = export_on_val(
+        checkpoint,
+        cfg,
+        out,
+        "pgd-int8",
+        precision="int8",
+        int8_target="cpu",
+        batch_opt=8,
+        batch_max=8,
+    )
+    return path, manifest
+
+
+def export_on_val(
+    checkpoint: Path, cfg: TrainJob, out: Path, name: str, **fields: Any
+) -> dict[str, Any]:
+    """Export `checkpoint` to `out/name.onnx` at the size it trained at, gated on its whole
+    validation split with its labels (`fields`: more `ExportConfig` fields, e.g. the
+    precision); returns the artifact's manifest."""
+    from pgd_deploy.config import ExportConfig, ExportJob
+    from pgd_deploy.data.dataset import resolve_split
+    from pgd_deploy.export.pipeline import run_export
+
     val = resolve_split(cfg.data, "val")
     size = -(-cfg.data.max_size // 32) * 32
     export = ExportConfig(
         format="onnx",
-        precision="int8",
-        int8_target="cpu",
         imgsz=(size, size),
-        batch_opt=8,
-        batch_max=8,
         gate_images=1_000_000,  # all of them
         val=str(val.annotations),
         val_images=str(val.images),
         out=str(out),
-        name="pgd-int8",
+        name=name,
+        **fields,
     )
     result = run_export(checkpoint, ExportJob(export=export))
     if not result.passed:
-        logger.warning("pgd-int8: the int8 export failed a gate, see %s", result.report_path)
-    return path, result.manifests[str(path)]
+        logger.warning("%s: the export failed a gate, see %s", name, result.report_path)
+    return result.manifests[str(out / f"{name}.onnx")]
 
 
 def finished_export(path: Path, checkpoint: Path) -> dict[str, Any] | None:
@@ -318,16 +352,8 @@ def run_quickstart(
     work_dir = Path(work_dir)
     folder = recipes_dir(recipes)
     start = time.perf_counter()
-    runs: list[tuple[str, Path, TrainJob]] = []
-    minutes_per_stage: dict[str, float] = {}  # wall clock; a reused run takes ~0
+    runs, minutes_per_stage = train_stages(STAGES, folder, work_dir, overrides)
     teacher = f"distill.teacher='{work_dir / 'teacher' / 'best.pt'}'"
-    for name, recipe in STAGES:
-        extra = [*overrides, teacher] if name == "pgd" else list(overrides)
-        cfg = load_config(TrainJob, folder / f"{recipe}.toml", extra)
-        began = time.perf_counter()
-        train_stage(name, recipe, cfg, work_dir / name)
-        minutes_per_stage[name] = (time.perf_counter() - began) / 60
-        runs.append((name, work_dir / name, cfg))
     began = time.perf_counter()
     int8_name, recipe = INT8_STAGE
     int8_dir = work_dir / int8_name
