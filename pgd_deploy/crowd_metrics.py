@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,22 @@ class CrowdImage:
     ignore: np.ndarray
     boxes: np.ndarray
     scores: np.ndarray
+
+    @cached_property
+    def iou(self) -> np.ndarray:
+        """[D, G] IoU of the detections with the objects (computed once for MR^-2, AP and
+        every JI threshold)."""
+        return overlaps(self.boxes, self.objects)
+
+    @cached_property
+    def boxes_covered(self) -> np.ndarray:
+        """[D] bool: the detections an ignore region covers (IoA > 0.5)."""
+        return _covered(self.boxes, self.ignore)
+
+    @cached_property
+    def objects_covered(self) -> np.ndarray:
+        """[G] bool: the objects an ignore region covers (IoA > 0.5)."""
+        return _covered(self.objects, self.ignore)
 
 
 def _xywh(value: Any, where: str, field: str) -> list[float]:
@@ -188,17 +205,15 @@ def overlaps(boxes: np.ndarray, others: np.ndarray, *, over_first: bool = False)
 def match_caltech(image: CrowdImage) -> list[tuple[float, bool]]:
     """(score, is_true_positive) of each detection that counts, by descending score; those that
     match no object and cover an ignore region are left out."""
-    iou = overlaps(image.boxes, image.objects)
-    ioa = overlaps(image.boxes, image.ignore, over_first=True)
     taken = np.zeros(len(image.objects), dtype=bool)
     out = []
     for i, score in enumerate(image.scores):
-        candidates = np.where(taken, -1.0, iou[i])  # [G]
+        candidates = np.where(taken, -1.0, image.iou[i])  # [G]
         best = int(np.argmax(candidates)) if len(candidates) else -1
         if best >= 0 and candidates[best] > IOU_THRESH:
             taken[best] = True
             out.append((float(score), True))
-        elif not (ioa.shape[1] and ioa[i].max() > IOU_THRESH):
+        elif not image.boxes_covered[i]:
             out.append((float(score), False))
     return out
 
@@ -235,10 +250,11 @@ def average_precision(ranked: Sequence[tuple[float, bool]], num_objects: int) ->
     return float(np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2))
 
 
-def _covered(boxes: np.ndarray, ignore: np.ndarray) -> int:
+def _covered(boxes: np.ndarray, ignore: np.ndarray) -> np.ndarray:
+    """[N] bool: each box's intersection over its own area with some ignore region > 0.5."""
     if len(boxes) == 0 or len(ignore) == 0:
-        return 0
-    return int((overlaps(boxes, ignore, over_first=True).max(axis=1) > IOU_THRESH).sum())
+        return np.zeros(len(boxes), dtype=bool)
+    return overlaps(boxes, ignore, over_first=True).max(axis=1) > IOU_THRESH
 
 
 def _max_matching(iou: np.ndarray) -> np.ndarray:
@@ -253,17 +269,18 @@ def _max_matching(iou: np.ndarray) -> np.ndarray:
 
 def image_jaccard(image: CrowdImage, score_thresh: float) -> tuple[float, int, int]:
     """(ratio k / (m + n - k), m, n) of one image at one score threshold."""
-    boxes = image.boxes[image.scores > score_thresh]
-    if len(boxes) and len(image.objects):
-        match = _max_matching(overlaps(boxes, image.objects))
+    kept = image.scores > score_thresh
+    count = int(kept.sum())
+    if count and len(image.objects):
+        match = _max_matching(image.iou[kept])
     else:
-        match = np.full(len(boxes), -1)
+        match = np.full(count, -1)
     matched = match >= 0
     k = int(matched.sum())
     free_objects = np.ones(len(image.objects), dtype=bool)
     free_objects[match[matched]] = False
-    n = len(boxes) - _covered(boxes[~matched], image.ignore)
-    m = len(image.objects) - _covered(image.objects[free_objects], image.ignore)
+    n = count - int(image.boxes_covered[kept][~matched].sum())
+    m = len(image.objects) - int(image.objects_covered[free_objects].sum())
     union = m + n - k
     return (k / union if union > 0 else 0.0), m, n
 
