@@ -147,8 +147,8 @@ def _prepare(checkpoint: str | Path, job: ExportJob, checked: Checked, tmp: Path
         class_names=src.class_names,
         category_ids=src.category_ids,
         postprocess=postprocess,
+        metric=src.config.data.metric,  # the mAP gate scores as the training did
     )
-    reference.metric = src.config.data.metric  # the mAP gate scores as the training did
     images = gate_images(cfg, src.config.data, cfg.gate_images)
     gate_batch = max(1, min(cfg.batch_opt, cfg.batch_max, len(images)))
     level_sizes = list(reference.level_sizes)

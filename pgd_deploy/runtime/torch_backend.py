@@ -78,8 +78,10 @@ class TorchBackend(Backend):
             input_size = (_round32(data.min_size), _round32(data.max_size))
         names, ids = loaded.class_names, loaded.category_ids
         self.path = Path(path)
-        self._setup(torch, loaded.detector, dev, input_size, names, ids, postprocess, run)
-        self.metric = self.meta["metric"] = loaded.config.data.metric
+        self._setup(
+            torch, loaded.detector, dev, input_size, names, ids, postprocess, run,
+            metric=loaded.config.data.metric,
+        )  # fmt: skip
 
     @classmethod
     def from_detector(
@@ -90,15 +92,19 @@ class TorchBackend(Backend):
         class_names: Sequence[str],
         category_ids: Sequence[int] | None = None,
         postprocess: Mapping[str, Any] | None = None,
+        metric: str = "coco",
     ) -> TorchBackend:
         """Wrap an already loaded `DenseDetector` (on its current device) without reloading it;
-        `postprocess` replaces the detector's thresholds here, never in the detector."""
+        `postprocess` replaces the detector's thresholds here, never in the detector; `metric`:
+        how its data is evaluated (the training config's `data.metric`)."""
         torch = _import_torch()
         self = cls.__new__(cls)
         device = next(detector.parameters()).device
         names, ids = class_labels(detector.num_classes, class_names, category_ids)
         self.path = None
-        self._setup(torch, detector.eval(), device, input_size, names, ids, postprocess)
+        self._setup(
+            torch, detector.eval(), device, input_size, names, ids, postprocess, metric=metric
+        )
         return self
 
     def _setup(
@@ -111,6 +117,7 @@ class TorchBackend(Backend):
         category_ids: list[int],
         postprocess: Mapping[str, Any] | None = None,
         run: TorchOptions | None = None,
+        metric: str = "coco",
     ) -> None:
         run = run or TorchOptions()
         precision, channels_last = run.precision, run.channels_last
@@ -142,6 +149,7 @@ class TorchBackend(Backend):
             "category_ids": category_ids,
             "level_sizes": model.level_sizes(probe),
             "postprocess": {**model.postprocess_kwargs, **(postprocess or {})},
+            "metric": metric,
         }
         Backend.__init__(self, meta)
 
